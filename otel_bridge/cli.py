@@ -1,0 +1,146 @@
+"""The `otel-bridge` command."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Optional, Sequence
+
+from otel_bridge.model.events import EventRejected
+from otel_bridge.sources.jsonl import Line, parse_events, read_lines
+from otel_bridge.translate.assembler import Assembler, AssemblerOptions
+from otel_bridge.translate.forward import ForwardOptions
+
+EXIT_OK, EXIT_REJECTED, EXIT_USAGE = 0, 1, 2
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    return args.run(args, parser)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="otel-bridge",
+        description="Prefect task-run events <-> OpenTelemetry traces.",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    convert = commands.add_parser(
+        "convert",
+        help="convert Prefect events (JSON lines) into traces",
+        description=(
+            "Read Prefect events, one JSON object per line (an Event, a ReceivedEvent, "
+            "or a websocket frame {\"type\": \"event\", \"event\": {...}}), and write one "
+            "span per task run and flow run. A line that is not a valid event is reported "
+            "on stderr with its file and line number and skipped. Exit status: 0 when every "
+            "line was read, 1 when any line was rejected or the export failed, 2 on a usage error."
+        ),
+    )
+    convert.add_argument("inputs", nargs="*", default=["-"], metavar="INPUT",
+                         help="files of JSON lines; '-' (the default) is stdin")
+    convert.add_argument("--to", choices=("otlp-json", "otlp", "tree"), default="otlp-json",
+                         help="otlp-json: OTLP/JSON lines (the Collector file exporter's format); "
+                              "otlp: export to the endpoint set by OTEL_EXPORTER_OTLP_*; "
+                              "tree: a readable tree per trace")
+    convert.add_argument("-o", "--output", default="-",
+                         help="file to write (otlp-json, tree); '-' (the default) is stdout")
+    convert.add_argument("--prefect-trace-context", choices=("link", "adopt", "ignore"),
+                         default="link",
+                         help="what to do with the trace context Prefect puts on task runs "
+                              "(__OTEL_TRACEPARENT): link to it (default), adopt its trace, ignore it")
+    convert.set_defaults(run=_convert)
+
+    demo = commands.add_parser(
+        "demo",
+        help="start a local Prefect server, run an example flow, show its trace",
+        description=(
+            "The embedded default: starts a real local Prefect server on a free loopback port, "
+            "runs a bundled example flow against it, reads the flow's events back, and shows "
+            "the trace as a tree and as OTLP/JSON in a file. Needs the 'demo' extra (prefect)."
+        ),
+    )
+    demo.add_argument("-o", "--output", default="otel-bridge-demo.otlp.jsonl",
+                      help="where to write the OTLP/JSON (default: %(default)s)")
+    demo.add_argument("--events-output", default="otel-bridge-demo.events.jsonl",
+                      help="where to write the captured Prefect events (default: %(default)s)")
+    demo.set_defaults(run=_demo)
+    return parser
+
+
+def _convert(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    missing = [p for p in args.inputs if p != "-" and not os.path.isfile(p)]
+    if missing:
+        parser.error(f"no such file: {', '.join(missing)}")
+    if args.to == "otlp" and args.output != "-":
+        parser.error("--output does not apply to --to otlp (set OTEL_EXPORTER_OTLP_ENDPOINT)")
+
+    rejected = 0
+
+    def reject(line: Line, error: EventRejected) -> None:
+        nonlocal rejected
+        rejected += 1
+        print(f"otel-bridge: {line.where}: rejected ({error.reason}): {error.detail}",
+              file=sys.stderr)
+
+    try:
+        sink = _open_sink(args.to, args.output)
+    except (OSError, ValueError) as exc:
+        parser.error(str(exc))
+    assembler = Assembler(
+        AssemblerOptions(forward=ForwardOptions(prefect_trace_context=args.prefect_trace_context))
+    )
+    spans = []
+    for line, event in parse_events(read_lines(args.inputs), reject):
+        try:
+            spans.extend(assembler.add(event))
+        except EventRejected as error:
+            reject(line, error)
+    spans.extend(assembler.flush())
+    status = EXIT_REJECTED if rejected else EXIT_OK
+    try:
+        sink.export(spans)
+        sink.close()
+    except Exception as exc:  # an exporter's failure must not look like success
+        print(f"otel-bridge: export failed: {exc}", file=sys.stderr)
+        status = EXIT_REJECTED
+    counts = assembler.counts
+    print(
+        f"otel-bridge: {counts['events_in']} events -> {len(spans)} spans, "
+        f"{rejected} lines rejected, {counts['events_duplicate']} duplicates ignored, "
+        f"{counts['events_not_run_state']} other events passed over",
+        file=sys.stderr,
+    )
+    return status
+
+
+def _open_sink(to: str, output: str):
+    from otel_bridge.sinks.sdk import resource_from_env
+
+    if to == "otlp":
+        from otel_bridge.sinks.otlp import OtlpSink, exporter_from_env
+
+        return OtlpSink(exporter_from_env(), resource_from_env())
+    stream = sys.stdout if output == "-" else open(output, "w", encoding="utf-8")
+    if to == "tree":
+        from otel_bridge.sinks.tree import TreeWriter
+
+        return TreeWriter(stream)
+    from otel_bridge.sinks.otlp_json import OtlpJsonWriter
+
+    return OtlpJsonWriter(stream, resource_from_env())
+
+
+def _demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from otel_bridge.demo.run import run_demo
+
+    return run_demo(otlp_json_path=args.output, events_path=args.events_output)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

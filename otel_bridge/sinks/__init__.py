@@ -1,0 +1,1 @@
+"""Where spans go: OTLP export, OTLP/JSON files, a tree on the terminal."""

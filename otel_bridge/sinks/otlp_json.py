@@ -1,0 +1,78 @@
+"""OTLP/JSON, as the Collector's file exporter writes it: one
+`ExportTraceServiceRequest` JSON object per line, ids as hex strings, enums as
+integers, 64-bit integers as decimal strings, lowerCamelCase keys.
+
+Encoding goes through the official protobuf encoder (`encode_spans`) and
+protobuf's canonical JSON mapping, so the field names and value forms are the
+OTLP schema's own; only the id fields differ from the canonical mapping (OTLP
+requires hex where protobuf JSON would give base64).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from typing import IO, Any, Iterable, Sequence
+
+from google.protobuf import json_format
+from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+from opentelemetry.sdk.resources import Resource
+
+from otel_bridge.model.spans import Span
+from otel_bridge.sinks.sdk import to_readable_spans
+
+_ID_FIELDS = ("traceId", "spanId", "parentSpanId")
+
+
+def encode_request(spans: Sequence[Span], resource: Resource) -> dict[str, Any]:
+    """One `ExportTraceServiceRequest` as an OTLP/JSON object."""
+    message = encode_spans(to_readable_spans(spans, resource))
+    request = json_format.MessageToDict(message, use_integers_for_enums=True)
+    for resource_spans in request.get("resourceSpans", ()):
+        for scope_spans in resource_spans.get("scopeSpans", ()):
+            for span in scope_spans.get("spans", ()):
+                _ids_to_hex(span)
+                for link in span.get("links", ()):
+                    _ids_to_hex(link)
+    return request
+
+
+def _ids_to_hex(obj: dict[str, Any]) -> None:
+    for key in _ID_FIELDS:
+        if obj.get(key):
+            obj[key] = base64.b64decode(obj[key]).hex()
+
+
+class OtlpJsonWriter:
+    """Writes one request line per trace, so a file of many traces can be read
+    back one trace at a time, and a partial file is still valid line by line."""
+
+    def __init__(self, stream: IO[str], resource: Resource):
+        self._stream = stream
+        self._resource = resource
+        self.spans_written = 0
+
+    def export(self, spans: Sequence[Span]) -> None:
+        for trace in group_by_trace(spans):
+            request = encode_request(trace, self._resource)
+            self._stream.write(json.dumps(request, ensure_ascii=False, separators=(",", ":")))
+            self._stream.write("\n")
+            self.spans_written += len(trace)
+        self._stream.flush()
+
+    def close(self) -> None:
+        self._stream.flush()
+
+
+def group_by_trace(spans: Iterable[Span]) -> list[list[Span]]:
+    """Spans grouped by trace, traces by their earliest start, spans in a
+    trace by start time then id: a stable order for any input order."""
+    traces: dict[int, list[Span]] = {}
+    for span in spans:
+        traces.setdefault(span.trace_id, []).append(span)
+    ordered = [
+        sorted(trace, key=lambda s: (s.start_time_unix_nano, s.span_id))
+        for trace in traces.values()
+    ]
+    ordered.sort(key=lambda t: (t[0].start_time_unix_nano, t[0].trace_id))
+    return ordered

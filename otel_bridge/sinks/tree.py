@@ -1,0 +1,70 @@
+"""A trace as a tree on the terminal, for people."""
+
+from __future__ import annotations
+
+from typing import IO, Sequence
+
+from opentelemetry.trace import StatusCode
+
+from otel_bridge.model.spans import Span
+from otel_bridge.sinks.otlp_json import group_by_trace
+
+
+def render_trace(spans: Sequence[Span]) -> str:
+    by_id = {s.span_id: s for s in spans}
+    children: dict[int | None, list[Span]] = {}
+    for span in spans:
+        parent = span.parent_span_id if span.parent_span_id in by_id else None
+        children.setdefault(parent, []).append(span)
+    lines = [f"trace {spans[0].trace_id_hex}"]
+
+    def walk(parent: int | None, prefix: str) -> None:
+        kids = sorted(children.get(parent, ()), key=lambda s: (s.start_time_unix_nano, s.span_id))
+        for i, span in enumerate(kids):
+            last = i == len(kids) - 1
+            lines.append(prefix + ("└─ " if last else "├─ ") + _describe(span, parent, by_id))
+            walk(span.span_id, prefix + ("   " if last else "│  "))
+
+    walk(None, "")
+    return "\n".join(lines)
+
+
+def _describe(span: Span, parent: int | None, by_id: dict) -> str:
+    kind = span.attributes.get("prefect.run.type", "span")
+    state = span.attributes.get("prefect.state-name", "?")
+    duration = (span.end_time_unix_nano - span.start_time_unix_nano) / 1e9
+    text = f"{kind} {span.name} [{state}] {_seconds(duration)}"
+    states = [e.name.rsplit(".", 1)[-1] for e in span.events]
+    if states:
+        text += "  " + " > ".join(states)
+    if span.status_code is StatusCode.ERROR:
+        message = span.status_message.splitlines()[0] if span.status_message else ""
+        text += f"  ERROR {message[:120]}"
+    if span.parent_span_id and parent is None:
+        text += f"  (parent {span.parent_span_id:016x} not in this output)"
+    synthetic = [
+        f"{k.rsplit('.', 1)[-1]}={v}" for k, v in span.attributes.items()
+        if k.startswith("otel_bridge.synthetic.")
+    ]
+    if synthetic:
+        text += "  synthetic " + ",".join(synthetic)
+    return text
+
+
+def _seconds(value: float) -> str:
+    return f"{value * 1000:.1f}ms" if value < 1 else f"{value:.2f}s"
+
+
+class TreeWriter:
+    def __init__(self, stream: IO[str]):
+        self._stream = stream
+        self.spans_written = 0
+
+    def export(self, spans: Sequence[Span]) -> None:
+        for trace in group_by_trace(spans):
+            self._stream.write(render_trace(trace) + "\n\n")
+            self.spans_written += len(trace)
+        self._stream.flush()
+
+    def close(self) -> None:
+        self._stream.flush()

@@ -1,0 +1,1 @@
+"""The pure core: events <-> spans, no I/O."""

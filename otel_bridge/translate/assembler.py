@@ -1,0 +1,169 @@
+"""Streams of events -> finished spans.
+
+`Assembler` groups a stream of events by run and decides when each run's span
+is final; `forward.run_span` decides what the span says. The assembler does
+no I/O and reads time only from the clock it is given, so tests drive it with
+a fake clock and the sidecar with `time.monotonic`.
+
+Rules (see the README, "Assembly"):
+- An event id seen before is a duplicate and is ignored.
+- A run whose final state has arrived waits `linger_seconds` for late states
+  (RolledBack comes after Completed), then its span is emitted, once.
+- A run with no event for `run_timeout_seconds` is ended as it stands and
+  marked `otel_bridge.synthetic.end = "timeout"`.
+- At most `max_open_runs` runs are held; past that the least recently active
+  run is ended and marked `"evicted"`. At most `max_events_per_run` events are
+  kept per run; the rest are counted on the span (`otel_bridge.events.dropped`).
+- Events for a run whose span was already emitted are set aside and counted
+  (`late`), since a span id must be exported once, with its final content.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections import Counter, OrderedDict
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+from uuid import UUID
+
+from otel_bridge.model.events import Event
+from otel_bridge.model.spans import Span
+from otel_bridge.translate.forward import (
+    ForwardOptions,
+    RunKey,
+    SyntheticEnd,
+    is_final,
+    run_key,
+    run_span,
+)
+
+ATTR_EVENTS_DROPPED = "otel_bridge.events.dropped"
+
+
+@dataclass(frozen=True)
+class AssemblerOptions:
+    linger_seconds: float = 5.0
+    run_timeout_seconds: float = 6 * 3600.0
+    max_open_runs: int = 50_000
+    max_events_per_run: int = 1_000
+    # How many emitted runs to remember, to tell a late event from a duplicate.
+    remember_finished_runs: int = 100_000
+    forward: ForwardOptions = ForwardOptions()
+
+
+@dataclass
+class _OpenRun:
+    key: RunKey
+    events: dict[UUID, Event] = field(default_factory=dict)
+    last_seen: float = 0.0
+    final_seen: Optional[float] = None
+    dropped: int = 0
+
+
+SetAside = Callable[[Event, str], None]
+
+
+class Assembler:
+    def __init__(
+        self,
+        options: AssemblerOptions = AssemblerOptions(),
+        clock: Callable[[], float] = time.monotonic,
+        on_set_aside: Optional[SetAside] = None,
+    ):
+        self.options = options
+        self.counts: Counter[str] = Counter()
+        self._clock = clock
+        self._on_set_aside = on_set_aside
+        # Ordered by last activity: the first entry is the next to time out or
+        # to be evicted.
+        self._open: OrderedDict[str, _OpenRun] = OrderedDict()
+        # Runs that reached a final state, ordered by when (insertion order).
+        self._lingering: OrderedDict[str, float] = OrderedDict()
+        self._finished: OrderedDict[str, frozenset[UUID]] = OrderedDict()
+
+    @property
+    def open_runs(self) -> int:
+        return len(self._open)
+
+    def add(self, event: Event) -> list[Span]:
+        """Take one event; returns spans it forced out (eviction), if any.
+
+        Raises `EventRejected` for a run-state event that cannot be mapped."""
+        self.counts["events_in"] += 1
+        key = run_key(event)
+        if key is None:
+            self.counts["events_not_run_state"] += 1
+            return []
+        now = self._clock()
+        finished = self._finished.get(key.resource_id)
+        if finished is not None:
+            if event.id in finished:
+                self.counts["events_duplicate"] += 1
+            else:
+                self._set_aside(event, "late")
+            return []
+        run = self._open.get(key.resource_id)
+        if run is None:
+            run = self._open[key.resource_id] = _OpenRun(key)
+        else:
+            self._open.move_to_end(key.resource_id)
+        run.last_seen = now
+        if event.id in run.events:
+            self.counts["events_duplicate"] += 1
+            return []
+        if len(run.events) >= self.options.max_events_per_run:
+            run.dropped += 1
+            self._set_aside(event, "run_event_cap")
+            return []
+        run.events[event.id] = event
+        if run.final_seen is None and is_final(event):
+            run.final_seen = now
+            self._lingering[key.resource_id] = now
+        spans = []
+        while len(self._open) > self.options.max_open_runs:
+            oldest = next(iter(self._open))
+            spans.append(self._emit(oldest, SyntheticEnd.EVICTED))
+        return spans
+
+    def expire(self) -> list[Span]:
+        """Spans that are due now: lingered long enough, or timed out."""
+        now = self._clock()
+        spans = []
+        while self._lingering:
+            resource_id, since = next(iter(self._lingering.items()))
+            if now - since < self.options.linger_seconds:
+                break
+            spans.append(self._emit(resource_id, SyntheticEnd.TIMEOUT))
+        while self._open:
+            resource_id, run = next(iter(self._open.items()))
+            if now - run.last_seen < self.options.run_timeout_seconds:
+                break
+            spans.append(self._emit(resource_id, SyntheticEnd.TIMEOUT))
+        return spans
+
+    def flush(self, reason: SyntheticEnd = SyntheticEnd.END_OF_INPUT) -> list[Span]:
+        """End every open run now (end of input, or shutdown)."""
+        return [self._emit(resource_id, reason) for resource_id in list(self._open)]
+
+    def _emit(self, resource_id: str, reason: SyntheticEnd) -> Span:
+        run = self._open.pop(resource_id)
+        self._lingering.pop(resource_id, None)
+        self._finished[resource_id] = frozenset(run.events)
+        while len(self._finished) > self.options.remember_finished_runs:
+            self._finished.popitem(last=False)
+        span = run_span(run.events.values(), self.options.forward, synthetic_end=reason)
+        if run.dropped:
+            span = dataclasses.replace(
+                span, attributes={**span.attributes, ATTR_EVENTS_DROPPED: run.dropped}
+            )
+        self.counts["spans_out"] += 1
+        end = span.attributes.get("otel_bridge.synthetic.end")
+        if end:
+            self.counts[f"spans_synthetic_end_{end}"] += 1
+        return span
+
+    def _set_aside(self, event: Event, reason: str) -> None:
+        self.counts[f"events_set_aside_{reason}"] += 1
+        if self._on_set_aside is not None:
+            self._on_set_aside(event, reason)

@@ -1,0 +1,394 @@
+"""Prefect run-state events -> one OpenTelemetry span per run (pure).
+
+`run_span` takes every event seen for one task run or flow run, in any order,
+with repeats, and returns the span for that run. It depends on nothing but its
+arguments, so the same events give the same span in any process. The README's
+"Mapping" section is the user-facing description of these rules; keep the two
+in step.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import re
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Iterable, Literal, Optional, Sequence
+from uuid import UUID
+
+from opentelemetry.trace import StatusCode
+
+from otel_bridge.model.events import Event, EventRejected, Labels
+from otel_bridge.model.spans import AttributeValue, Span, SpanEvent, SpanLink
+from otel_bridge.model.states import StateType
+from otel_bridge.translate.ids import span_id_for, trace_id_for
+
+TASK_RUN = "task-run"
+FLOW_RUN = "flow-run"
+_RUN_PREFIXES = {f"prefect.{TASK_RUN}.": TASK_RUN, f"prefect.{FLOW_RUN}.": FLOW_RUN}
+
+# Span event attributes that carry what is needed to rebuild the event exactly.
+ATTR_EVENT_ID = "prefect.event.id"
+ATTR_EVENT_FOLLOWS = "prefect.event.follows"
+ATTR_EVENT_PAYLOAD = "prefect.event.payload"
+# The run's related resources as JSON; on a span event only where they differ
+# from the span's.
+ATTR_RELATED = "prefect.related"
+ATTR_SYNTHETIC_START = "otel_bridge.synthetic.start"
+ATTR_SYNTHETIC_END = "otel_bridge.synthetic.end"
+ATTR_LINK_SOURCE = "otel_bridge.link.source"
+
+PREFECT_TRACEPARENT_LABEL = "__OTEL_TRACEPARENT"
+
+PrefectTraceContext = Literal["link", "adopt", "ignore"]
+
+
+class SyntheticEnd(str, enum.Enum):
+    """Why a span was ended without its run reaching a final state."""
+
+    END_OF_INPUT = "end_of_input"  # the input ran out (batch conversion)
+    TIMEOUT = "timeout"  # no event for the configured run timeout
+    EVICTED = "evicted"  # pushed out by the cap on open runs
+    SHUTDOWN = "shutdown"  # the service stopped
+
+
+@dataclass(frozen=True)
+class ForwardOptions:
+    # What to do with the trace context Prefect itself puts on task runs when
+    # an OpenTelemetry SDK is installed in the flow process: link to Prefect's
+    # span (default), adopt Prefect's trace (our span becomes a child of
+    # Prefect's), or ignore it.
+    prefect_trace_context: PrefectTraceContext = "link"
+
+
+@dataclass(frozen=True)
+class RunKey:
+    kind: str  # TASK_RUN or FLOW_RUN
+    resource_id: str
+
+
+def run_key(event: Event) -> Optional[RunKey]:
+    """The run a state-change event belongs to, or None for any other event
+    (heartbeats, deployments, ...), which the bridge passes over.
+
+    Raises `EventRejected` for a run-state event that cannot be mapped."""
+    resource_id = event.resource_id
+    for prefix, kind in _RUN_PREFIXES.items():
+        if resource_id.startswith(prefix) and event.event.startswith(prefix):
+            break
+    else:
+        return None
+    state_type = event.resource.get("prefect.state-type")
+    if state_type is None:
+        return None  # e.g. prefect.flow-run.heartbeat
+    try:
+        StateType(state_type)
+    except ValueError:
+        raise EventRejected(
+            "unknown_state_type", f"{event.event} has state type {state_type!r}"
+        ) from None
+    return RunKey(kind, resource_id)
+
+
+def state_type(event: Event) -> StateType:
+    return StateType(event.resource["prefect.state-type"])
+
+
+def is_final(event: Event) -> bool:
+    """Whether this state ends the run: a terminal type, or NotReady (an
+    upstream failed, so the run will never start)."""
+    return state_type(event).is_terminal or _is_not_ready(event)
+
+
+def _is_not_ready(event: Event) -> bool:
+    return (
+        state_type(event) is StateType.PENDING
+        and event.resource.get("prefect.state-name") == "NotReady"
+    )
+
+
+def order_events(events: Iterable[Event]) -> list[Event]:
+    """Distinct events (by id) in the order they happened.
+
+    Sorted by `occurred`; events at the same instant by their place in the
+    `follows` chain, then by id, so the order never depends on arrival."""
+    by_id: dict[UUID, Event] = {}
+    for event in events:
+        kept = by_id.get(event.id)
+        # The same id twice with different content (a hostile or broken sender)
+        # must still give one answer whatever the arrival order.
+        if kept is None or _canonical(event) < _canonical(kept):
+            by_id[event.id] = event
+    depth: dict[UUID, int] = {}
+    for event in by_id.values():
+        # Walk back along `follows` to an event of known depth, the start of
+        # the chain, or a cycle (which only a broken sender can make).
+        chain: dict[UUID, None] = {}  # ordered, with O(1) membership
+        current: Optional[Event] = event
+        while current is not None and current.id not in depth and current.id not in chain:
+            chain[current.id] = None
+            current = by_id.get(current.follows) if current.follows else None
+        base = depth[current.id] + 1 if current is not None and current.id in depth else 0
+        for offset, member in enumerate(reversed(chain)):
+            depth[member] = base + offset
+    return sorted(by_id.values(), key=lambda e: (e.occurred, depth[e.id], str(e.id)))
+
+
+def _canonical(event: Event) -> str:
+    return event.model_dump_json(exclude={"received"})
+
+
+def run_span(
+    events: Iterable[Event],
+    options: ForwardOptions = ForwardOptions(),
+    synthetic_end: Optional[SyntheticEnd] = None,
+) -> Span:
+    """The span of one run, from all the state events seen for it.
+
+    `synthetic_end` says why the span is being ended if the run has not reached
+    a final state; it is recorded on the span only in that case."""
+    ordered = order_events(events)
+    if not ordered:
+        raise ValueError("run_span needs at least one event")
+    key = run_key(ordered[0])
+    assert key is not None, "run_span takes run-state events only"
+
+    running = [i for i, e in enumerate(ordered) if state_type(e) is StateType.RUNNING]
+    synthetic: dict[str, AttributeValue] = {}
+    if running:
+        start = ordered[running[0]]
+        after = ordered[running[-1]:]
+    else:
+        start = ordered[0]
+        after = ordered
+        synthetic[ATTR_SYNTHETIC_START] = "no_running_state"
+    end = next((e for e in after if is_final(e)), None)
+    if end is None:
+        synthetic[ATTR_SYNTHETIC_END] = (synthetic_end or SyntheticEnd.END_OF_INPUT).value
+    # The span describes the run as of its final state; states after it
+    # (RolledBack) are kept as events only, so the span's attributes do not
+    # depend on whether they arrived before the span was exported.
+    last = end or ordered[-1]
+    start_ns = to_unix_nano(start.occurred)
+    end_ns = max(start_ns, to_unix_nano(last.occurred))
+
+    trace_id, parent_span_id = _placement(key, ordered)
+    links: list[SpanLink] = []
+    prefect_context = _prefect_traceparent(ordered)
+    if prefect_context and options.prefect_trace_context == "adopt":
+        trace_id, parent_span_id = prefect_context[0], prefect_context[1]
+    elif prefect_context and options.prefect_trace_context == "link":
+        links.append(
+            SpanLink(
+                trace_id=prefect_context[0],
+                span_id=prefect_context[1],
+                trace_flags=prefect_context[2],
+                attributes={ATTR_LINK_SOURCE: f"prefect.{PREFECT_TRACEPARENT_LABEL}"},
+            )
+        )
+
+    span_related = _json(last.related)
+    status_code, status_message, result, error_type = _outcome(end)
+    attributes = _run_attributes(key, last, ordered, result, error_type)
+    attributes[ATTR_RELATED] = span_related
+    attributes.update(synthetic)
+
+    return Span(
+        trace_id=trace_id,
+        span_id=span_id_for(key.resource_id),
+        parent_span_id=parent_span_id,
+        name=last.resource.get("prefect.resource.name") or key.resource_id,
+        start_time_unix_nano=start_ns,
+        end_time_unix_nano=end_ns,
+        attributes=attributes,
+        events=tuple(_span_event(e, span_related) for e in ordered),
+        links=tuple(links),
+        status_code=status_code,
+        status_message=status_message,
+    )
+
+
+def to_unix_nano(moment: datetime) -> int:
+    delta = moment - _EPOCH
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000_000 + delta.microseconds * 1_000
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
+def _placement(key: RunKey, events: Sequence[Event]) -> tuple[int, Optional[int]]:
+    """Trace id and parent span id: a task sits under its parent task if it is
+    nested, else under its flow run; the trace is the flow run's."""
+    own = key.resource_id
+    if key.kind == FLOW_RUN:
+        # A subflow's events name its parent only through a placeholder task
+        # run that never emits events, so a subflow is the root of its own trace.
+        return trace_id_for(own), None
+    flow_run = _first(e.related_in_role(FLOW_RUN) for e in events)
+    parent_task = _first(_parent_task_run(e) for e in events)
+    if flow_run is not None:
+        root = flow_run["prefect.resource.id"]
+    else:
+        root = parent_task or own
+    parent = parent_task or (flow_run["prefect.resource.id"] if flow_run else None)
+    return trace_id_for(root), span_id_for(parent) if parent else None
+
+
+def _first(values):
+    return next((v for v in values if v), None)
+
+
+def _parent_task_run(event: Event) -> Optional[str]:
+    task_run = event.payload.get("task_run")
+    inputs = task_run.get("task_inputs") if isinstance(task_run, dict) else None
+    parents = inputs.get("__parents__") if isinstance(inputs, dict) else None
+    for parent in parents if isinstance(parents, list) else ():
+        if isinstance(parent, dict) and parent.get("input_type") == "task_run" and parent.get("id"):
+            return f"prefect.{TASK_RUN}.{parent['id']}"
+    related = event.related_in_role(TASK_RUN)
+    return related["prefect.resource.id"] if related else None
+
+
+_TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
+
+
+def _prefect_traceparent(events: Sequence[Event]) -> Optional[tuple[int, int, int]]:
+    for event in reversed(events):
+        task_run = event.payload.get("task_run")
+        labels = task_run.get("labels") if isinstance(task_run, dict) else None
+        value = labels.get(PREFECT_TRACEPARENT_LABEL) if isinstance(labels, dict) else None
+        match = _TRACEPARENT.match(value) if isinstance(value, str) else None
+        if match:
+            trace_id, span_id, flags = (int(g, 16) for g in match.groups())
+            if trace_id and span_id:
+                return trace_id, span_id, flags
+    return None
+
+
+# The message Prefect's engines write for an exception:
+# "Task run encountered an exception ValueError: ..." (tasks),
+# "Flow run encountered an exception: ValueError: ..." (flows).
+_EXCEPTION_TYPE = re.compile(r"encountered an exception:? ([A-Za-z_][\w.]*)(?::|$)")
+
+
+def _outcome(end: Optional[Event]) -> tuple[StatusCode, str, Optional[str], Optional[str]]:
+    """Status code, description, CICD result and error.type for a final state."""
+    if end is None:
+        return StatusCode.UNSET, "", None, None
+    kind = state_type(end)
+    name = end.resource.get("prefect.state-name", "")
+    message = end.resource.get("prefect.state-message", "")
+    if kind is StateType.COMPLETED:
+        return StatusCode.UNSET, "", "success", None
+    if kind is StateType.CANCELLED:
+        return StatusCode.UNSET, "", "cancellation", None
+    if _is_not_ready(end):
+        return StatusCode.UNSET, "", "skip", None
+    match = _EXCEPTION_TYPE.search(message)
+    error_type = match.group(1) if match else name or kind.value
+    if kind is StateType.CRASHED:
+        return StatusCode.ERROR, message, "error", error_type
+    result = "timeout" if name == "TimedOut" else "failure"
+    return StatusCode.ERROR, message, result, error_type
+
+
+def _run_attributes(
+    key: RunKey,
+    last: Event,
+    events: Sequence[Event],
+    result: Optional[str],
+    error_type: Optional[str],
+) -> dict[str, AttributeValue]:
+    attributes: dict[str, AttributeValue] = dict(last.resource)
+    run_id = key.resource_id.removeprefix(f"prefect.{key.kind}.")
+    attributes["prefect.run.type"] = "task" if key.kind == TASK_RUN else "flow"
+    attributes["prefect.run.id"] = run_id
+    if "prefect.resource.name" in last.resource:
+        attributes["prefect.run.name"] = last.resource["prefect.resource.name"]
+
+    tags = sorted(
+        {
+            r["prefect.resource.id"].removeprefix("prefect.tag.")
+            for r in last.related
+            if r.get("prefect.resource.role") == "tag"
+        }
+    )
+    if tags:
+        attributes["prefect.tags"] = tags
+    for related in last.related:
+        role = related["prefect.resource.role"]
+        if role == "tag" or f"prefect.related.{role}.id" in attributes:
+            continue
+        attributes[f"prefect.related.{role}.id"] = related["prefect.resource.id"]
+        if related.get("prefect.resource.name"):
+            attributes[f"prefect.related.{role}.name"] = related["prefect.resource.name"]
+
+    flow = last.related_in_role("flow")
+    if key.kind == TASK_RUN:
+        attributes.update(_task_run_metadata(events))
+        task_key = attributes.get("prefect.task.key")
+        if isinstance(task_key, str):
+            # task_key is "<function name>-<hash of its source>".
+            attributes["cicd.pipeline.task.name"] = re.sub(r"-[0-9a-f]{8}$", "", task_key)
+        attributes["cicd.pipeline.task.run.id"] = run_id
+        if result:
+            attributes["cicd.pipeline.task.run.result"] = result
+        flow_run = last.related_in_role(FLOW_RUN)
+        if flow_run:
+            attributes["cicd.pipeline.run.id"] = flow_run["prefect.resource.id"].removeprefix(
+                f"prefect.{FLOW_RUN}."
+            )
+    else:
+        attributes["cicd.pipeline.run.id"] = run_id
+        if result:
+            attributes["cicd.pipeline.result"] = result
+    if flow and flow.get("prefect.resource.name"):
+        attributes["cicd.pipeline.name"] = flow["prefect.resource.name"]
+    if error_type:
+        attributes["error.type"] = error_type
+    return attributes
+
+
+def _task_run_metadata(events: Sequence[Event]) -> dict[str, AttributeValue]:
+    """The stable parts of `payload.task_run`, from the latest event that has it."""
+    task_run = _first(
+        e.payload.get("task_run") if isinstance(e.payload.get("task_run"), dict) else None
+        for e in reversed(events)
+    )
+    if not task_run:
+        return {}
+    out: dict[str, AttributeValue] = {}
+    for source, target in (
+        ("task_key", "prefect.task.key"),
+        ("dynamic_key", "prefect.task-run.dynamic-key"),
+        ("expected_start_time", "prefect.task-run.expected-start-time"),
+    ):
+        if isinstance(task_run.get(source), str):
+            out[target] = task_run[source]
+    if isinstance(task_run.get("total_run_time"), (int, float)):
+        out["prefect.task-run.total-run-time"] = float(task_run["total_run_time"])
+    policy = task_run.get("empirical_policy")
+    if isinstance(policy, dict) and isinstance(policy.get("retries"), int):
+        out["prefect.task-run.retries"] = policy["retries"]
+    return out
+
+
+def _span_event(event: Event, span_related: str) -> SpanEvent:
+    attributes: dict[str, AttributeValue] = {ATTR_EVENT_ID: str(event.id)}
+    if event.follows is not None:
+        attributes[ATTR_EVENT_FOLLOWS] = str(event.follows)
+    attributes.update(event.resource)
+    related = _json(event.related)
+    if related != span_related:
+        attributes[ATTR_RELATED] = related
+    attributes[ATTR_EVENT_PAYLOAD] = _json(event.payload)
+    return SpanEvent(
+        name=event.event,
+        time_unix_nano=to_unix_nano(event.occurred),
+        attributes=attributes,
+    )
+
+
+def _json(value) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)

@@ -1,0 +1,44 @@
+"""Small shared helpers for the tests."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable
+
+from otel_bridge.model.events import Event, parse_wire_event
+from otel_bridge.model.spans import Span
+from otel_bridge.translate.assembler import Assembler, AssemblerOptions
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLES = ROOT.parent / "shared" / "samples" / "prefect-3.9.1"
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "prefect-3.9.1"
+
+
+def events(dicts: Iterable[dict]) -> list[Event]:
+    return [e for e in (parse_wire_event(d) for d in dicts) if e is not None]
+
+
+def load_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def convert(dicts: Iterable[dict], options: AssemblerOptions = AssemblerOptions()) -> list[Span]:
+    assembler = Assembler(options)
+    spans: list[Span] = []
+    for event in events(dicts):
+        spans.extend(assembler.add(event))
+    spans.extend(assembler.flush())
+    return spans
+
+
+def by_name(spans: Iterable[Span]) -> dict[str, Span]:
+    out = {}
+    for span in spans:
+        assert span.name not in out, f"two spans named {span.name}"
+        out[span.name] = span
+    return out
+
+
+def state_names(span: Span) -> list[str]:
+    return [e.name.rsplit(".", 1)[-1] for e in span.events]

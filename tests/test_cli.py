@@ -1,0 +1,128 @@
+"""`otel-bridge convert`: the command-line contract, run as a real process."""
+
+from __future__ import annotations
+
+import base64
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from factories import FlowRun, flow_run_events, task_run_events
+from google.protobuf import json_format
+from helpers import SAMPLES
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+
+def run_cli(*args, stdin: str = "", env=None):
+    return subprocess.run(
+        [sys.executable, "-m", "otel_bridge", *args],
+        input=stdin, capture_output=True, text=True, timeout=120, env=env,
+    )
+
+
+def write_jsonl(path: Path, lines) -> Path:
+    path.write_text("".join((l if isinstance(l, str) else json.dumps(l)) + "\n" for l in lines))
+    return path
+
+
+def parse_otlp_json_line(line: str) -> ExportTraceServiceRequest:
+    """Read a line back with protobuf's own JSON parser (ids hex -> base64, as
+    the OTLP/JSON spec maps them), so the format is checked by the schema."""
+    obj = json.loads(line)
+    for rs in obj["resourceSpans"]:
+        for ss in rs["scopeSpans"]:
+            for span in ss["spans"]:
+                for holder in [span, *span.get("links", [])]:
+                    for key in ("traceId", "spanId", "parentSpanId"):
+                        if holder.get(key):
+                            holder[key] = base64.b64encode(bytes.fromhex(holder[key])).decode()
+    return json_format.ParseDict(obj, ExportTraceServiceRequest())
+
+
+def test_bad_lines_are_reported_with_place_and_good_lines_still_converted(tmp_path):
+    flow_run = FlowRun()
+    good = task_run_events(["Pending", "Running", "Completed"], flow_run=flow_run)
+    bad_resource = dict(good[0], id="01a22348-0000-7000-8000-000000000001", resource={})
+    first = write_jsonl(tmp_path / "a.jsonl", [good[0], "{broken", bad_resource, good[1]])
+    second = write_jsonl(tmp_path / "b.jsonl", ["", "[1,2]", good[2]])
+    out = tmp_path / "out.jsonl"
+    result = run_cli("convert", str(first), str(second), "-o", str(out))
+    assert result.returncode == 1, result.stderr
+    assert f"{first}:2: rejected (malformed_json)" in result.stderr
+    assert f"{first}:3: rejected (invalid_event)" in result.stderr
+    assert f"{second}:2: rejected (not_an_object)" in result.stderr
+    (request,) = [parse_otlp_json_line(l) for l in out.read_text().splitlines()]
+    (span,) = request.resource_spans[0].scope_spans[0].spans
+    assert [e.name for e in span.events] == [g["event"] for g in good]
+
+
+def test_clean_input_exits_zero_and_reads_stdin(tmp_path):
+    flow_run = FlowRun()
+    raw = (flow_run_events(["Pending", "Running", "Completed"], flow_run)
+           + task_run_events(["Pending", "Running", "Completed"], flow_run=flow_run))
+    result = run_cli("convert", "-", stdin="".join(json.dumps(e) + "\n" for e in raw))
+    assert result.returncode == 0, result.stderr
+    (line,) = result.stdout.splitlines()
+    request = parse_otlp_json_line(line)
+    spans = request.resource_spans[0].scope_spans[0].spans
+    assert len(spans) == 2
+    assert len({s.trace_id for s in spans}) == 1
+    obj = json.loads(line)
+    ids = [s["spanId"] for s in obj["resourceSpans"][0]["scopeSpans"][0]["spans"]]
+    assert all(len(i) == 16 and int(i, 16) for i in ids)
+    resource = {a["key"]: a["value"] for a in obj["resourceSpans"][0]["resource"]["attributes"]}
+    assert resource["service.name"] == {"stringValue": "prefect"}
+
+
+def test_otel_service_name_and_resource_attributes_are_honoured(tmp_path):
+    import os
+
+    env = dict(os.environ, OTEL_SERVICE_NAME="etl-prefect",
+               OTEL_RESOURCE_ATTRIBUTES="deployment.environment.name=staging")
+    result = run_cli("convert", str(SAMPLES / "task_fails.jsonl"), env=env)
+    assert result.returncode == 0, result.stderr
+    obj = json.loads(result.stdout.splitlines()[0])
+    resource = {a["key"]: a["value"]["stringValue"]
+                for a in obj["resourceSpans"][0]["resource"]["attributes"]}
+    assert resource["service.name"] == "etl-prefect"
+    assert resource["deployment.environment.name"] == "staging"
+
+
+def test_usage_errors_exit_two(tmp_path):
+    assert run_cli("convert", str(tmp_path / "missing.jsonl")).returncode == 2
+    assert run_cli("convert", "--to", "nowhere").returncode == 2
+    assert run_cli().returncode == 2
+
+
+def test_oversized_line_is_rejected_without_losing_the_next(tmp_path):
+    raw = task_run_events(["Pending", "Running", "Completed"])
+    path = tmp_path / "big.jsonl"
+    with path.open("w") as f:
+        f.write(json.dumps(raw[0]) + "\n")
+        f.write('{"pad": "' + "x" * 3_000_000 + '"}\n')
+        f.write(json.dumps(raw[1]) + "\n" + json.dumps(raw[2]) + "\n")
+    result = run_cli("convert", str(path), "--to", "tree")
+    assert result.returncode == 1
+    assert f"{path}:2: rejected (too_large)" in result.stderr
+    assert "Pending > Running > Completed" in result.stdout
+
+
+def test_same_input_gives_byte_identical_output_in_any_order(tmp_path):
+    lines = []
+    for sample in sorted(SAMPLES.glob("*.jsonl")):
+        lines += sample.read_text().splitlines()
+    forward = run_cli("convert", stdin="\n".join(lines) + "\n")
+    backward = run_cli("convert", stdin="\n".join(reversed(lines)) + "\n")
+    assert forward.returncode == backward.returncode == 0
+    assert forward.stdout == backward.stdout
+    assert len(forward.stdout.splitlines()) == 5  # one line per flow run's trace
+
+
+def test_tree_shows_the_nesting():
+    result = run_cli("convert", str(SAMPLES / "task_retries.jsonl"), "--to", "tree")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[1].startswith("└─ flow ")
+    assert any(l.startswith("   ├─ task flaky_immediate") and "Retrying" in l for l in lines)
+    assert any("ERROR Task run encountered an exception RuntimeError" in l for l in lines)

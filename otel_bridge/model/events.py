@@ -139,6 +139,13 @@ def parse_wire_event(raw: str | bytes | dict[str, Any]) -> Optional[Event]:
         obj = obj.get("event")
         if not isinstance(obj, dict):
             raise EventRejected("invalid_event", "event frame without an event object")
+    return validate_event(obj, size)
+
+
+def validate_event(obj: dict[str, Any], size: Optional[int] = None) -> Event:
+    """An `Event` (a `ReceivedEvent` when it has `received`) from a JSON
+    object, checked as Prefect checks it. `size` is the object's encoded size
+    when known. Raises `EventRejected`."""
     model = ReceivedEvent if "received" in obj else Event
     try:
         event = model.model_validate(obj)

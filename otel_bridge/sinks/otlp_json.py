@@ -5,42 +5,25 @@ integers, 64-bit integers as decimal strings, lowerCamelCase keys.
 Encoding goes through the official protobuf encoder (`encode_spans`) and
 protobuf's canonical JSON mapping, so the field names and value forms are the
 OTLP schema's own; only the id fields differ from the canonical mapping (OTLP
-requires hex where protobuf JSON would give base64).
+requires hex where protobuf JSON would give base64; see `model/otlp.py`).
 """
 
 from __future__ import annotations
 
-import base64
 import json
 from typing import IO, Any, Iterable, Sequence
 
-from google.protobuf import json_format
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.sdk.resources import Resource
 
+from otel_bridge.model.otlp import request_to_json
 from otel_bridge.model.spans import Span
 from otel_bridge.sinks.sdk import to_readable_spans
-
-_ID_FIELDS = ("traceId", "spanId", "parentSpanId")
 
 
 def encode_request(spans: Sequence[Span], resource: Resource) -> dict[str, Any]:
     """One `ExportTraceServiceRequest` as an OTLP/JSON object."""
-    message = encode_spans(to_readable_spans(spans, resource))
-    request = json_format.MessageToDict(message, use_integers_for_enums=True)
-    for resource_spans in request.get("resourceSpans", ()):
-        for scope_spans in resource_spans.get("scopeSpans", ()):
-            for span in scope_spans.get("spans", ()):
-                _ids_to_hex(span)
-                for link in span.get("links", ()):
-                    _ids_to_hex(link)
-    return request
-
-
-def _ids_to_hex(obj: dict[str, Any]) -> None:
-    for key in _ID_FIELDS:
-        if obj.get(key):
-            obj[key] = base64.b64decode(obj[key]).hex()
+    return request_to_json(encode_spans(to_readable_spans(spans, resource)))
 
 
 class OtlpJsonWriter:

@@ -1,0 +1,123 @@
+"""OTLP messages <-> plain spans, and OTLP/JSON's id rule.
+
+OTLP/JSON is protobuf's canonical JSON mapping except that trace and span ids
+are hex strings, not base64. Encoding to protobuf goes through the official
+encoder (`otel_bridge.sinks.sdk`); decoding has no official counterpart in the
+SDK, so it is here.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from typing import Any, Iterator
+
+from google.protobuf import json_format
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
+from opentelemetry.proto.trace.v1 import trace_pb2
+from opentelemetry.trace import SpanKind, StatusCode
+
+from otel_bridge.model.spans import AttributeValue, Span, SpanEvent, SpanLink
+
+_ID_FIELDS = ("traceId", "spanId", "parentSpanId")
+
+
+def request_to_json(request: ExportTraceServiceRequest) -> dict[str, Any]:
+    obj = json_format.MessageToDict(request, use_integers_for_enums=True)
+    for holder in _id_holders(obj):
+        for key in _ID_FIELDS:
+            if holder.get(key):
+                holder[key] = base64.b64decode(holder[key]).hex()
+    return obj
+
+
+def request_from_json(obj: dict[str, Any]) -> ExportTraceServiceRequest:
+    """Parse OTLP/JSON (hex ids). Raises ValueError for anything that is not
+    a valid `ExportTraceServiceRequest`."""
+    obj = json.loads(json.dumps(obj))  # a private copy to rewrite ids in
+    for holder in _id_holders(obj):
+        for key in _ID_FIELDS:
+            value = holder.get(key)
+            if value:
+                try:
+                    raw = bytes.fromhex(value)
+                except (TypeError, ValueError):
+                    raise ValueError(f"{key} {value!r} is not hex") from None
+                holder[key] = base64.b64encode(raw).decode()
+    try:
+        return json_format.ParseDict(obj, ExportTraceServiceRequest())
+    except json_format.ParseError as exc:
+        raise ValueError(str(exc)) from None
+
+
+def _id_holders(obj: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    for resource_spans in obj.get("resourceSpans") or ():
+        for scope_spans in (resource_spans or {}).get("scopeSpans") or ():
+            for span in (scope_spans or {}).get("spans") or ():
+                if isinstance(span, dict):
+                    yield span
+                    for link in span.get("links") or ():
+                        if isinstance(link, dict):
+                            yield link
+
+
+def spans_from_request(
+    request: ExportTraceServiceRequest,
+) -> Iterator[tuple[dict[str, AttributeValue], Span]]:
+    """Each span of the request, with its resource's attributes."""
+    for resource_spans in request.resource_spans:
+        resource = attributes_from_proto(resource_spans.resource.attributes)
+        for scope_spans in resource_spans.scope_spans:
+            for span in scope_spans.spans:
+                yield resource, span_from_proto(span)
+
+
+def span_from_proto(span: trace_pb2.Span) -> Span:
+    if len(span.trace_id) != 16 or len(span.span_id) != 8:
+        raise ValueError("span without a valid 16-byte trace id and 8-byte span id")
+    return Span(
+        trace_id=int.from_bytes(span.trace_id, "big"),
+        span_id=int.from_bytes(span.span_id, "big"),
+        parent_span_id=int.from_bytes(span.parent_span_id, "big") if span.parent_span_id else None,
+        name=span.name,
+        start_time_unix_nano=span.start_time_unix_nano,
+        end_time_unix_nano=span.end_time_unix_nano,
+        attributes=attributes_from_proto(span.attributes),
+        events=tuple(
+            SpanEvent(e.name, e.time_unix_nano, attributes_from_proto(e.attributes))
+            for e in span.events
+        ),
+        links=tuple(
+            SpanLink(
+                trace_id=int.from_bytes(link.trace_id, "big"),
+                span_id=int.from_bytes(link.span_id, "big"),
+                attributes=attributes_from_proto(link.attributes),
+                trace_flags=link.flags & 0xFF,
+            )
+            for link in span.links
+            if len(link.trace_id) == 16 and len(link.span_id) == 8
+        ),
+        # protobuf's SPAN_KIND_INTERNAL (1) .. CONSUMER (5) are the API's 0..4.
+        kind=SpanKind(max(span.kind - 1, 0)),
+        status_code=StatusCode(span.status.code),
+        status_message=span.status.message,
+    )
+
+
+def attributes_from_proto(attributes: list[KeyValue]) -> dict[str, AttributeValue]:
+    return {kv.key: _value(kv.value) for kv in attributes}
+
+
+def _value(value: AnyValue) -> Any:
+    kind = value.WhichOneof("value")
+    if kind == "array_value":
+        return [_value(v) for v in value.array_value.values]
+    if kind == "kvlist_value":
+        # Not an attribute type the SDK makes; kept readable as JSON.
+        return json.dumps({kv.key: _value(kv.value) for kv in value.kvlist_value.values})
+    if kind == "bytes_value":
+        return value.bytes_value.hex()
+    if kind is None:
+        return ""
+    return getattr(value, kind)

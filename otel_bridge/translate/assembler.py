@@ -45,7 +45,7 @@ ATTR_EVENTS_DROPPED = "otel_bridge.events.dropped"
 class AssemblerOptions:
     linger_seconds: float = 5.0
     run_timeout_seconds: float = 6 * 3600.0
-    max_open_runs: int = 50_000
+    max_open_runs: int = 10_000
     max_events_per_run: int = 1_000
     # How many emitted runs to remember, to tell a late event from a duplicate.
     remember_finished_runs: int = 100_000

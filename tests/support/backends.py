@@ -1,0 +1,851 @@
+"""Real tracing backends for the test suite: Jaeger v2, the OpenTelemetry
+Collector (built with ocb) and, where it builds, Grafana Tempo.
+
+The binaries are built from Go modules at pinned versions by
+``scripts/build-backends.sh`` into a cache outside the repo
+(``$OTEL_BRIDGE_CACHE``, default ``~/.cache/otel-bridge``); this module runs
+that script the first time it needs a binary (a no-op taking milliseconds when
+everything is up to date; set ``OTEL_BRIDGE_NO_BUILD=1`` to never run it).
+
+Everything listens on 127.0.0.1 on free ports. No pytest in here: plain
+functions and context managers, usable from fixtures or a REPL::
+
+    with jaeger() as j:
+        ...send spans to j.otlp_grpc_endpoint / j.otlp_http_traces_url ...
+        trace = j.wait_for_trace(trace_id_hex)
+
+    with collector(config_path, env={"JAEGER_OTLP": j.otlp_grpc_endpoint}) as c:
+        ...send spans to c.otlp_grpc_endpoint...
+
+    ok, output = validate_collector_config(config_path, env)
+
+    if tempo_available()[0]:
+        with tempo() as t:
+            t.wait_for_trace(trace_id_hex)
+
+Collector configs get their ports from the environment: ``collector()`` sets
+``OTELCOL_OTLP_GRPC_PORT``, ``OTELCOL_OTLP_HTTP_PORT``, ``OTELCOL_HEALTH_PORT``
+and ``OTELCOL_METRICS_PORT`` to free ports (unless ``env`` gives them), and
+waits for the health_check extension at
+``http://127.0.0.1:${OTELCOL_HEALTH_PORT}/``, so a config run through it has::
+
+    extensions:
+      health_check:
+        endpoint: 127.0.0.1:${env:OTELCOL_HEALTH_PORT}
+    receivers:
+      otlp:
+        protocols:
+          grpc: {endpoint: "127.0.0.1:${env:OTELCOL_OTLP_GRPC_PORT}"}
+          http: {endpoint: "127.0.0.1:${env:OTELCOL_OTLP_HTTP_PORT}"}
+    service:
+      extensions: [health_check]
+      telemetry:
+        metrics: {level: none}   # else it listens on :8888 (or use the port var)
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+BUILD_SCRIPT = REPO_ROOT / "scripts" / "build-backends.sh"
+
+JAEGER = "jaeger"
+COLLECTOR = "otelcol-bridge"
+TEMPO = "tempo"
+
+LOOPBACK = "127.0.0.1"
+
+# Environment variables a collector config reads its ports from.
+COLLECTOR_PORT_VARS = (
+    "OTELCOL_OTLP_GRPC_PORT",
+    "OTELCOL_OTLP_HTTP_PORT",
+    "OTELCOL_HEALTH_PORT",
+    "OTELCOL_METRICS_PORT",
+)
+
+
+class BackendError(RuntimeError):
+    """A backend could not be built or did not start."""
+
+
+class BackendUnavailable(BackendError):
+    """A backend binary is not there and could not be built."""
+
+
+# --------------------------------------------------------------------------
+# cache and binaries
+# --------------------------------------------------------------------------
+
+
+def cache_dir() -> Path:
+    """``$OTEL_BRIDGE_CACHE`` or ``~/.cache/otel-bridge`` (same rule as the script)."""
+    env = os.environ.get("OTEL_BRIDGE_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "otel-bridge"
+
+
+def bin_dir() -> Path:
+    return cache_dir() / "bin"
+
+
+_build_lock = threading.Lock()
+_build_result: tuple[int, str] | None = None
+
+
+def build_backends(force: bool = False) -> tuple[int, str]:
+    """Run scripts/build-backends.sh (once per process unless ``force``).
+
+    Returns (exit code, combined output). The script skips binaries already
+    built at the pinned versions, so this is cheap once the cache is warm; from
+    a cold cache it takes several minutes.
+    """
+    global _build_result
+    with _build_lock:
+        if _build_result is not None and not force:
+            return _build_result
+        env = dict(os.environ)
+        env["OTEL_BRIDGE_CACHE"] = str(cache_dir())
+        proc = subprocess.run(
+            ["bash", str(BUILD_SCRIPT)],
+            cwd=REPO_ROOT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        _build_result = (proc.returncode, proc.stdout)
+        return _build_result
+
+
+def _maybe_build() -> None:
+    if os.environ.get("OTEL_BRIDGE_NO_BUILD") == "1":
+        return
+    build_backends()
+
+
+def binary(name: str) -> Path:
+    """Path of a built binary (``jaeger``, ``otelcol-bridge``, ``tempo``),
+    building it first if needed. Raises BackendUnavailable when it cannot be had."""
+    _maybe_build()
+    path = bin_dir() / name
+    if path.is_file() and os.access(path, os.X_OK):
+        return path
+    if name == TEMPO:
+        raise BackendUnavailable(f"Tempo not available: {tempo_build_error() or 'not built'}")
+    output = (_build_result or (None, ""))[1]
+    raise BackendUnavailable(
+        f"{path} missing after running {BUILD_SCRIPT}:\n{_tail(output, 40)}"
+    )
+
+
+def binary_version(name: str) -> str | None:
+    """The version stamp the build script wrote next to a binary."""
+    stamp = bin_dir() / f"{name}.version"
+    return stamp.read_text().strip() if stamp.is_file() else None
+
+
+def jaeger_binary() -> Path:
+    return binary(JAEGER)
+
+
+def collector_binary() -> Path:
+    return binary(COLLECTOR)
+
+
+def tempo_build_error() -> str | None:
+    """The recorded Tempo build error (first line is the version tried), if any."""
+    path = bin_dir() / "tempo.build-error"
+    return path.read_text().strip() if path.is_file() else None
+
+
+def tempo_available() -> tuple[bool, str]:
+    """(True, version) when Tempo is built, else (False, reason naming the error)."""
+    try:
+        binary(TEMPO)
+    except BackendUnavailable as exc:
+        err = tempo_build_error()
+        if err:
+            return False, "Grafana Tempo did not build: " + " | ".join(err.splitlines())
+        if os.environ.get("OTEL_BRIDGE_SKIP_TEMPO") == "1":
+            return False, "Grafana Tempo not built (OTEL_BRIDGE_SKIP_TEMPO=1)"
+        return False, str(exc)
+    return True, binary_version(TEMPO) or "unknown version"
+
+
+# --------------------------------------------------------------------------
+# ports, HTTP, waiting
+# --------------------------------------------------------------------------
+
+
+def free_ports(n: int, host: str = LOOPBACK) -> list[int]:
+    """``n`` distinct free TCP ports on ``host`` (all sockets held until all are picked)."""
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind((host, 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def free_port(host: str = LOOPBACK) -> int:
+    return free_ports(1, host)[0]
+
+
+def port_open(port: int, host: str = LOOPBACK, timeout: float = 0.5) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def http_get(url: str, params: Mapping[str, Any] | None = None, timeout: float = 10.0,
+             headers: Mapping[str, str] | None = None) -> tuple[int, bytes]:
+    """GET ``url``; returns (status, body). Connection errors give status 0."""
+    if params:
+        url = f"{url}{'&' if '?' in url else '?'}{urllib.parse.urlencode(params)}"
+    req = urllib.request.Request(url, headers=dict(headers or {}))
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+    except (urllib.error.URLError, OSError):
+        return 0, b""
+
+
+def http_get_json(url: str, params: Mapping[str, Any] | None = None,
+                  timeout: float = 10.0) -> tuple[int, Any]:
+    """GET and decode JSON; body is None when it is not JSON."""
+    status, body = http_get(url, params, timeout, headers={"Accept": "application/json"})
+    try:
+        return status, json.loads(body) if body else None
+    except ValueError:
+        return status, None
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float, interval: float = 0.2,
+               what: str = "condition", proc: subprocess.Popen | None = None,
+               log_path: Path | None = None) -> Any:
+    """Poll ``predicate`` until it returns something truthy; return that.
+
+    Raises BackendError on timeout, or at once if ``proc`` exited.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if proc is not None and proc.poll() is not None:
+            raise BackendError(
+                f"process exited with code {proc.returncode} while waiting for {what}"
+                + (f"; log {log_path}:\n{_tail_file(log_path)}" if log_path else "")
+            )
+        if time.monotonic() > deadline:
+            raise BackendError(
+                f"timed out after {timeout:.0f}s waiting for {what}"
+                + (f"; log {log_path}:\n{_tail_file(log_path)}" if log_path else "")
+            )
+        time.sleep(interval)
+
+
+def _tail(text: str, n: int = 30) -> str:
+    return "\n".join(text.splitlines()[-n:])
+
+
+def _tail_file(path: Path | None, n: int = 30) -> str:
+    if path is None or not path.is_file():
+        return ""
+    return _tail(path.read_text(errors="replace"), n)
+
+
+# --------------------------------------------------------------------------
+# processes
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class BackendProcess:
+    """A running backend: its process, work dir (config, data, log) and ports."""
+
+    name: str
+    proc: subprocess.Popen
+    workdir: Path
+    log_path: Path
+    config_path: Path
+    ports: dict[str, int] = field(default_factory=dict)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.is_file() else ""
+
+    def log_tail(self, n: int = 30) -> str:
+        return _tail(self.log(), n)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+
+def _start(name: str, argv: list[str], workdir: Path, config_path: Path,
+           env: Mapping[str, str] | None, ports: dict[str, int]) -> BackendProcess:
+    log_path = workdir / f"{name}.log"
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            argv, cwd=workdir, env=full_env, stdin=subprocess.DEVNULL,
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    return BackendProcess(name, proc, workdir, log_path, config_path, dict(ports))
+
+
+def stop_process(bp: BackendProcess, timeout: float = 15.0) -> int | None:
+    """SIGTERM, then SIGKILL after ``timeout``; returns the exit code."""
+    proc = bp.proc
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+    return proc.returncode
+
+
+_PORT_CLASH = ("address already in use", "bind: address")
+
+
+@contextlib.contextmanager
+def _backend(name: str, make: Callable[[Path, dict[str, int]], tuple[list[str], Path, dict[str, str]]],
+             port_names: list[str], ready: Callable[[BackendProcess], bool], timeout: float,
+             keep_workdir: bool, preset_ports: Mapping[str, int] | None = None,
+             attempts: int = 3, stop_timeout: float = 15.0) -> Iterator[BackendProcess]:
+    """Start a backend on fresh free ports (retrying on a port clash), wait for
+    ``ready``, yield it, stop it and remove its work dir on exit."""
+    workdir = Path(tempfile.mkdtemp(prefix=f"otel-bridge-{name}-"))
+    bp: BackendProcess | None = None
+    try:
+        for attempt in range(1, attempts + 1):
+            wanted = [p for p in port_names if not (preset_ports and p in preset_ports)]
+            ports = dict(zip(wanted, free_ports(len(wanted))))
+            ports.update(preset_ports or {})
+            argv, config_path, env = make(workdir, ports)
+            bp = _start(name, argv, workdir, config_path, env, ports)
+            try:
+                wait_until(lambda: ready(bp), timeout, what=f"{name} to become ready",
+                           proc=bp.proc, log_path=bp.log_path)
+                break
+            except BackendError:
+                stop_process(bp)
+                clash = any(s in bp.log().lower() for s in _PORT_CLASH)
+                if clash and attempt < attempts:
+                    bp.log_path.rename(bp.log_path.with_suffix(f".attempt{attempt}.log"))
+                    continue
+                raise
+        assert bp is not None
+        yield bp
+    finally:
+        if bp is not None:
+            stop_process(bp, stop_timeout)
+        if keep_workdir or os.environ.get("OTEL_BRIDGE_KEEP_BACKEND_DIRS") == "1":
+            pass
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _write_config(path: Path, config: Mapping[str, Any]) -> Path:
+    # JSON is YAML: the Go YAML parsers all three backends use read it as is.
+    path.write_text(json.dumps(config, indent=2) + "\n")
+    return path
+
+
+def _deep_merge(base: dict, extra: Mapping | None) -> dict:
+    for k, v in (extra or {}).items():
+        if isinstance(v, Mapping) and isinstance(base.get(k), dict):
+            _deep_merge(base[k], v)
+        else:
+            base[k] = v
+    return base
+
+
+# --------------------------------------------------------------------------
+# Jaeger v2
+# --------------------------------------------------------------------------
+
+
+def jaeger_config(ports: Mapping[str, int], max_traces: int = 100_000) -> dict:
+    """Jaeger v2 (v2.13) config: an OpenTelemetry Collector config whose
+    extensions jaeger_storage (backends: NAME: memory: ...) and jaeger_query
+    (storage.traces: NAME, http/grpc endpoints) provide storage and the query
+    API, and whose exporter jaeger_storage_exporter writes to the store."""
+    h = LOOPBACK
+    return {
+        "service": {
+            "extensions": ["jaeger_storage", "jaeger_query", "healthcheckv2"],
+            "pipelines": {
+                "traces": {
+                    "receivers": ["otlp"],
+                    "processors": [],
+                    "exporters": ["jaeger_storage_exporter"],
+                },
+            },
+            "telemetry": {
+                "resource": {"service.name": "jaeger"},
+                # The default Prometheus reader listens on :8888 (clashes
+                # between instances); the tests do not need internal metrics.
+                "metrics": {"level": "none"},
+                "logs": {"level": "info"},
+            },
+        },
+        "extensions": {
+            "healthcheckv2": {
+                "use_v2": True,
+                "http": {"endpoint": f"{h}:{ports['health']}"},
+            },
+            "jaeger_query": {
+                "storage": {"traces": "memstore"},
+                # Else the query service traces itself and exports those spans
+                # over OTLP to localhost:4317 (see jaeger_query's server.go).
+                "enable_tracing": False,
+                "http": {"endpoint": f"{h}:{ports['query_http']}"},
+                "grpc": {"endpoint": f"{h}:{ports['query_grpc']}"},
+            },
+            "jaeger_storage": {
+                "backends": {"memstore": {"memory": {"max_traces": max_traces}}},
+            },
+        },
+        "receivers": {
+            "otlp": {
+                "protocols": {
+                    "grpc": {"endpoint": f"{h}:{ports['otlp_grpc']}"},
+                    "http": {"endpoint": f"{h}:{ports['otlp_http']}"},
+                },
+            },
+        },
+        "exporters": {"jaeger_storage_exporter": {"trace_storage": "memstore"}},
+    }
+
+
+class JaegerClient:
+    """Jaeger's HTTP query API (the UI's /api and the OTLP-shaped /api/v3)."""
+
+    def __init__(self, query_url: str):
+        self.query_url = query_url.rstrip("/")
+
+    def services(self) -> list[str]:
+        status, body = http_get_json(f"{self.query_url}/api/services")
+        return list((body or {}).get("data") or []) if status == 200 else []
+
+    def traces_by_service(self, service: str, *, limit: int = 100, lookback: str = "2h",
+                          operation: str | None = None, tags: Mapping[str, str] | None = None) -> list[dict]:
+        """``/api/traces?service=...``: a list of Jaeger-model traces (may be empty)."""
+        params: dict[str, Any] = {"service": service, "limit": limit, "lookback": lookback}
+        if operation:
+            params["operation"] = operation
+        if tags:
+            params["tags"] = json.dumps(dict(tags))
+        status, body = http_get_json(f"{self.query_url}/api/traces", params)
+        if status != 200:
+            return []
+        return list((body or {}).get("data") or [])
+
+    def trace(self, trace_id: str | int) -> dict | None:
+        """``/api/traces/<hex>``: the Jaeger-model trace, or None when not found."""
+        status, body = http_get_json(f"{self.query_url}/api/traces/{_hex_trace_id(trace_id)}")
+        if status != 200 or not body or not body.get("data"):
+            return None
+        return body["data"][0]
+
+    def trace_otlp(self, trace_id: str | int) -> dict | None:
+        """``/api/v3/traces/<hex>``: the trace as OTLP/JSON ({"resourceSpans": [...]})."""
+        status, body = http_get_json(f"{self.query_url}/api/v3/traces/{_hex_trace_id(trace_id)}")
+        if status != 200 or not body:
+            return None
+        return body.get("result", body)
+
+    def wait_for_trace(self, trace_id: str | int, *, min_spans: int = 1,
+                       timeout: float = 20.0) -> dict:
+        """Poll until the trace has at least ``min_spans`` spans; returns it."""
+        return wait_until(
+            lambda: (t := self.trace(trace_id)) and len(t.get("spans", [])) >= min_spans and t,
+            timeout, what=f"trace {_hex_trace_id(trace_id)} in Jaeger ({min_spans}+ spans)",
+        )
+
+    def wait_for_service(self, service: str, *, min_traces: int = 1,
+                         timeout: float = 20.0) -> list[dict]:
+        return wait_until(
+            lambda: (ts := self.traces_by_service(service)) and len(ts) >= min_traces and ts,
+            timeout, what=f"{min_traces}+ traces of service {service!r} in Jaeger",
+        )
+
+
+@dataclass
+class Jaeger(JaegerClient):
+    process: BackendProcess
+
+    def __post_init__(self) -> None:
+        JaegerClient.__init__(self, f"http://{LOOPBACK}:{self.process.ports['query_http']}")
+
+    @property
+    def ports(self) -> dict[str, int]:
+        return self.process.ports
+
+    @property
+    def otlp_grpc_endpoint(self) -> str:
+        """host:port for an OTLP/gRPC exporter (insecure)."""
+        return f"{LOOPBACK}:{self.ports['otlp_grpc']}"
+
+    @property
+    def otlp_http_endpoint(self) -> str:
+        """Base URL of the OTLP/HTTP receiver (the Collector's otlp_http exporter form)."""
+        return f"http://{LOOPBACK}:{self.ports['otlp_http']}"
+
+    @property
+    def otlp_http_traces_url(self) -> str:
+        """Full /v1/traces URL (the Python OTLPSpanExporter's endpoint form)."""
+        return f"{self.otlp_http_endpoint}/v1/traces"
+
+    @property
+    def query_grpc_endpoint(self) -> str:
+        return f"{LOOPBACK}:{self.ports['query_grpc']}"
+
+    @property
+    def health_url(self) -> str:
+        return f"http://{LOOPBACK}:{self.ports['health']}/status"
+
+
+@contextlib.contextmanager
+def jaeger(*, max_traces: int = 100_000, timeout: float = 60.0,
+           extra_config: Mapping[str, Any] | None = None,
+           keep_workdir: bool = False) -> Iterator[Jaeger]:
+    """Run Jaeger v2 with in-memory storage on free loopback ports.
+
+    Ready when its healthcheckv2 ``/status`` answers 200 and ``/api/services``
+    answers 200. ``extra_config`` is deep-merged into :func:`jaeger_config`.
+    """
+    exe = jaeger_binary()
+
+    def make(workdir: Path, ports: dict[str, int]):
+        cfg = _deep_merge(jaeger_config(ports, max_traces), extra_config)
+        path = _write_config(workdir / "jaeger.yaml", cfg)
+        return [str(exe), f"--config={path}"], path, {}
+
+    def ready(bp: BackendProcess) -> bool:
+        h, q = bp.ports["health"], bp.ports["query_http"]
+        return (http_get(f"http://{LOOPBACK}:{h}/status", timeout=2)[0] == 200
+                and http_get(f"http://{LOOPBACK}:{q}/api/services", timeout=2)[0] == 200
+                and port_open(bp.ports["otlp_grpc"]) and port_open(bp.ports["otlp_http"]))
+
+    with _backend("jaeger", make, ["otlp_grpc", "otlp_http", "query_http", "query_grpc", "health"],
+                  ready, timeout, keep_workdir) as bp:
+        yield Jaeger(bp)
+
+
+# --------------------------------------------------------------------------
+# OpenTelemetry Collector (otelcol-bridge)
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class Collector:
+    process: BackendProcess
+    env: dict[str, str]
+
+    @property
+    def ports(self) -> dict[str, int]:
+        return self.process.ports
+
+    @property
+    def otlp_grpc_endpoint(self) -> str:
+        return f"{LOOPBACK}:{self.ports['OTELCOL_OTLP_GRPC_PORT']}"
+
+    @property
+    def otlp_http_endpoint(self) -> str:
+        return f"http://{LOOPBACK}:{self.ports['OTELCOL_OTLP_HTTP_PORT']}"
+
+    @property
+    def otlp_http_traces_url(self) -> str:
+        return f"{self.otlp_http_endpoint}/v1/traces"
+
+    @property
+    def health_url(self) -> str:
+        return f"http://{LOOPBACK}:{self.ports['OTELCOL_HEALTH_PORT']}/"
+
+
+def _collector_env(env: Mapping[str, str] | None) -> dict[str, str]:
+    return {k: str(v) for k, v in (env or {}).items()}
+
+
+@contextlib.contextmanager
+def collector(config_path: str | os.PathLike, env: Mapping[str, str] | None = None, *,
+              health_path: str | None = "/", timeout: float = 60.0,
+              keep_workdir: bool = False) -> Iterator[Collector]:
+    """Run ``otelcol-bridge --config=<config_path>`` with ``env`` added to the
+    environment and the ``COLLECTOR_PORT_VARS`` set to free ports (unless
+    ``env`` sets them). Ready when the health_check extension at
+    ``127.0.0.1:$OTELCOL_HEALTH_PORT<health_path>`` answers 200 (with
+    ``health_path=None``: when the OTLP gRPC port accepts connections)."""
+    exe = collector_binary()
+    config = Path(config_path).resolve()
+    user_env = _collector_env(env)
+    preset = {k: int(user_env[k]) for k in COLLECTOR_PORT_VARS if k in user_env}
+
+    def make(workdir: Path, ports: dict[str, int]):
+        run_env = dict(user_env)
+        run_env.update({k: str(v) for k, v in ports.items()})
+        return [str(exe), f"--config={config}"], config, run_env
+
+    def ready(bp: BackendProcess) -> bool:
+        if health_path is None:
+            return port_open(bp.ports["OTELCOL_OTLP_GRPC_PORT"])
+        return http_get(f"http://{LOOPBACK}:{bp.ports['OTELCOL_HEALTH_PORT']}{health_path}",
+                        timeout=2)[0] == 200
+
+    with _backend("otelcol", make, list(COLLECTOR_PORT_VARS), ready, timeout, keep_workdir,
+                  preset_ports=preset) as bp:
+        run_env = dict(user_env)
+        run_env.update({k: str(v) for k, v in bp.ports.items()})
+        yield Collector(bp, run_env)
+
+
+def validate_collector_config(path: str | os.PathLike, env: Mapping[str, str] | None = None,
+                              timeout: float = 60.0) -> tuple[bool, str]:
+    """``otelcol-bridge validate --config=<path>``: (exit code == 0, output).
+
+    The ``COLLECTOR_PORT_VARS`` not in ``env`` are set to placeholder ports so
+    configs written for :func:`collector` validate as they would run."""
+    exe = collector_binary()
+    full_env = dict(os.environ)
+    full_env.update({k: str(p) for k, p in zip(COLLECTOR_PORT_VARS, range(14317, 14321))})
+    full_env.update(_collector_env(env))
+    proc = subprocess.run(
+        [str(exe), "validate", f"--config={Path(path).resolve()}"],
+        env=full_env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True, timeout=timeout,
+    )
+    return proc.returncode == 0, proc.stdout
+
+
+# --------------------------------------------------------------------------
+# Grafana Tempo
+# --------------------------------------------------------------------------
+
+
+def tempo_config(workdir: Path, ports: Mapping[str, int]) -> dict:
+    """Single-binary Tempo (v1.5 schema) with local storage under ``workdir``."""
+    h = LOOPBACK
+    return {
+        # Tempo 1.x: search over recent data (tags=) is opt-in.
+        "search_enabled": True,
+        "server": {
+            "http_listen_address": h,
+            "http_listen_port": ports["http"],
+            "grpc_listen_address": h,
+            "grpc_listen_port": ports["grpc"],
+            "log_level": "info",
+        },
+        "memberlist": {"bind_addr": [h], "bind_port": ports["memberlist"]},
+        "distributor": {
+            "receivers": {
+                "otlp": {
+                    "protocols": {
+                        "grpc": {"endpoint": f"{h}:{ports['otlp_grpc']}"},
+                        "http": {"endpoint": f"{h}:{ports['otlp_http']}"},
+                    },
+                },
+            },
+        },
+        "ingester": {
+            "trace_idle_period": "1s",
+            "lifecycler": {
+                "address": h,
+                "min_ready_duration": "0s",
+                "join_after": "0s",
+                "final_sleep": "0s",
+                "ring": {"kvstore": {"store": "inmemory"}, "replication_factor": 1},
+            },
+        },
+        "storage": {
+            "trace": {
+                "backend": "local",
+                "wal": {"path": str(workdir / "wal")},
+                "local": {"path": str(workdir / "blocks")},
+            },
+        },
+    }
+
+
+class TempoClient:
+    """Tempo's HTTP API."""
+
+    def __init__(self, http_url: str):
+        self.http_url = http_url.rstrip("/")
+
+    def trace(self, trace_id: str | int) -> dict | None:
+        """``/api/traces/<hex>``: OTLP/JSON-ish ({"batches": [...]}), or None."""
+        status, body = http_get_json(f"{self.http_url}/api/traces/{_hex_trace_id(trace_id)}")
+        return body if status == 200 and body else None
+
+    def search(self, q: str | None = None, *, tags: Mapping[str, str] | str | None = None,
+               limit: int = 20, start: int | None = None, end: int | None = None) -> dict:
+        """``/api/search``: ``q`` is TraceQL (Tempo >= 2.0 only; v1.5 ignores
+        it and lists recent traces), ``tags`` the logfmt tag filter
+        (``{"service.name": "x"}`` or ``"service.name=x"``). Returns the JSON
+        ({"traces": [...], "metrics": {...}}), {} on error."""
+        params: dict[str, Any] = {"limit": limit}
+        if q is not None:
+            params["q"] = q
+        if tags:
+            params["tags"] = tags if isinstance(tags, str) else " ".join(
+                f"{k}={v}" for k, v in tags.items())
+        if start is not None:
+            params["start"] = start
+        if end is not None:
+            params["end"] = end
+        status, body = http_get_json(f"{self.http_url}/api/search", params)
+        return body if status == 200 and isinstance(body, dict) else {}
+
+    def wait_for_trace(self, trace_id: str | int, *, min_spans: int = 1,
+                       timeout: float = 30.0) -> dict:
+        return wait_until(
+            lambda: (t := self.trace(trace_id)) and len(otlp_json_spans(t)) >= min_spans and t,
+            timeout, what=f"trace {_hex_trace_id(trace_id)} in Tempo ({min_spans}+ spans)",
+        )
+
+
+@dataclass
+class Tempo(TempoClient):
+    process: BackendProcess
+    version: str | None = None
+
+    def __post_init__(self) -> None:
+        TempoClient.__init__(self, f"http://{LOOPBACK}:{self.process.ports['http']}")
+
+    @property
+    def ports(self) -> dict[str, int]:
+        return self.process.ports
+
+    @property
+    def otlp_grpc_endpoint(self) -> str:
+        return f"{LOOPBACK}:{self.ports['otlp_grpc']}"
+
+    @property
+    def otlp_http_endpoint(self) -> str:
+        return f"http://{LOOPBACK}:{self.ports['otlp_http']}"
+
+    @property
+    def otlp_http_traces_url(self) -> str:
+        return f"{self.otlp_http_endpoint}/v1/traces"
+
+
+@contextlib.contextmanager
+def tempo(*, timeout: float = 90.0, extra_config: Mapping[str, Any] | None = None,
+          keep_workdir: bool = False) -> Iterator[Tempo]:
+    """Run single-binary Tempo with local storage on free loopback ports;
+    ready when ``/ready`` answers 200. Raises BackendUnavailable when Tempo
+    did not build (see :func:`tempo_available`)."""
+    exe = binary(TEMPO)
+
+    def make(workdir: Path, ports: dict[str, int]):
+        cfg = _deep_merge(tempo_config(workdir, ports), extra_config)
+        path = _write_config(workdir / "tempo.yaml", cfg)
+        return [str(exe), f"-config.file={path}"], path, {}
+
+    def ready(bp: BackendProcess) -> bool:
+        return (http_get(f"http://{LOOPBACK}:{bp.ports['http']}/ready", timeout=2)[0] == 200
+                and port_open(bp.ports["otlp_grpc"]) and port_open(bp.ports["otlp_http"]))
+
+    # Tempo 1.5's receiver shim sleeps 30s on SIGTERM before stopping; its
+    # data is thrown away anyway, so it gets 2s before SIGKILL.
+    with _backend("tempo", make, ["http", "grpc", "memberlist", "otlp_grpc", "otlp_http"],
+                  ready, timeout, keep_workdir, stop_timeout=2.0) as bp:
+        yield Tempo(bp, binary_version(TEMPO))
+
+
+# --------------------------------------------------------------------------
+# reading traces back
+# --------------------------------------------------------------------------
+
+
+def _hex_trace_id(trace_id: str | int) -> str:
+    return format(trace_id, "032x") if isinstance(trace_id, int) else trace_id.lower()
+
+
+def jaeger_tags(items: list[dict] | None) -> dict[str, Any]:
+    """Jaeger [{"key", "type", "value"}] -> {key: value}."""
+    return {t["key"]: t.get("value") for t in items or []}
+
+
+def jaeger_span(trace: dict, name: str) -> dict:
+    """The one span called ``name`` in a Jaeger-model trace."""
+    spans = [s for s in trace.get("spans", []) if s.get("operationName") == name]
+    if len(spans) != 1:
+        raise AssertionError(f"expected one span {name!r}, found {len(spans)} in "
+                             f"{[s.get('operationName') for s in trace.get('spans', [])]}")
+    return spans[0]
+
+
+def otlp_id_hex(value: str, nbytes: int) -> str:
+    """An OTLP/JSON id as hex: hex already (OTLP/JSON spec, Jaeger /api/v3) or
+    base64 (protobuf-JSON, as Tempo 1.x returns it)."""
+    if len(value) == 2 * nbytes and all(c in "0123456789abcdefABCDEF" for c in value):
+        return value.lower()
+    return base64.b64decode(value).hex()
+
+
+def otlp_any_value(v: dict) -> Any:
+    """Plain Python value of an OTLP/JSON AnyValue."""
+    if "stringValue" in v:
+        return v["stringValue"]
+    if "boolValue" in v:
+        return v["boolValue"]
+    if "intValue" in v:
+        return int(v["intValue"])
+    if "doubleValue" in v:
+        return float(v["doubleValue"])
+    if "arrayValue" in v:
+        return [otlp_any_value(x) for x in v["arrayValue"].get("values", [])]
+    if "kvlistValue" in v:
+        return {kv["key"]: otlp_any_value(kv.get("value", {})) for kv in v["kvlistValue"].get("values", [])}
+    if "bytesValue" in v:
+        return base64.b64decode(v["bytesValue"])
+    return None
+
+
+def otlp_attrs(items: list[dict] | None) -> dict[str, Any]:
+    return {kv["key"]: otlp_any_value(kv.get("value", {})) for kv in items or []}
+
+
+def otlp_json_spans(doc: dict) -> list[dict]:
+    """Flatten OTLP/JSON traces into span dicts, each with ``resource`` (attrs
+    dict) and ``scope`` added. Accepts ``resourceSpans`` or Tempo's
+    ``batches``, ``scopeSpans`` or the older ``instrumentationLibrarySpans``."""
+    out = []
+    for rs in doc.get("resourceSpans") or doc.get("batches") or []:
+        resource = otlp_attrs((rs.get("resource") or {}).get("attributes"))
+        for ss in rs.get("scopeSpans") or rs.get("instrumentationLibrarySpans") or []:
+            scope = ss.get("scope") or ss.get("instrumentationLibrary") or {}
+            for span in ss.get("spans", []):
+                out.append({**span, "resource": resource, "scope": scope})
+    return out

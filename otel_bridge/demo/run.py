@@ -43,7 +43,7 @@ def run_demo(otlp_json_path: str, events_path: str) -> int:
         if flow.returncode != 0:
             say(f"the example flow failed to run:\n{flow.stdout}\n{flow.stderr}")
             return 1
-        raw = _settled_events(server.api_url, since)
+        raw = settled_events(server.api_url, since)
     say(f"read {len(raw)} events from the server's REST API")
 
     with open(events_path, "w", encoding="utf-8") as stream:
@@ -64,7 +64,7 @@ def run_demo(otlp_json_path: str, events_path: str) -> int:
     return 0
 
 
-def _settled_events(api_url: str, since: datetime) -> list[dict]:
+def settled_events(api_url: str, since: datetime) -> list[dict]:
     """All of the flow's events, once every run in them has reached a final
     state and two reads in a row agree (or the timeout passes)."""
     deadline = time.monotonic() + SETTLE_TIMEOUT

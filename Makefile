@@ -1,0 +1,31 @@
+# The two commands the README promises: `make demo` and `make test`.
+# Both install what they need into .venv on first use.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: demo test backends clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+# The embedded default: a real local Prefect server, the bundled example
+# flow, and its trace as a tree on the terminal and as OTLP/JSON in a file.
+demo: $(VENV)/.installed
+	$(VENV)/bin/otel-bridge demo
+
+# The whole test suite, real Prefect server and real Jaeger/Collector included.
+test: $(VENV)/.installed backends
+	$(PY) -m pytest
+
+# Jaeger, the OpenTelemetry Collector (and Tempo where it builds), built from
+# source at pinned versions into a cache outside the repo.
+backends:
+	scripts/build-backends.sh
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -28,6 +28,10 @@ MAX_EVENT_NAME_LENGTH = 1024
 
 Labels = dict[str, str]
 
+# Where Prefect puts a task run's W3C trace context when an OpenTelemetry SDK
+# is installed: `payload.task_run.labels[PREFECT_TRACEPARENT_LABEL]`.
+PREFECT_TRACEPARENT_LABEL = "__OTEL_TRACEPARENT"
+
 
 class EventRejected(ValueError):
     """An input that is not a valid Prefect event; `reason` is a short, stable

@@ -19,7 +19,7 @@ from uuid import UUID
 
 from opentelemetry.trace import StatusCode
 
-from otel_bridge.model.events import Event, EventRejected, Labels
+from otel_bridge.model.events import PREFECT_TRACEPARENT_LABEL, Event, EventRejected, Labels
 from otel_bridge.model.spans import AttributeValue, Span, SpanEvent, SpanLink
 from otel_bridge.model.states import StateType
 from otel_bridge.translate.ids import span_id_for, trace_id_for
@@ -38,8 +38,6 @@ ATTR_RELATED = "prefect.related"
 ATTR_SYNTHETIC_START = "otel_bridge.synthetic.start"
 ATTR_SYNTHETIC_END = "otel_bridge.synthetic.end"
 ATTR_LINK_SOURCE = "otel_bridge.link.source"
-
-PREFECT_TRACEPARENT_LABEL = "__OTEL_TRACEPARENT"
 
 PrefectTraceContext = Literal["link", "adopt", "ignore"]
 

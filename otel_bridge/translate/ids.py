@@ -19,6 +19,7 @@ random ids, so these can only collide with them by chance (2^-64 per pair).
 from __future__ import annotations
 
 import hashlib
+from uuid import UUID
 
 _PREFIX = "otel-bridge/v1"
 
@@ -36,3 +37,13 @@ def trace_id_for(root_resource_id: str) -> int:
 def span_id_for(run_resource_id: str) -> int:
     digest = _digest("span", run_resource_id)
     return int.from_bytes(digest[:8], "big") or int.from_bytes(digest[8:16], "big")
+
+
+def uuid_for(kind: str, *parts: str) -> UUID:
+    """A UUIDv8 (RFC 9562, "custom") from the same hash, for Prefect ids that
+    the reverse direction must make: the same span gives the same task run
+    and event ids every time, so sending it twice makes no new objects."""
+    raw = bytearray(_digest(kind, " ".join(parts))[:16])
+    raw[6] = (raw[6] & 0x0F) | 0x80  # version 8
+    raw[8] = (raw[8] & 0x3F) | 0x80  # RFC 9562 variant
+    return UUID(bytes=bytes(raw))

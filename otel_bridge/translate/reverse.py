@@ -1,27 +1,76 @@
-"""OpenTelemetry spans -> Prefect run-state events (pure).
+"""OpenTelemetry spans -> Prefect task-run state events (pure).
 
-Spans that otel-bridge made carry every event whole on their span events
-(`forward._span_event`); those come back exactly as they went in.
+Three kinds of span, told apart by what they carry (README: "Reverse"):
+
+- made by otel-bridge: every span event carries a whole Prefect event, which
+  comes back exactly as it went in (flow-run events too);
+- made by Prefect itself (`RunTelemetry`: `prefect.run.id`, `prefect.run.type`,
+  span events named after states with `prefect.state.*`): a task span becomes
+  that task run's events, with Prefect's own state ids as event ids, so they
+  join the events Prefect emitted; flow spans give nothing, since flow-run
+  states belong to Prefect's server;
+- any other span: a task run that is Running at the span's start, passes
+  through the states its span events name, and ends Completed, or Failed with
+  the status message when the status is ERROR. Its ids derive from the trace
+  and span ids, so the same span always gives the same events.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime, timedelta, timezone
-from typing import Optional
+from typing import Mapping, Optional, Sequence
+from uuid import UUID
 
-from otel_bridge.model.events import Event, EventRejected, validate_event
+from opentelemetry.trace import StatusCode
+
+from otel_bridge.model.events import (
+    PREFECT_TRACEPARENT_LABEL,
+    Event,
+    EventRejected,
+    Labels,
+    validate_event,
+)
 from otel_bridge.model.spans import Span, SpanEvent
+from otel_bridge.model.states import KNOWN_STATE_NAMES, StateType
 from otel_bridge.translate.forward import (
     ATTR_EVENT_FOLLOWS,
     ATTR_EVENT_ID,
     ATTR_EVENT_PAYLOAD,
     ATTR_RELATED,
 )
+from otel_bridge.translate.ids import uuid_for
+from otel_bridge.translate.task_run_events import (
+    StateRecord,
+    TaskRunRecord,
+    task_run_state_events,
+)
 
 # Span event attributes that are not resource labels.
 _EVENT_FIELDS = frozenset({ATTR_EVENT_ID, ATTR_EVENT_FOLLOWS, ATTR_EVENT_PAYLOAD, ATTR_RELATED})
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
+def events_from_spans(spans: Sequence[Span]) -> list[Event]:
+    """The Prefect events for these spans, span by span in the order given.
+
+    Spans of one trace may be passed together: a Prefect task span then finds
+    its flow run through its parent span. Raises `EventRejected` for a span
+    that claims to carry events but does not hold valid ones."""
+    by_id = {span.span_id: span for span in spans}
+    events: list[Event] = []
+    for span in spans:
+        if is_bridge_span(span):
+            events.extend(events_from_bridge_span(span))
+        elif _prefect_run_type(span) == "task":
+            events.extend(_events_from_prefect_span(span, by_id))
+        elif _prefect_run_type(span) is None:
+            events.extend(_events_from_foreign_span(span))
+    return events
+
+
+# -- spans made by otel-bridge ------------------------------------------------
 
 
 def is_bridge_span(span: Span) -> bool:
@@ -30,40 +79,182 @@ def is_bridge_span(span: Span) -> bool:
 
 
 def events_from_bridge_span(span: Span) -> list[Event]:
-    """The events a span made by the forward bridge came from, exactly.
-
-    Raises `EventRejected` when a span event that claims to carry an event
-    does not hold a valid one (a span changed on its way, or truncated by a
-    backend's attribute limit)."""
+    """The events a span made by the forward bridge came from, exactly."""
     span_related = span.attributes.get(ATTR_RELATED)
     return [
-        _event(span_event, span_related)
+        _carried_event(span_event, span_related)
         for span_event in span.events
         if ATTR_EVENT_ID in span_event.attributes
     ]
 
 
-def _event(span_event: SpanEvent, span_related: Optional[object]) -> Event:
+def _carried_event(span_event: SpanEvent, span_related: Optional[object]) -> Event:
     attrs = span_event.attributes
     related = attrs.get(ATTR_RELATED, span_related)
     try:
         payload = json.loads(attrs.get(ATTR_EVENT_PAYLOAD, "{}"))
         related = json.loads(related) if isinstance(related, str) else []
     except ValueError as exc:
+        # A span changed on its way: cut by a backend's attribute limit, say.
         raise EventRejected(
             "invalid_event", f"span event {span_event.name}: payload or related is not JSON ({exc})"
         ) from None
-    return validate_event(
-        {
-            "occurred": from_unix_nano(span_event.time_unix_nano),
-            "event": span_event.name,
-            "resource": {k: v for k, v in attrs.items() if k not in _EVENT_FIELDS},
-            "related": related,
-            "payload": payload,
-            "id": attrs[ATTR_EVENT_ID],
-            "follows": attrs.get(ATTR_EVENT_FOLLOWS),
-        }
+    return validate_event({
+        "occurred": from_unix_nano(span_event.time_unix_nano),
+        "event": span_event.name,
+        "resource": {k: v for k, v in attrs.items() if k not in _EVENT_FIELDS},
+        "related": related,
+        "payload": payload,
+        "id": attrs[ATTR_EVENT_ID],
+        "follows": attrs.get(ATTR_EVENT_FOLLOWS),
+    })
+
+
+# -- spans made by Prefect's RunTelemetry -------------------------------------
+
+
+def _prefect_run_type(span: Span) -> Optional[str]:
+    run_type = span.attributes.get("prefect.run.type")
+    if run_type in ("task", "flow") and isinstance(span.attributes.get("prefect.run.id"), str):
+        return run_type
+    return None
+
+
+def _events_from_prefect_span(span: Span, by_id: Mapping[int, Span]) -> list[Event]:
+    run_id = UUID(span.attributes["prefect.run.id"])
+    name = str(span.attributes.get("prefect.run.name") or span.name)
+    context, parents = _prefect_context(span, by_id)
+    tags = span.attributes.get("prefect.tags") or ()
+    states = [
+        StateRecord(
+            type=_state_type(e.attributes.get("prefect.state.type"), e.name),
+            name=str(e.attributes.get("prefect.state.name") or e.name),
+            timestamp=from_unix_nano(e.time_unix_nano),
+            id=UUID(str(e.attributes["prefect.state.id"])),
+            message=str(e.attributes.get("prefect.state.message") or ""),
+        )
+        for e in sorted(span.events, key=lambda e: e.time_unix_nano)
+        if "prefect.state.id" in e.attributes
+    ]
+    run = TaskRunRecord(
+        id=run_id,
+        name=name,
+        # Prefect's spans do not carry the task key; the run name without its
+        # 3-character suffix is the task's name.
+        task_key=re.sub(r"-[0-9a-f]{3}$", "", name),
+        dynamic_key=str(run_id),
+        tags=[str(t) for t in tags] if isinstance(tags, (list, tuple)) else (),
+        labels={PREFECT_TRACEPARENT_LABEL: _traceparent(span)},
+        task_inputs={"__parents__": parents} if parents else {},
+        context=context,
     )
+    return task_run_state_events(run, states)
+
+
+def _prefect_context(span: Span, by_id: Mapping[int, Span]) -> tuple[list[Labels], list[dict]]:
+    """Related flow run and enclosing task run, from the parent spans present."""
+    context: list[Labels] = []
+    parents: list[dict] = []
+    parent = by_id.get(span.parent_span_id) if span.parent_span_id else None
+    if parent is not None and _prefect_run_type(parent) == "task":
+        parents.append({"input_type": "task_run", "id": parent.attributes["prefect.run.id"]})
+    while parent is not None and _prefect_run_type(parent) == "task":
+        parent = by_id.get(parent.parent_span_id) if parent.parent_span_id else None
+    if parent is not None and _prefect_run_type(parent) == "flow":
+        context.append({
+            "prefect.resource.id": f"prefect.flow-run.{parent.attributes['prefect.run.id']}",
+            "prefect.resource.role": "flow-run",
+            "prefect.resource.name": str(parent.attributes.get("prefect.run.name") or parent.name),
+        })
+    if parents:
+        context.append({"prefect.resource.id": f"prefect.task-run.{parents[0]['id']}",
+                        "prefect.resource.role": "task-run"})
+    return context, parents
+
+
+# -- any other span -----------------------------------------------------------
+
+
+def _events_from_foreign_span(span: Span) -> list[Event]:
+    ids = (format(span.trace_id, "032x"), format(span.span_id, "016x"))
+    run_id = uuid_for("task-run", *ids)
+    start = from_unix_nano(span.start_time_unix_nano)
+    end = max(start, from_unix_nano(span.end_time_unix_nano))
+    states = [StateRecord(StateType.RUNNING, "Running", start, uuid_for("event", *ids, "0"))]
+    for span_event in sorted(span.events, key=lambda e: e.time_unix_nano):
+        named = _named_state(span_event)
+        if named is not None and not states[-1].type.is_terminal:
+            state_type, name = named
+            states.append(StateRecord(
+                state_type, name, max(start, from_unix_nano(span_event.time_unix_nano)),
+                uuid_for("event", *ids, str(len(states))),
+                message=str(span_event.attributes.get("prefect.state.message") or ""),
+            ))
+    if not states[-1].type.is_terminal:
+        failed = span.status_code is StatusCode.ERROR
+        states.append(StateRecord(
+            StateType.FAILED if failed else StateType.COMPLETED,
+            "Failed" if failed else "Completed",
+            max(end, states[-1].timestamp),
+            uuid_for("event", *ids, str(len(states))),
+            message=(span.status_message or _exception_message(span)) if failed else "",
+        ))
+    parents = []
+    context: list[Labels] = []
+    if span.parent_span_id:
+        parent_id = uuid_for("task-run", ids[0], format(span.parent_span_id, "016x"))
+        parents.append({"input_type": "task_run", "id": str(parent_id)})
+        context.append({"prefect.resource.id": f"prefect.task-run.{parent_id}",
+                        "prefect.resource.role": "task-run"})
+    tags = span.attributes.get("tags")
+    run = TaskRunRecord(
+        id=run_id,
+        name=span.name or "span",
+        task_key=span.name or "span",
+        dynamic_key=str(run_id),
+        tags=[str(t) for t in tags] if isinstance(tags, (list, tuple)) else (),
+        labels={PREFECT_TRACEPARENT_LABEL: _traceparent(span)},
+        task_inputs={"__parents__": parents} if parents else {},
+        expected_start_time=start,
+        context=context,
+    )
+    return task_run_state_events(run, states)
+
+
+def _named_state(span_event: SpanEvent) -> Optional[tuple[StateType, str]]:
+    """The state a span event names: by `prefect.state.name`/`.type`
+    attributes, or by being called after a known state ("Retrying")."""
+    name = span_event.attributes.get("prefect.state.name") or span_event.name
+    if not isinstance(name, str):
+        return None
+    if "prefect.state.type" in span_event.attributes:
+        return _state_type(span_event.attributes["prefect.state.type"], name), name
+    if name in KNOWN_STATE_NAMES:
+        return KNOWN_STATE_NAMES[name], name
+    return None
+
+
+def _exception_message(span: Span) -> str:
+    for event in span.events:
+        if event.name == "exception":
+            kind = event.attributes.get("exception.type", "")
+            message = event.attributes.get("exception.message", "")
+            return f"{kind}: {message}" if kind else str(message)
+    return ""
+
+
+def _state_type(value: object, name: str) -> StateType:
+    text = str(value or "").removeprefix("StateType.")
+    try:
+        return StateType(text)
+    except ValueError:
+        if name in KNOWN_STATE_NAMES:
+            return KNOWN_STATE_NAMES[name]
+        raise EventRejected("unknown_state_type", f"state {name!r} has type {value!r}") from None
+
+
+def _traceparent(span: Span) -> str:
+    return f"00-{span.trace_id:032x}-{span.span_id:016x}-01"
 
 
 def from_unix_nano(nanos: int) -> datetime:

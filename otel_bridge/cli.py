@@ -13,6 +13,8 @@ from otel_bridge.translate.assembler import Assembler, AssemblerOptions
 from otel_bridge.translate.forward import ForwardOptions
 
 EXIT_OK, EXIT_REJECTED, EXIT_USAGE = 0, 1, 2
+FORWARD_OUTPUTS = ("otlp-json", "otlp", "tree")
+REVERSE_OUTPUTS = ("events", "prefect")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -33,23 +35,28 @@ def _parser() -> argparse.ArgumentParser:
 
     convert = commands.add_parser(
         "convert",
-        help="convert Prefect events (JSON lines) into traces",
+        help="convert Prefect events into traces, or traces into Prefect events",
         description=(
-            "Read Prefect events, one JSON object per line (an Event, a ReceivedEvent, "
-            "or a websocket frame {\"type\": \"event\", \"event\": {...}}), and write one "
-            "span per task run and flow run. A line that is not a valid event is reported "
-            "on stderr with its file and line number and skipped. Exit status: 0 when every "
-            "line was read, 1 when any line was rejected or the export failed, 2 on a usage error."
+            "Forward (--to otlp-json, otlp, tree): read Prefect events, one JSON object per "
+            "line (an Event, a ReceivedEvent, or a websocket frame {\"type\": \"event\", "
+            "\"event\": {...}}), and write one span per task run and flow run. "
+            "Reverse (--to events, prefect): read OTLP/JSON (one ExportTraceServiceRequest "
+            "per line, or one JSON document per file) and write Prefect task-run events. "
+            "A line that cannot be read is reported on stderr with its file and line number "
+            "and skipped. Exit status: 0 when every line was read, 1 when any line was "
+            "rejected or the output failed, 2 on a usage error."
         ),
     )
     convert.add_argument("inputs", nargs="*", default=["-"], metavar="INPUT",
-                         help="files of JSON lines; '-' (the default) is stdin")
-    convert.add_argument("--to", choices=("otlp-json", "otlp", "tree"), default="otlp-json",
+                         help="files to read; '-' (the default) is stdin")
+    convert.add_argument("--to", choices=FORWARD_OUTPUTS + REVERSE_OUTPUTS, default="otlp-json",
                          help="otlp-json: OTLP/JSON lines (the Collector file exporter's format); "
                               "otlp: export to the endpoint set by OTEL_EXPORTER_OTLP_*; "
-                              "tree: a readable tree per trace")
+                              "tree: a readable tree per trace; "
+                              "events: Prefect events as JSON lines; "
+                              "prefect: send the events to PREFECT_API_URL")
     convert.add_argument("-o", "--output", default="-",
-                         help="file to write (otlp-json, tree); '-' (the default) is stdout")
+                         help="file to write (otlp-json, tree, events); '-' (the default) is stdout")
     convert.add_argument("--prefect-trace-context", choices=("link", "adopt", "ignore"),
                          default="link",
                          help="what to do with the trace context Prefect puts on task runs "
@@ -77,8 +84,8 @@ def _convert(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     missing = [p for p in args.inputs if p != "-" and not os.path.isfile(p)]
     if missing:
         parser.error(f"no such file: {', '.join(missing)}")
-    if args.to == "otlp" and args.output != "-":
-        parser.error("--output does not apply to --to otlp (set OTEL_EXPORTER_OTLP_ENDPOINT)")
+    if args.to in ("otlp", "prefect") and args.output != "-":
+        parser.error(f"--output does not apply to --to {args.to}")
 
     rejected = 0
 
@@ -92,41 +99,74 @@ def _convert(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         sink = _open_sink(args.to, args.output)
     except (OSError, ValueError) as exc:
         parser.error(str(exc))
+    lines = read_lines(args.inputs)
+    if args.to in REVERSE_OUTPUTS:
+        items, summary = _reverse(lines, reject)
+    else:
+        items, summary = _forward(lines, reject, args.prefect_trace_context)
+    status = EXIT_REJECTED if rejected else EXIT_OK
+    try:
+        sink.export(items)
+        sink.close()
+    except Exception as exc:  # an output's failure must not look like success
+        print(f"otel-bridge: output failed: {exc}", file=sys.stderr)
+        status = EXIT_REJECTED
+    print(f"otel-bridge: {summary}, {rejected} lines rejected", file=sys.stderr)
+    return status
+
+
+def _forward(lines, reject, prefect_trace_context: str):
     assembler = Assembler(
-        AssemblerOptions(forward=ForwardOptions(prefect_trace_context=args.prefect_trace_context))
+        AssemblerOptions(forward=ForwardOptions(prefect_trace_context=prefect_trace_context))
     )
     spans = []
-    for line, event in parse_events(read_lines(args.inputs), reject):
+    for line, event in parse_events(lines, reject):
         try:
             spans.extend(assembler.add(event))
         except EventRejected as error:
             reject(line, error)
     spans.extend(assembler.flush())
-    status = EXIT_REJECTED if rejected else EXIT_OK
-    try:
-        sink.export(spans)
-        sink.close()
-    except Exception as exc:  # an exporter's failure must not look like success
-        print(f"otel-bridge: export failed: {exc}", file=sys.stderr)
-        status = EXIT_REJECTED
     counts = assembler.counts
-    print(
-        f"otel-bridge: {counts['events_in']} events -> {len(spans)} spans, "
-        f"{rejected} lines rejected, {counts['events_duplicate']} duplicates ignored, "
-        f"{counts['events_not_run_state']} other events passed over",
-        file=sys.stderr,
+    return spans, (
+        f"{counts['events_in']} events -> {len(spans)} spans, "
+        f"{counts['events_duplicate']} duplicates ignored, "
+        f"{counts['events_not_run_state']} other events passed over"
     )
-    return status
+
+
+def _reverse(lines, reject):
+    from otel_bridge.sources.otlp_json import parse_spans
+    from otel_bridge.translate.reverse import events_from_span
+
+    located = list(parse_spans(lines, reject))
+    # A Prefect task span finds its flow run through its parent span, which
+    # may be in another request of the input.
+    by_id = {span.span_id: span for _, span in located}
+    events = []
+    for line, span in located:
+        try:
+            events.extend(events_from_span(span, by_id))
+        except EventRejected as error:
+            reject(line, error)
+    return events, f"{len(located)} spans -> {len(events)} events"
 
 
 def _open_sink(to: str, output: str):
     from otel_bridge.sinks.sdk import resource_from_env
 
+    if to == "prefect":
+        from otel_bridge.sinks.prefect_events import PrefectEventSink
+
+        return PrefectEventSink()
     if to == "otlp":
         from otel_bridge.sinks.otlp import OtlpSink, exporter_from_env
 
         return OtlpSink(exporter_from_env(), resource_from_env())
     stream = sys.stdout if output == "-" else open(output, "w", encoding="utf-8")
+    if to == "events":
+        from otel_bridge.sinks.events_jsonl import EventsJsonlWriter
+
+        return EventsJsonlWriter(stream)
     if to == "tree":
         from otel_bridge.sinks.tree import TreeWriter
 

@@ -126,3 +126,32 @@ def test_tree_shows_the_nesting():
     assert lines[1].startswith("└─ flow ")
     assert any(l.startswith("   ├─ task flaky_immediate") and "Retrying" in l for l in lines)
     assert any("ERROR Task run encountered an exception RuntimeError" in l for l in lines)
+
+
+def test_reverse_gives_back_the_events_and_reports_bad_lines(tmp_path):
+    source = SAMPLES / "task_retries.jsonl"
+    otlp = tmp_path / "spans.jsonl"
+    assert run_cli("convert", str(source), "-o", str(otlp)).returncode == 0
+    lines = otlp.read_text().splitlines()
+    broken = write_jsonl(tmp_path / "broken.jsonl", [
+        "{not json", lines[0], '{"resourceSpans": [{"scopeSpans": [{"spans": '
+        '[{"traceId": "zz", "spanId": "00"}]}]}]}', "[]"])
+    result = run_cli("convert", str(broken), "--to", "events")
+    assert result.returncode == 1
+    assert f"{broken}:1: rejected (malformed_json)" in result.stderr
+    assert f"{broken}:3: rejected (invalid_otlp)" in result.stderr
+    assert f"{broken}:4: rejected (not_an_object)" in result.stderr
+    got = {json.loads(l)["id"]: json.loads(l) for l in result.stdout.splitlines()}
+    expected = {e["id"]: {k: v for k, v in e.items() if k != "received"}
+                for e in (json.loads(l) for l in source.read_text().splitlines())
+                if "prefect.state-type" in e["resource"]}
+    assert got == expected
+
+
+def test_reverse_reads_a_pretty_printed_document(tmp_path):
+    otlp = run_cli("convert", str(SAMPLES / "task_fails.jsonl")).stdout.splitlines()[0]
+    document = tmp_path / "trace.json"
+    document.write_text(json.dumps(json.loads(otlp), indent=2))
+    result = run_cli("convert", str(document), "--to", "events")
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout.splitlines()) == 6

@@ -59,15 +59,20 @@ def events_from_spans(spans: Sequence[Span]) -> list[Event]:
     its flow run through its parent span. Raises `EventRejected` for a span
     that claims to carry events but does not hold valid ones."""
     by_id = {span.span_id: span for span in spans}
-    events: list[Event] = []
-    for span in spans:
-        if is_bridge_span(span):
-            events.extend(events_from_bridge_span(span))
-        elif _prefect_run_type(span) == "task":
-            events.extend(_events_from_prefect_span(span, by_id))
-        elif _prefect_run_type(span) is None:
-            events.extend(_events_from_foreign_span(span))
-    return events
+    return [event for span in spans for event in events_from_span(span, by_id)]
+
+
+def events_from_span(span: Span, by_id: Mapping[int, Span] = {}) -> list[Event]:
+    """The Prefect events for one span; `by_id` holds the other spans of its
+    trace that are at hand, by span id. Raises `EventRejected`."""
+    if is_bridge_span(span):
+        return events_from_bridge_span(span)
+    run_type = _prefect_run_type(span)
+    if run_type == "task":
+        return _events_from_prefect_span(span, by_id)
+    if run_type is None:
+        return _events_from_foreign_span(span)
+    return []  # Prefect's flow spans: flow-run states are the server's own
 
 
 # -- spans made by otel-bridge ------------------------------------------------

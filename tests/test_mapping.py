@@ -231,3 +231,14 @@ def test_states_at_the_same_instant_are_ordered_by_their_follows_chain():
     raw = task_run_events(states, step=timedelta(0))
     (span,) = convert(list(reversed(raw)))
     assert state_names(span) == states
+
+
+def test_parent_comes_from_task_inputs_not_from_the_task_current_at_sending():
+    """Prefect sends a RolledBack state from inside the task whose failure
+    rolled the transaction back, and names that task as related `task-run`."""
+    flow_run = FlowRun()
+    raw = task_run_events(["Pending", "Running", "Completed", "RolledBack"], flow_run=flow_run)
+    raw[3]["related"].append({"prefect.resource.id": "prefect.task-run." + "2" * 32,
+                              "prefect.resource.role": "task-run"})
+    (span,) = convert(raw)
+    assert span.parent_span_id == span_id_for(flow_run.resource_id)

@@ -238,14 +238,19 @@ def _first(values):
 
 
 def _parent_task_run(event: Event) -> Optional[str]:
+    """The task run this one was called in, from `task_inputs.__parents__`.
+
+    Not from the related resource with role `task-run`: the events worker
+    names there whatever task run was current when the event was sent, and a
+    RolledBack state is sent from inside the task whose failure rolled the
+    transaction back (seen in real captures)."""
     task_run = event.payload.get("task_run")
     inputs = task_run.get("task_inputs") if isinstance(task_run, dict) else None
     parents = inputs.get("__parents__") if isinstance(inputs, dict) else None
     for parent in parents if isinstance(parents, list) else ():
         if isinstance(parent, dict) and parent.get("input_type") == "task_run" and parent.get("id"):
             return f"prefect.{TASK_RUN}.{parent['id']}"
-    related = event.related_in_role(TASK_RUN)
-    return related["prefect.resource.id"] if related else None
+    return None
 
 
 _TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")

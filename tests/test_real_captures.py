@@ -1,0 +1,145 @@
+"""Every run captured from a real Prefect 3.9.1 server, converted and checked
+span by span (fixtures: scripts/capture_prefect_events.py)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import pytest
+from helpers import FIXTURES, convert, load_jsonl, state_names
+from opentelemetry.trace import StatusCode
+from test_roundtrip import by_id, round_trip, state_events
+
+from otel_bridge.model.events import parse_wire_event
+from otel_bridge.translate.forward import is_final, order_events, to_unix_nano
+from otel_bridge.translate.ids import span_id_for, trace_id_for
+
+# What each scenario must show: (run name prefix, final state, result, error?)
+# for the task runs (flow runs: "flow:<flow name>").
+EXPECTED = {
+    "success": [("add", "Completed", "success", False)],
+    "failure": [("boom", "Failed", "failure", True), ("flow:s-failure", "Failed", "failure", True)],
+    "retries-immediate": [("flaky_then_ok", "Completed", "success", False),
+                          ("always_flaky", "Failed", "failure", True)],
+    "retries-delayed": [("flaky_delayed", "Completed", "success", False)],
+    "cache-hit": [("expensive", "Cached", "success", False)],
+    "tags": [("tagged", "Completed", "success", False)],
+    "mapped": [("square", "Completed", "success", False), ("inc", "Completed", "success", False)],
+    "nested-tasks": [("leaf", "Completed", "success", False)],
+    "subflow": [("flow:s-child-flow", "Completed", "success", False)],
+    "timeout": [("too_slow", "TimedOut", "timeout", True)],
+    "cancelled": [("flow:s-cancellable", "Cancelled", "cancellation", False)],
+    "crash-baseexception": [("", "Crashed", "error", True)],
+    "crash-sigterm": [("", "Crashed", "error", True)],
+    "not-ready": [("", "NotReady", "skip", False)],
+    "rolled-back": [("", "Completed", "success", False)],
+    "deferred": [("", "Completed", "success", False)],
+    "async-tasks": [("", "Completed", "success", False)],
+    "huge-message": [("", "Failed", "failure", True)],
+    "otel-traceparent": [("", "Completed", "success", False)],
+}
+
+
+def scenarios():
+    return sorted(p.name.removesuffix(".jsonl") for p in FIXTURES.glob("*.jsonl")
+                  if not p.name.endswith(".ws.jsonl"))
+
+
+def runs_of(raw):
+    runs = defaultdict(list)
+    for obj in raw:
+        event = parse_wire_event(obj)
+        if "prefect.state-type" in event.resource and (
+                event.event.startswith(("prefect.task-run.", "prefect.flow-run."))):
+            runs[event.resource_id].append(event)
+    return {rid: order_events(events) for rid, events in runs.items()}
+
+
+def test_every_scenario_was_captured():
+    assert set(EXPECTED) <= set(scenarios())
+
+
+@pytest.mark.parametrize("scenario", scenarios())
+def test_every_run_is_one_correct_span(scenario):
+    raw = load_jsonl(FIXTURES / f"{scenario}.jsonl")
+    runs = runs_of(raw)
+    spans = {s.span_id: s for s in convert(raw)}
+    assert len(spans) == len(runs)
+    for resource_id, events in runs.items():
+        span = spans[span_id_for(resource_id)]
+        # Every state event, in order, as a span event with its id.
+        assert [e.attributes["prefect.event.id"] for e in span.events] == [str(e.id) for e in events]
+        # From the first Running to the first final state after the last Running.
+        running = [i for i, e in enumerate(events) if e.resource["prefect.state-type"] == "RUNNING"]
+        if running:
+            assert span.start_time_unix_nano == to_unix_nano(events[running[0]].occurred)
+            end = next((e for e in events[running[-1]:] if is_final(e)), None)
+        else:
+            assert span.attributes["otel_bridge.synthetic.start"] == "no_running_state"
+            end = next((e for e in events if is_final(e)), None)
+        if end is not None:
+            assert span.end_time_unix_nano == to_unix_nano(end.occurred)
+            assert span.attributes["prefect.state-name"] == end.resource["prefect.state-name"]
+        else:
+            assert span.attributes["otel_bridge.synthetic.end"] == "end_of_input"
+        # In its flow run's trace, under its parent task or its flow run.
+        last = events[-1]
+        flow_run = last.related_in_role("flow-run")
+        parents = (last.payload.get("task_run") or {}).get("task_inputs", {}).get("__parents__")
+        if resource_id.startswith("prefect.flow-run."):
+            assert (span.trace_id, span.parent_span_id) == (trace_id_for(resource_id), None)
+        elif flow_run:
+            assert span.trace_id == trace_id_for(flow_run["prefect.resource.id"])
+            parent = (f"prefect.task-run.{parents[0]['id']}" if parents
+                      else flow_run["prefect.resource.id"])
+            assert span.parent_span_id == span_id_for(parent)
+        else:
+            assert span.trace_id == trace_id_for(parents and f"prefect.task-run.{parents[0]['id']}"
+                                                 or resource_id)
+
+
+@pytest.mark.parametrize("scenario", sorted(EXPECTED))
+def test_scenario_shows_its_behaviour(scenario):
+    spans = convert(load_jsonl(FIXTURES / f"{scenario}.jsonl"))
+    for prefix, final, result, error in EXPECTED[scenario]:
+        if prefix.startswith("flow:"):
+            matching = [s for s in spans if s.attributes.get("prefect.run.type") == "flow"
+                        and s.attributes.get("cicd.pipeline.name") == prefix[5:]]
+            result_key = "cicd.pipeline.result"
+        else:
+            matching = [s for s in spans if s.attributes.get("prefect.run.type") == "task"
+                        and s.name.startswith(prefix)
+                        and s.attributes.get("prefect.state-name") == final]
+            result_key = "cicd.pipeline.task.run.result"
+        assert matching, f"{scenario}: no {prefix or 'task'} span ending {final}"
+        for span in matching:
+            assert span.attributes["prefect.state-name"] == final
+            assert span.attributes[result_key] == result
+            assert (span.status_code is StatusCode.ERROR) == error
+            if error:
+                assert span.status_message == span.attributes["prefect.state-message"]
+                assert span.attributes["error.type"]
+
+
+@pytest.mark.parametrize("scenario", scenarios())
+def test_events_come_back_exactly_from_the_spans(scenario):
+    raw = load_jsonl(FIXTURES / f"{scenario}.jsonl")
+    assert by_id(round_trip(raw)) == by_id(state_events(raw))
+
+
+@pytest.mark.parametrize("scenario", scenarios())
+def test_live_stream_gives_the_same_spans_for_the_runs_it_delivered_whole(scenario):
+    """The websocket frames (as they arrived) and the REST set agree on every
+    run the live stream delivered completely."""
+    ws_path = FIXTURES / f"{scenario}.ws.jsonl"
+    if not ws_path.exists():
+        pytest.fail(f"no live capture for {scenario}")
+    live_raw, rest_raw = load_jsonl(ws_path), load_jsonl(FIXTURES / f"{scenario}.jsonl")
+    live_runs, rest_runs = runs_of(live_raw), runs_of(rest_raw)
+    whole = {rid for rid, events in live_runs.items()
+             if {e.id for e in events} == {e.id for e in rest_runs.get(rid, [])}}
+    assert whole, "the live stream delivered at least one run whole"
+    live = {s.span_id: s for s in convert(live_raw)}
+    rest = {s.span_id: s for s in convert(rest_raw)}
+    for rid in whole:
+        assert live[span_id_for(rid)] == rest[span_id_for(rid)]

@@ -1,0 +1,383 @@
+"""Deliver events to a Prefect server the way Prefect's own client does.
+
+Protocol and reliability follow `prefect.events.clients.PrefectEventsClient`
+(Prefect 3.9), without importing Prefect:
+
+* ``ws(s)://<PREFECT_API_URL>/events/in`` with the ``prefect`` subprotocol,
+  then ``{"type": "auth", "token": <auth string>}`` -> ``{"type":
+  "auth_success"}``.  One JSON event per text frame; the server never answers
+  an event.
+* Confirmation is a checkpoint: a websocket ping sent after a run of events.
+  The pong comes back on the same ordered stream after every earlier frame,
+  so it proves the server read them.  Events written since the last pong are
+  "unconfirmed" and are written again, in order, after a reconnect.  That
+  makes delivery at-least-once; the server stores each event id once.
+* What a pong does NOT prove: that the server has persisted the event (it
+  goes through an in-memory queue first).  Prefect's client has the same
+  limit.
+
+Configuration mirrors Prefect's settings, read from the environment only
+(Prefect's profiles and .env files are not read): PREFECT_API_URL,
+PREFECT_API_KEY, PREFECT_API_AUTH_STRING, PREFECT_API_TLS_INSECURE_SKIP_VERIFY,
+PREFECT_API_SSL_CERT_FILE, PREFECT_CLIENT_CUSTOM_HEADERS, PREFECT_CLOUD_API_URL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import os
+import ssl
+from collections import deque
+from typing import Any, Optional, Sequence
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import (
+    ConnectionClosed,
+    InvalidHandshake,
+    InvalidStatus,
+    InvalidURI,
+)
+
+from otel_bridge._version import __version__
+from otel_bridge.model.events import MAX_EVENT_SIZE_BYTES, Event
+
+__all__ = ["PrefectEventSink", "PrefectSendFailed", "PrefectAuthFailed", "PrefectConfigError"]
+
+log = logging.getLogger(__name__)
+
+# Prefect's default; its client treats any URL under it as Prefect Cloud.
+_DEFAULT_CLOUD_API_URL = "https://api.prefect.cloud/api/"
+# Headers a custom-header setting must not override (Prefect's list).
+_PROTECTED_HEADERS = {
+    "user-agent", "sec-websocket-key", "sec-websocket-version",
+    "sec-websocket-extensions", "sec-websocket-protocol", "connection",
+    "upgrade", "host",
+}
+# Network trouble worth a reconnect (Prefect's RETRYABLE_EXCEPTIONS), plus a
+# handshake the server broke off (e.g. it restarted during the upgrade).
+_RETRYABLE = (ConnectionClosed, TimeoutError, OSError, InvalidHandshake)
+# The server measures the received event, which adds a `received` timestamp.
+_MAX_FRAME = MAX_EVENT_SIZE_BYTES - 64
+
+
+class PrefectConfigError(ValueError):
+    """The sink is not configured well enough to try sending."""
+
+
+class PrefectSendFailed(RuntimeError):
+    """Some events were not confirmed by the server.
+
+    `unconfirmed_events` may or may not have reached it; sending them again
+    is harmless (the server dedupes by event id)."""
+
+    def __init__(self, message: str, unconfirmed_events: Sequence[Event] = ()):
+        super().__init__(message)
+        self.unconfirmed_events = list(unconfirmed_events)
+
+    @property
+    def unconfirmed(self) -> int:
+        return len(self.unconfirmed_events)
+
+
+class PrefectAuthFailed(PrefectSendFailed):
+    """The server refused our credentials; retrying will not help."""
+
+
+def _env(name: str) -> Optional[str]:
+    value = os.environ.get(name)
+    return value if value else None
+
+
+def _truthy(value: Optional[str]) -> bool:
+    return (value or "").strip().lower() in {"1", "true", "yes", "on", "t", "y"}
+
+
+def events_in_url(api_url: str) -> str:
+    """Prefect's `events_in_socket_from_api_url`."""
+    url = api_url.strip().rstrip("/")
+    if url.startswith("https://"):
+        url = "wss://" + url[len("https://"):]
+    elif url.startswith("http://"):
+        url = "ws://" + url[len("http://"):]
+    else:
+        raise PrefectConfigError(f"PREFECT_API_URL must be an http(s) URL, got {api_url!r}")
+    return url + "/events/in"
+
+
+class PrefectEventSink:
+    """Synchronous, reliable event delivery to a Prefect server.
+
+    ``with PrefectEventSink() as sink: sink.send(events)``.  `send` returns
+    once the server has confirmed every event, or raises `PrefectSendFailed`.
+    The connection stays open between calls.  Not for use inside a running
+    event loop (it runs its own).
+    """
+
+    def __init__(
+        self,
+        api_url: Optional[str] = None,
+        api_key: Optional[str] = None,
+        *,
+        auth_string: Optional[str] = None,
+        checkpoint_every: int = 100,
+        reconnection_attempts: int = 10,
+        backoff: float = 0.25,
+        max_backoff: float = 5.0,
+        open_timeout: float = 10.0,
+        confirm_timeout: float = 20.0,
+        tls_insecure_skip_verify: Optional[bool] = None,
+        ssl_cert_file: Optional[str] = None,
+    ) -> None:
+        self.api_url = api_url or _env("PREFECT_API_URL")
+        if not self.api_url:
+            raise PrefectConfigError(
+                "No Prefect API URL: pass api_url or set PREFECT_API_URL "
+                "(e.g. http://127.0.0.1:4200/api)"
+            )
+        self.url = events_in_url(self.api_url)
+        api_key = api_key or _env("PREFECT_API_KEY")
+        auth_string = auth_string or _env("PREFECT_API_AUTH_STRING")
+
+        cloud_url = _env("PREFECT_CLOUD_API_URL") or _DEFAULT_CLOUD_API_URL
+        # Prefect Cloud authenticates the HTTP upgrade with the API key and
+        # has no in-band handshake; a self-hosted server wants the handshake.
+        self._cloud = self.api_url.startswith(cloud_url.rstrip("/"))
+        headers: dict[str, str] = {}
+        custom = _env("PREFECT_CLIENT_CUSTOM_HEADERS")
+        if custom:
+            try:
+                parsed = json.loads(custom)
+            except ValueError:
+                raise PrefectConfigError("PREFECT_CLIENT_CUSTOM_HEADERS is not a JSON object") from None
+            if not isinstance(parsed, dict):
+                raise PrefectConfigError("PREFECT_CLIENT_CUSTOM_HEADERS is not a JSON object")
+            headers.update({k: str(v) for k, v in parsed.items() if k.lower() not in _PROTECTED_HEADERS})
+        if self._cloud:
+            if not api_key:
+                raise PrefectConfigError("Prefect Cloud needs an API key: pass api_key or set PREFECT_API_KEY")
+            headers["Authorization"] = f"bearer {api_key}"
+            self._token: Optional[str] = None
+        else:
+            # Prefect sends the auth string as the handshake token, and also
+            # as Basic auth because proxies may check the upgrade request.
+            # Prefect ignores the API key against a self-hosted server; we
+            # offer it as the token when there is no auth string, which an
+            # open server ignores and a protected one reports as invalid.
+            self._token = auth_string or api_key
+            if auth_string:
+                basic = base64.b64encode(auth_string.encode()).decode()
+                headers["Authorization"] = f"Basic {basic}"
+            elif api_key:
+                headers["Authorization"] = f"Bearer {api_key}"
+        self._headers = headers
+
+        if tls_insecure_skip_verify is None:
+            tls_insecure_skip_verify = _truthy(_env("PREFECT_API_TLS_INSECURE_SKIP_VERIFY"))
+        self._ssl = self._ssl_context(tls_insecure_skip_verify, ssl_cert_file or _env("PREFECT_API_SSL_CERT_FILE"))
+
+        if checkpoint_every < 1 or reconnection_attempts < 0:
+            raise PrefectConfigError("checkpoint_every must be >= 1 and reconnection_attempts >= 0")
+        self.checkpoint_every = checkpoint_every
+        self.reconnection_attempts = reconnection_attempts
+        self.backoff = backoff
+        self.max_backoff = max_backoff
+        self.open_timeout = open_timeout
+        self.confirm_timeout = confirm_timeout
+
+        self.sent = 0  # events written for the first time
+        self.resent = 0  # events written again after a reconnect
+        self.confirmed = 0  # events the server confirmed
+        self.reconnects = 0  # connections opened after the first one
+
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._ws: Optional[ClientConnection] = None
+        self._connected_once = False
+
+    def _ssl_context(self, insecure: bool, cert_file: Optional[str]) -> Optional[ssl.SSLContext]:
+        if not self.url.startswith("wss://"):
+            return None
+        if insecure:
+            ctx = ssl.create_default_context()
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+            return ctx
+        if not cert_file:
+            try:  # Prefect verifies against certifi's bundle by default.
+                import certifi
+
+                cert_file = certifi.where()
+            except ImportError:
+                pass
+        return ssl.create_default_context(cafile=cert_file)
+
+    # -- public ---------------------------------------------------------------
+
+    def send(self, events: Sequence[Event]) -> None:
+        """Deliver `events` in order; returns when all are confirmed."""
+        if not events:
+            return
+        # The server drops oversized events with only a log line, after
+        # confirming them; refuse them here, before anything is sent.
+        frames = [(e, e.model_dump_json(exclude={"received"})) for e in events]
+        too_big = [e for e, frame in frames if len(frame.encode()) > _MAX_FRAME]
+        if too_big:
+            raise PrefectSendFailed(
+                f"{len(too_big)} events exceed Prefect's {MAX_EVENT_SIZE_BYTES} byte limit "
+                f"(first: {too_big[0].id}); nothing was sent",
+                events,
+            )
+        if self._loop is None:
+            self._loop = asyncio.new_event_loop()
+        self._loop.run_until_complete(self._send(frames))
+
+    def close(self) -> None:
+        if self._loop is None:
+            return
+        try:
+            self._loop.run_until_complete(self._disconnect())
+        finally:
+            self._loop.close()
+            self._loop = None
+
+    def __enter__(self) -> "PrefectEventSink":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    # -- internals ------------------------------------------------------------
+
+    async def _send(self, frames: list[tuple[Event, str]]) -> None:
+        # (event, frame, written before?) not yet written on the current connection
+        pending: deque[tuple[Event, str, bool]] = deque((e, f, False) for e, f in frames)
+        # written on the current connection, waiting for the next pong
+        unconfirmed: list[tuple[Event, str, bool]] = []
+        failures = 0
+        while pending or unconfirmed:
+            try:
+                if self._ws is None:
+                    await self._connect()
+                    # Everything not confirmed goes again, in the original
+                    # order, before anything new (Prefect's resend).
+                    pending.extendleft(reversed([(e, f, True) for e, f, _ in unconfirmed]))
+                    unconfirmed.clear()
+                ws = self._ws
+                assert ws is not None
+                while pending:
+                    item = pending.popleft()
+                    unconfirmed.append(item)
+                    # Counted as attempts: a frame torn by a failing send
+                    # counts as sent, and as resent when it goes again.
+                    if item[2]:
+                        self.resent += 1
+                    else:
+                        self.sent += 1
+                    await ws.send(item[1])
+                    if len(unconfirmed) >= self.checkpoint_every:
+                        await self._checkpoint(ws)
+                        self.confirmed += len(unconfirmed)
+                        unconfirmed.clear()
+                        failures = 0  # progress: the retry budget is per stall
+                await self._checkpoint(ws)
+                self.confirmed += len(unconfirmed)
+                unconfirmed.clear()
+            except PrefectSendFailed as exc:
+                # Not worth retrying (auth, wrong URL): report what is unconfirmed.
+                await self._drop_connection()
+                exc.unconfirmed_events = [e for e, _, _ in (*unconfirmed, *pending)]
+                raise
+            except _RETRYABLE as exc:
+                await self._drop_connection()
+                failures += 1
+                if failures > self.reconnection_attempts:
+                    left = [e for e, _, _ in (*unconfirmed, *pending)]
+                    raise PrefectSendFailed(
+                        f"{len(left)} of {len(frames)} events not confirmed by {self.url} "
+                        f"after {failures} failed attempts; last error: {_describe(exc)}",
+                        left,
+                    ) from exc
+                # Prefect retries twice at once (load balancers drop idle
+                # sockets), then waits; we back off exponentially.
+                delay = 0.0 if failures <= 2 else min(self.max_backoff, self.backoff * 2 ** (failures - 3))
+                log.info("connection to %s lost (%s); retry %d in %.2fs",
+                         self.url, _describe(exc), failures, delay)
+                await asyncio.sleep(delay)
+
+    async def _checkpoint(self, ws: ClientConnection) -> None:
+        pong = await ws.ping()
+        await asyncio.wait_for(pong, self.confirm_timeout)
+
+    async def _connect(self) -> None:
+        kwargs: dict[str, Any] = dict(
+            additional_headers=self._headers,
+            user_agent_header=f"otel-bridge/{__version__}",
+            open_timeout=self.open_timeout,
+            # Keepalive pings bound how long a send can hang on a dead peer.
+            ping_interval=self.confirm_timeout,
+            ping_timeout=self.confirm_timeout,
+            close_timeout=2,
+            max_size=None,
+        )
+        if not self._cloud:
+            kwargs["subprotocols"] = ["prefect"]
+        if self._ssl is not None:
+            kwargs["ssl"] = self._ssl
+        try:
+            ws = await connect(self.url, **kwargs)
+        except InvalidStatus as exc:
+            status = exc.response.status_code
+            if status in (401, 403):
+                raise PrefectAuthFailed(f"{self.url} refused our credentials (HTTP {status})") from exc
+            if status == 404:
+                raise PrefectSendFailed(
+                    f"{self.url} not found (HTTP 404): is PREFECT_API_URL the API root, ending in /api?"
+                ) from exc
+            raise
+        except InvalidURI as exc:
+            raise PrefectConfigError(f"bad events URL {self.url}: {exc}") from exc
+        try:
+            if not self._cloud:
+                await self._authenticate(ws)
+        except BaseException:
+            await ws.close()
+            raise
+        self._ws = ws
+        if self._connected_once:
+            self.reconnects += 1
+        self._connected_once = True
+
+    async def _authenticate(self, ws: ClientConnection) -> None:
+        await ws.send(json.dumps({"type": "auth", "token": self._token}))
+        try:
+            reply = json.loads(await asyncio.wait_for(ws.recv(), self.open_timeout))
+        except ConnectionClosed as exc:
+            # The server says why in the close frame ("Invalid token", ...);
+            # without one, it is network trouble and worth a retry.
+            reason = exc.rcvd.reason if exc.rcvd is not None else ""
+            if reason:
+                raise PrefectAuthFailed(
+                    f"{self.url} rejected authentication: {reason} "
+                    "(check PREFECT_API_AUTH_STRING / PREFECT_API_KEY)"
+                ) from exc
+            raise
+        if not isinstance(reply, dict) or reply.get("type") != "auth_success":
+            raise PrefectAuthFailed(f"{self.url} rejected authentication: {reply!r}")
+
+    async def _drop_connection(self) -> None:
+        ws, self._ws = self._ws, None
+        if ws is not None:
+            try:
+                await asyncio.wait_for(ws.close(), 2)
+            except Exception:
+                pass
+
+    async def _disconnect(self) -> None:
+        await self._drop_connection()
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

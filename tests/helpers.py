@@ -11,7 +11,8 @@ from otel_bridge.model.spans import Span
 from otel_bridge.translate.assembler import Assembler, AssemblerOptions
 
 ROOT = Path(__file__).resolve().parent.parent
-SAMPLES = ROOT.parent / "shared" / "samples" / "prefect-3.9.1"
+# The samples handed to the project (shared/samples), kept with the tests.
+SAMPLES = Path(__file__).resolve().parent / "fixtures" / "samples-3.9.1"
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "prefect-3.9.1"
 
 

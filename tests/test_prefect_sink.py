@@ -99,7 +99,7 @@ def test_unreachable_server_fails_within_bounds():
                             reconnection_attempts=3, backoff=0.05)
     t0 = time.monotonic()
     with sink, pytest.raises(PrefectSendFailed, match="2 of 2 events not confirmed") as info:
-        sink.send(events)
+        sink.export(events)
     assert time.monotonic() - t0 < 10
     assert info.value.unconfirmed == 2
     assert "Connect" in str(info.value) or "refused" in str(info.value).lower()
@@ -110,7 +110,7 @@ def test_oversized_events_are_refused_before_sending():
     big = big.model_copy(update={"payload": {"blob": "x" * 1_500_000}})
     sink = PrefectEventSink(f"http://127.0.0.1:{free_port()}/api")
     with sink, pytest.raises(PrefectSendFailed, match="1 events exceed") as info:
-        sink.send([small, big])
+        sink.export([small, big])
     assert info.value.unconfirmed == 2 and sink.sent == 0
 
 
@@ -125,7 +125,7 @@ def test_silent_server_times_out_instead_of_hanging():
                                 reconnection_attempts=1, backoff=0.05)
         t0 = time.monotonic()
         with sink, pytest.raises(PrefectSendFailed, match="not confirmed"):
-            sink.send(events)
+            sink.export(events)
         assert time.monotonic() - t0 < 10
 
 
@@ -143,7 +143,7 @@ def test_events_arrive_unchanged_and_the_recorder_builds_task_runs(server, monke
     monkeypatch.setenv("PREFECT_API_URL", server.api_url)
     monkeypatch.setenv("PREFECT_API_AUTH_STRING", AUTH_STRING)
     with PrefectEventSink() as sink:
-        sink.send(events)
+        sink.export(events)
     confirmed_at = time.monotonic()
     assert (sink.sent, sink.resent, sink.reconnects, sink.confirmed) == (len(events), 0, 0, len(events))
 
@@ -196,17 +196,17 @@ def test_wrong_credentials_are_a_clear_error_not_a_retry_loop(server):
     t0 = time.monotonic()
     with PrefectEventSink(server.api_url, auth_string="otel:wrong") as sink:
         with pytest.raises(PrefectAuthFailed, match="Invalid token") as info:
-            sink.send(events)
+            sink.export(events)
     assert time.monotonic() - t0 < 5
     assert info.value.unconfirmed == 1
     # An API key is offered as the token when there is no auth string.
     with PrefectEventSink(server.api_url, api_key="pnu_wrong") as sink:
         with pytest.raises(PrefectAuthFailed, match="Invalid token"):
-            sink.send(events)
+            sink.export(events)
     # No credentials at all: the server wants the token.
     with PrefectEventSink(server.api_url) as sink:
         with pytest.raises(PrefectAuthFailed):
-            sink.send(events)
+            sink.export(events)
 
 
 class CuttingProxy:
@@ -290,7 +290,7 @@ def test_cut_connections_lose_nothing_and_duplicate_nothing(server):
                               backoff=0.05) as sink:
             # Calibrate bytes per event (frames are deflate-compressed).
             warmup = make_events([["Pending", "Running", "Completed"]] * 10, start)
-            sink.send(warmup)
+            sink.export(warmup)
             per_event = proxy.bytes_up / len(warmup)
             batch = make_events([["Pending", "Running", "Completed"]] * 120, start)  # 360 events
             expected = proxy.bytes_up + per_event * len(batch)
@@ -298,7 +298,7 @@ def test_cut_connections_lose_nothing_and_duplicate_nothing(server):
             # a connection ages), so late cuts might never be reached.
             proxy.cut_at = [int(proxy.bytes_up + per_event * len(batch) * f) for f in (0.15, 0.4, 0.65)]
             t0 = time.monotonic()
-            sink.send(batch)
+            sink.export(batch)
             elapsed = time.monotonic() - t0
         print(f"{len(batch)} events in {elapsed:.2f}s; cuts={proxy.cuts} "
               f"reconnects={sink.reconnects} resent={sink.resent} "

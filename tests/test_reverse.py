@@ -36,8 +36,11 @@ def real_task_runs():
             if raw["event"].startswith("prefect.task-run.") and "task_run" in raw["payload"]:
                 runs[raw["resource"]["prefect.resource.id"]].append(raw)
         for resource_id, events in runs.items():
-            # One emitter per run: the engine's follows chain is unbroken.
-            if all(b["follows"] == a["id"] for a, b in zip(events, events[1:])):
+            # One emitter per run (the engine's follows chain is unbroken) in
+            # one context (RolledBack is sent from inside another task, which
+            # the events worker then names as related).
+            if all(b["follows"] == a["id"] and b["related"] == a["related"]
+                   for a, b in zip(events, events[1:])):
                 yield path.name, resource_id, events
 
 

@@ -110,7 +110,7 @@ def events_in_url(api_url: str) -> str:
 class PrefectEventSink:
     """Synchronous, reliable event delivery to a Prefect server.
 
-    ``with PrefectEventSink() as sink: sink.send(events)``.  `send` returns
+    ``with PrefectEventSink() as sink: sink.export(events)``.  `export` returns
     once the server has confirmed every event, or raises `PrefectSendFailed`.
     The connection stays open between calls.  Not for use inside a running
     event loop (it runs its own).
@@ -215,7 +215,7 @@ class PrefectEventSink:
 
     # -- public ---------------------------------------------------------------
 
-    def send(self, events: Sequence[Event]) -> None:
+    def export(self, events: Sequence[Event]) -> None:
         """Deliver `events` in order; returns when all are confirmed."""
         if not events:
             return

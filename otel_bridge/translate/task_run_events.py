@@ -7,6 +7,7 @@ that is not Prefect: spans (reverse direction) and engines (dual emission).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Mapping, Optional, Sequence
@@ -54,11 +55,19 @@ class TaskRunRecord:
         return f"prefect.task-run.{self.id}"
 
 
+_CUT = re.compile(r"\.\.\.\d+ additional characters\.\.\.")
+
+
 def truncated(message: str, limit: int = STATE_MESSAGE_LIMIT) -> str:
-    """Prefect's `truncated_to`: the first and last halves around a count."""
+    """Prefect's `truncated_to`: the first and last halves around a count.
+
+    A message Prefect already cut (taken from an event) is left as it is."""
     if not message or len(message) <= limit:
         return message or ""
     half = limit // 2
+    cut = _CUT.match(message, half)
+    if cut and len(message) - cut.end() == half:
+        return message
     omitted = len(message) - 2 * half
     proposed = f"{message[:half]}...{omitted} additional characters...{message[-half:]}"
     return proposed if len(proposed) < len(message) else message

@@ -80,8 +80,8 @@ def test_each_span_event_carries_the_whole_event():
         for label, value in event["resource"].items():
             assert attrs[label] == value
         assert json.loads(attrs["prefect.event.payload"]) == event["payload"]
-        related = json.loads(attrs.get("prefect.related", span.attributes["prefect.related"]))
-        assert related == event["related"]
+        assert json.loads(attrs["prefect.related"]) == event["related"]
+    assert "prefect.related" not in span.attributes
 
 
 def test_labels_related_and_cicd_attributes():
@@ -242,3 +242,13 @@ def test_parent_comes_from_task_inputs_not_from_the_task_current_at_sending():
                               "prefect.resource.role": "task-run"})
     (span,) = convert(raw)
     assert span.parent_span_id == span_id_for(flow_run.resource_id)
+
+
+def test_long_state_message_is_cut_on_the_span_attribute_only_and_marked():
+    message = "Task run encountered an exception ValueError: " + "x" * 5000
+    span = one_task(["Pending", "Running", "Failed"], messages={"Failed": message})
+    assert len(span.attributes["prefect.state-message"]) == 1024
+    assert span.attributes["prefect.state-message"].endswith("...")
+    assert span.attributes["otel_bridge.truncated.prefect.state-message"] == len(message)
+    assert span.status_message == message
+    assert span.events[-1].attributes["prefect.state-message"] == message

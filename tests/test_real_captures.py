@@ -117,7 +117,9 @@ def test_scenario_shows_its_behaviour(scenario):
             assert span.attributes[result_key] == result
             assert (span.status_code is StatusCode.ERROR) == error
             if error:
-                assert span.status_message == span.attributes["prefect.state-message"]
+                final_event = next(e for e in span.events
+                                   if e.attributes["prefect.state-name"] == final)
+                assert span.status_message == final_event.attributes["prefect.state-message"]
                 assert span.attributes["error.type"]
 
 

@@ -10,18 +10,23 @@ read by the exporters themselves. The protocol comes from
 from __future__ import annotations
 
 import os
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
+from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
 from otel_bridge.model.spans import Span
 from otel_bridge.sinks.sdk import to_readable_spans
 
 PROTOCOLS = ("grpc", "http/protobuf")
-# Spans per request: well under gRPC's default 4 MiB message limit for spans
-# of ordinary size (a span carries every state event of its run).
-BATCH_SIZE = 128
+# Bytes per request. Jaeger's and Tempo's OTLP receivers refuse a request over
+# gRPC's default 4 MiB whole, every span in it lost, and a span carries every
+# state event of its run, messages of up to 100,000 characters included; so
+# requests are cut by encoded size, with room to spare. A span bigger than this
+# goes alone.
+MAX_REQUEST_BYTES = 3_000_000
 
 
 class ExportFailed(RuntimeError):
@@ -50,6 +55,23 @@ def exporter_from_env(protocol: Optional[str] = None) -> SpanExporter:
     return OTLPSpanExporter()
 
 
+def batches_by_size(
+    spans: Sequence[ReadableSpan], limit: int = MAX_REQUEST_BYTES
+) -> Iterator[list[ReadableSpan]]:
+    """Consecutive runs of spans whose encoded request stays under `limit`."""
+    batch: list[ReadableSpan] = []
+    size = 0
+    for span in spans:
+        span_size = encode_spans([span]).ByteSize()
+        if batch and size + span_size > limit:
+            yield batch
+            batch, size = [], 0
+        batch.append(span)
+        size += span_size
+    if batch:
+        yield batch
+
+
 class OtlpSink:
     """Sends spans with an SDK exporter, in batches; the exporter retries what
     the protocol says is retryable (gRPC UNAVAILABLE..., HTTP 429/502/503/504)."""
@@ -60,8 +82,7 @@ class OtlpSink:
         self.spans_written = 0
 
     def export(self, spans: Sequence[Span]) -> None:
-        for start in range(0, len(spans), BATCH_SIZE):
-            batch = to_readable_spans(spans[start : start + BATCH_SIZE], self._resource)
+        for batch in batches_by_size(to_readable_spans(spans, self._resource)):
             if self._exporter.export(batch) is not SpanExportResult.SUCCESS:
                 raise ExportFailed(
                     f"the OTLP endpoint did not accept {len(batch)} spans "

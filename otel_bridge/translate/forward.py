@@ -32,9 +32,16 @@ _RUN_PREFIXES = {f"prefect.{TASK_RUN}.": TASK_RUN, f"prefect.{FLOW_RUN}.": FLOW_
 ATTR_EVENT_ID = "prefect.event.id"
 ATTR_EVENT_FOLLOWS = "prefect.event.follows"
 ATTR_EVENT_PAYLOAD = "prefect.event.payload"
-# The run's related resources as JSON; on a span event only where they differ
-# from the span's.
+# An event's related resources as JSON, on its span event. Not on the span:
+# the flattened `prefect.related.<role>.*` attributes serve search there, and
+# span attributes are what backends index (Tempo 1.x indexes 5,000 bytes of
+# them per trace).
 ATTR_RELATED = "prefect.related"
+# Span attributes longer than this are cut (the state message: its whole text
+# stays in the status description and on the span event), and
+# `otel_bridge.truncated.<key>` says how long the value was. Tempo 2 cuts
+# attribute values at 2,048 bytes by default, silently.
+MAX_SPAN_ATTRIBUTE_CHARS = 1024
 ATTR_SYNTHETIC_START = "otel_bridge.synthetic.start"
 ATTR_SYNTHETIC_END = "otel_bridge.synthetic.end"
 ATTR_LINK_SOURCE = "otel_bridge.link.source"
@@ -186,10 +193,8 @@ def run_span(
             )
         )
 
-    span_related = _json(last.related)
     status_code, status_message, result, error_type = _outcome(end)
     attributes = _run_attributes(key, last, ordered, result, error_type)
-    attributes[ATTR_RELATED] = span_related
     attributes.update(synthetic)
 
     return Span(
@@ -200,7 +205,7 @@ def run_span(
         start_time_unix_nano=start_ns,
         end_time_unix_nano=end_ns,
         attributes=attributes,
-        events=tuple(_span_event(e, span_related) for e in ordered),
+        events=tuple(_span_event(e) for e in ordered),
         links=tuple(links),
         status_code=status_code,
         status_message=status_message,
@@ -303,7 +308,12 @@ def _run_attributes(
     result: Optional[str],
     error_type: Optional[str],
 ) -> dict[str, AttributeValue]:
-    attributes: dict[str, AttributeValue] = dict(last.resource)
+    attributes: dict[str, AttributeValue] = {}
+    for label, value in last.resource.items():
+        if len(value) > MAX_SPAN_ATTRIBUTE_CHARS:
+            attributes[f"otel_bridge.truncated.{label}"] = len(value)
+            value = value[: MAX_SPAN_ATTRIBUTE_CHARS - 3] + "..."
+        attributes[label] = value
     run_id = key.resource_id.removeprefix(f"prefect.{key.kind}.")
     attributes["prefect.run.type"] = "task" if key.kind == TASK_RUN else "flow"
     attributes["prefect.run.id"] = run_id
@@ -377,14 +387,12 @@ def _task_run_metadata(events: Sequence[Event]) -> dict[str, AttributeValue]:
     return out
 
 
-def _span_event(event: Event, span_related: str) -> SpanEvent:
+def _span_event(event: Event) -> SpanEvent:
     attributes: dict[str, AttributeValue] = {ATTR_EVENT_ID: str(event.id)}
     if event.follows is not None:
         attributes[ATTR_EVENT_FOLLOWS] = str(event.follows)
     attributes.update(event.resource)
-    related = _json(event.related)
-    if related != span_related:
-        attributes[ATTR_RELATED] = related
+    attributes[ATTR_RELATED] = _json(event.related)
     attributes[ATTR_EVENT_PAYLOAD] = _json(event.payload)
     return SpanEvent(
         name=event.event,

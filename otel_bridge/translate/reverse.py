@@ -85,17 +85,16 @@ def is_bridge_span(span: Span) -> bool:
 
 def events_from_bridge_span(span: Span) -> list[Event]:
     """The events a span made by the forward bridge came from, exactly."""
-    span_related = span.attributes.get(ATTR_RELATED)
     return [
-        _carried_event(span_event, span_related)
+        _carried_event(span_event)
         for span_event in span.events
         if ATTR_EVENT_ID in span_event.attributes
     ]
 
 
-def _carried_event(span_event: SpanEvent, span_related: Optional[object]) -> Event:
+def _carried_event(span_event: SpanEvent) -> Event:
     attrs = span_event.attributes
-    related = attrs.get(ATTR_RELATED, span_related)
+    related = attrs.get(ATTR_RELATED)
     try:
         payload = json.loads(attrs.get(ATTR_EVENT_PAYLOAD, "{}"))
         related = json.loads(related) if isinstance(related, str) else []

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import base64
 import json
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping, Sequence
 
 from google.protobuf import json_format
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
@@ -121,3 +121,90 @@ def _value(value: AnyValue) -> Any:
     if kind is None:
         return ""
     return getattr(value, kind)
+
+
+# -- a plain encoder ------------------------------------------------------------
+# The same OTLP/JSON that the official protobuf encoder gives through protobuf's
+# JSON mapping (tests/test_otlp_json.py holds the two equal on every captured
+# run), written directly: that path costs about 1.3 ms a span, this one a
+# fraction of it, and `convert` writes OTLP/JSON by default.
+
+# SpanFlags: the context's is-remote bit is known (0x100) / is set (0x200).
+_FLAGS_LOCAL, _FLAGS_REMOTE = 0x100, 0x300
+
+
+def request_json(
+    spans: Sequence[Span],
+    resource: Mapping[str, AttributeValue],
+    scope_name: str,
+    scope_version: str,
+) -> dict[str, Any]:
+    """One `ExportTraceServiceRequest` for spans of one resource and scope."""
+    scope = {"name": scope_name}
+    if scope_version:
+        scope["version"] = scope_version
+    resource_json: dict[str, Any] = {}
+    if resource:
+        resource_json["attributes"] = _attributes_json(resource)
+    return {"resourceSpans": [{
+        "resource": resource_json,
+        "scopeSpans": [{"scope": scope, "spans": [_span_json(s) for s in spans]}],
+    }]}
+
+
+def _span_json(span: Span) -> dict[str, Any]:
+    out: dict[str, Any] = {"traceId": format(span.trace_id, "032x"),
+                           "spanId": format(span.span_id, "016x")}
+    if span.parent_span_id:
+        out["parentSpanId"] = format(span.parent_span_id, "016x")
+    out["name"] = span.name
+    out["kind"] = span.kind.value + 1  # protobuf counts from UNSPECIFIED = 0
+    out["startTimeUnixNano"] = str(span.start_time_unix_nano)
+    out["endTimeUnixNano"] = str(span.end_time_unix_nano)
+    if span.attributes:
+        out["attributes"] = _attributes_json(span.attributes)
+    if span.events:
+        out["events"] = [_event_json(e) for e in span.events]
+    if span.links:
+        out["links"] = [_link_json(link) for link in span.links]
+    status: dict[str, Any] = {}
+    if span.status_message:
+        status["message"] = span.status_message
+    if span.status_code.value:
+        status["code"] = span.status_code.value
+    out["status"] = status
+    out["flags"] = _FLAGS_LOCAL
+    return out
+
+
+def _event_json(event: SpanEvent) -> dict[str, Any]:
+    out: dict[str, Any] = {"timeUnixNano": str(event.time_unix_nano), "name": event.name}
+    if event.attributes:
+        out["attributes"] = _attributes_json(event.attributes)
+    return out
+
+
+def _link_json(link: SpanLink) -> dict[str, Any]:
+    out: dict[str, Any] = {"traceId": format(link.trace_id, "032x"),
+                           "spanId": format(link.span_id, "016x")}
+    if link.attributes:
+        out["attributes"] = _attributes_json(link.attributes)
+    out["flags"] = _FLAGS_REMOTE
+    return out
+
+
+def _attributes_json(attributes: Mapping[str, AttributeValue]) -> list[dict[str, Any]]:
+    return [{"key": key, "value": _value_json(value)} for key, value in attributes.items()]
+
+
+def _value_json(value: Any) -> dict[str, Any]:
+    if isinstance(value, bool):  # before int: bool is an int
+        return {"boolValue": value}
+    if isinstance(value, int):
+        return {"intValue": str(value)}
+    if isinstance(value, float):
+        return {"doubleValue": value}
+    if isinstance(value, str):
+        return {"stringValue": value}
+    values = [_value_json(v) for v in value]
+    return {"arrayValue": {"values": values} if values else {}}

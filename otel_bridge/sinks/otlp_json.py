@@ -2,10 +2,9 @@
 `ExportTraceServiceRequest` JSON object per line, ids as hex strings, enums as
 integers, 64-bit integers as decimal strings, lowerCamelCase keys.
 
-Encoding goes through the official protobuf encoder (`encode_spans`) and
-protobuf's canonical JSON mapping, so the field names and value forms are the
-OTLP schema's own; only the id fields differ from the canonical mapping (OTLP
-requires hex where protobuf JSON would give base64; see `model/otlp.py`).
+The encoder is `model.otlp.request_json`, held equal by test to the official
+protobuf encoder put through protobuf's JSON mapping (with hex ids, as OTLP
+requires), and several times faster.
 """
 
 from __future__ import annotations
@@ -13,17 +12,16 @@ from __future__ import annotations
 import json
 from typing import IO, Any, Iterable, Sequence
 
-from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.sdk.resources import Resource
 
-from otel_bridge.model.otlp import request_to_json
+from otel_bridge.model.otlp import request_json
 from otel_bridge.model.spans import Span
-from otel_bridge.sinks.sdk import to_readable_spans
+from otel_bridge.sinks.sdk import SCOPE
 
 
 def encode_request(spans: Sequence[Span], resource: Resource) -> dict[str, Any]:
     """One `ExportTraceServiceRequest` as an OTLP/JSON object."""
-    return request_to_json(encode_spans(to_readable_spans(spans, resource)))
+    return request_json(spans, dict(resource.attributes), SCOPE.name, SCOPE.version or "")
 
 
 class OtlpJsonWriter:

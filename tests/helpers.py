@@ -43,3 +43,22 @@ def by_name(spans: Iterable[Span]) -> dict[str, Span]:
 
 def state_names(span: Span) -> list[str]:
     return [e.name.rsplit(".", 1)[-1] for e in span.events]
+
+
+def convert_to_otlp(inputs, receiver, protocol: str, service: str) -> None:
+    """Run `otel-bridge convert INPUTS --to otlp` as a real process, pointed at
+    `receiver` (anything with `otlp_grpc_endpoint` / `otlp_http_endpoint`: a
+    Jaeger, a Collector) through the standard OTEL_* variables only."""
+    import os
+    import subprocess
+    import sys
+
+    endpoint = (f"http://{receiver.otlp_grpc_endpoint}" if protocol == "grpc"
+                else receiver.otlp_http_endpoint)
+    env = dict(os.environ, OTEL_EXPORTER_OTLP_ENDPOINT=endpoint,
+               OTEL_EXPORTER_OTLP_PROTOCOL=protocol, OTEL_SERVICE_NAME=service)
+    result = subprocess.run(
+        [sys.executable, "-m", "otel_bridge", "convert", *map(str, inputs), "--to", "otlp"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr

@@ -36,21 +36,6 @@ TEMPO_MAX_SEARCH_BYTES = 5000  # Tempo 1.5's default max_search_bytes_per_trace
 GRPC_MAX = 4 * 1024 * 1024
 
 
-@pytest.fixture(scope="module")
-def jaeger():
-    with backends.jaeger() as j:
-        yield j
-
-
-@pytest.fixture(scope="module")
-def tempo():
-    ok, why = backends.tempo_available()
-    if not ok:
-        pytest.skip(why)
-    with backends.tempo() as t:
-        yield t
-
-
 @pytest.fixture(params=["jaeger", "tempo"])
 def backend(request):
     return request.param, request.getfixturevalue(request.param)

@@ -10,7 +10,6 @@ when needed; from a cold cache that takes minutes, hence the long timeout).
 from __future__ import annotations
 
 import json
-import textwrap
 import uuid
 from pathlib import Path
 
@@ -108,21 +107,6 @@ def assert_otlp_span(doc: dict, service: str, name: str, trace_id: str) -> None:
 
 
 # ---------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="module")
-def jaeger():
-    with backends.jaeger() as j:
-        yield j
-
-
-@pytest.fixture(scope="module")
-def tempo():
-    ok, why = backends.tempo_available()
-    if not ok:
-        pytest.skip(why)
-    with backends.tempo() as t:
-        yield t
 
 
 COLLECTOR_CONFIG = """\

@@ -10,16 +10,13 @@ as a real process) are read back from both.
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 import uuid
 from pathlib import Path
 
 import pytest
 import yaml
-from helpers import ROOT, SAMPLES, convert, load_jsonl
+from helpers import ROOT, SAMPLES, convert, convert_to_otlp, load_jsonl
 from support import backends
 
 # A cold cache builds Jaeger, the Collector and Tempo from source first.
@@ -200,21 +197,6 @@ def test_kubernetes_wiring():
 # ---------------------------------------------------------------- for real
 
 
-@pytest.fixture(scope="module")
-def jaeger():
-    with backends.jaeger() as j:
-        yield j
-
-
-@pytest.fixture(scope="module")
-def tempo():
-    ok, why = backends.tempo_available()
-    if not ok:
-        pytest.skip(why)
-    with backends.tempo() as t:
-        yield t
-
-
 def sidecar_env(jaeger, tempo) -> dict[str, str]:
     """sidecar.yaml's environment for loopback: the ports come from
     backends.collector() (OTELCOL_*_PORT), the rest from here."""
@@ -245,14 +227,7 @@ def fresh_events(paths: list[Path], out: Path) -> list[dict]:
 
 
 def run_convert(events_path: Path, collector, protocol: str, service: str) -> None:
-    endpoint = (f"http://{collector.otlp_grpc_endpoint}" if protocol == "grpc"
-                else collector.otlp_http_endpoint)
-    env = dict(os.environ, OTEL_EXPORTER_OTLP_ENDPOINT=endpoint,
-               OTEL_EXPORTER_OTLP_PROTOCOL=protocol, OTEL_SERVICE_NAME=service)
-    result = subprocess.run([sys.executable, "-m", "otel_bridge", "convert", str(events_path),
-                             "--to", "otlp"], cwd=ROOT, env=env, capture_output=True, text=True,
-                            timeout=120)
-    assert result.returncode == 0, result.stderr
+    convert_to_otlp([events_path], collector, protocol, service)
 
 
 def jaeger_spans(jaeger, trace_hex: str, n: int) -> dict[str, dict]:

@@ -14,7 +14,6 @@ What the spans are checked against is the server's own record of each run
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import uuid
@@ -22,7 +21,7 @@ from datetime import datetime, timedelta, timezone
 
 import httpx
 import pytest
-from helpers import ROOT, convert
+from helpers import ROOT, convert, convert_to_otlp
 from support import backends
 
 from otel_bridge.demo.run import settled_events
@@ -105,14 +104,7 @@ def test_real_flows_reach_jaeger_and_tempo_through_the_sidecar(prefect_runs, pip
     events_path, raw, flows, tasks = prefect_runs
     protocol, collector, jaeger, tempo = pipeline
     service = f"prefect-e2e-{uuid.uuid4().hex[:8]}"
-    endpoint = (f"http://{collector.otlp_grpc_endpoint}" if protocol == "grpc"
-                else collector.otlp_http_endpoint)
-    env = dict(os.environ, OTEL_EXPORTER_OTLP_ENDPOINT=endpoint,
-               OTEL_EXPORTER_OTLP_PROTOCOL=protocol, OTEL_SERVICE_NAME=service)
-    result = subprocess.run([sys.executable, "-m", "otel_bridge", "convert", str(events_path),
-                             "--to", "otlp"], cwd=ROOT, env=env, capture_output=True, text=True,
-                            timeout=120)
-    assert result.returncode == 0, result.stderr
+    convert_to_otlp([events_path], collector, protocol, service)
 
     # The reference for the order of state events: the same conversion in process.
     reference = {s.attributes["prefect.resource.id"]: s for s in convert(raw)}

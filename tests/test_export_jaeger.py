@@ -4,21 +4,11 @@ read back through Jaeger's query API and checked span by span."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import uuid
 
 import pytest
-from helpers import SAMPLES, convert, load_jsonl
-from support.backends import jaeger as run_jaeger
+from helpers import SAMPLES, convert, convert_to_otlp, load_jsonl
 from support.backends import wait_until
-
-
-@pytest.fixture(scope="module")
-def jaeger():
-    with run_jaeger() as j:
-        yield j
 
 
 def tags(obj) -> dict:
@@ -28,15 +18,7 @@ def tags(obj) -> dict:
 @pytest.mark.parametrize("protocol", ["grpc", "http/protobuf"])
 def test_convert_exports_every_span_to_jaeger(jaeger, protocol, tmp_path):
     service = f"prefect-{uuid.uuid4().hex[:8]}"
-    endpoint = (f"http://{jaeger.otlp_grpc_endpoint}" if protocol == "grpc"
-                else jaeger.otlp_http_endpoint)
-    env = dict(os.environ, OTEL_EXPORTER_OTLP_ENDPOINT=endpoint,
-               OTEL_EXPORTER_OTLP_PROTOCOL=protocol, OTEL_SERVICE_NAME=service)
-    inputs = [str(p) for p in sorted(SAMPLES.glob("*.jsonl"))]
-    result = subprocess.run([sys.executable, "-m", "otel_bridge", "convert", *inputs,
-                             "--to", "otlp"], capture_output=True, text=True, env=env,
-                            timeout=120)
-    assert result.returncode == 0, result.stderr
+    convert_to_otlp(sorted(SAMPLES.glob("*.jsonl")), jaeger, protocol, service)
 
     expected = convert([e for p in sorted(SAMPLES.glob("*.jsonl")) for e in load_jsonl(p)])
     for trace_id in {s.trace_id for s in expected}:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 import pytest
-from helpers import FIXTURES, convert, load_jsonl, state_names
+from helpers import FIXTURES, convert, load_jsonl
 from opentelemetry.trace import StatusCode
 from test_roundtrip import by_id, round_trip, state_events
 

@@ -10,7 +10,7 @@ from datetime import datetime, timedelta, timezone
 
 import httpx
 import pytest
-from helpers import ROOT, by_name, convert
+from helpers import ROOT, convert
 
 from otel_bridge.demo.run import settled_events
 from otel_bridge.demo.server import LocalPrefectServer

@@ -19,7 +19,7 @@ from uuid import UUID
 
 from opentelemetry.trace import StatusCode
 
-from otel_bridge.model.events import PREFECT_TRACEPARENT_LABEL, Event, EventRejected, Labels
+from otel_bridge.model.events import PREFECT_TRACEPARENT_LABEL, Event, EventRejected
 from otel_bridge.model.spans import AttributeValue, Span, SpanEvent, SpanLink
 from otel_bridge.model.states import StateType
 from otel_bridge.translate.ids import span_id_for, trace_id_for

@@ -115,6 +115,15 @@ def test_real_flows_reach_jaeger_and_tempo_through_the_sidecar(prefect_runs, pip
         lambda: (ts := jaeger.traces_by_service(service)) and len(ts) >= len(trace_ids) and ts,
         30, what="every flow run's trace in Jaeger's search")
     assert {t["traceID"] for t in found} == trace_ids
+    # And each in Tempo's search by a prefect.* attribute (Tempo 1.5, the one
+    # that builds here, has tag search; TraceQL came with Tempo 2).
+    for flow in flows:
+        tid = hex_trace(f"prefect.flow-run.{flow['id']}")
+        hits = backends.wait_until(
+            lambda: [t for t in tempo.search(tags={"prefect.run.id": flow["id"]}).get("traces", [])
+                     if int(t["traceID"], 16) == int(tid, 16)],
+            60, what=f"flow run {flow['id']} in Tempo's search by prefect.run.id")
+        assert len(hits) == 1
 
     runs = [("flow", f, f"prefect.flow-run.{f['id']}") for f in flows] + \
            [("task", t, f"prefect.task-run.{t['id']}") for t in tasks]

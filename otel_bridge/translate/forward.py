@@ -178,9 +178,13 @@ def run_span(
     start_ns = to_unix_nano(start.occurred)
     end_ns = max(start_ns, to_unix_nano(last.occurred))
 
-    trace_id, parent_span_id = _placement(key, ordered)
+    trace_id, parent_span_id = placement(key, ordered)
     links: list[SpanLink] = []
     prefect_context = _prefect_traceparent(ordered)
+    if prefect_context and prefect_context[1] == span_id_for(key.resource_id):
+        # The label names this very span (an engine that dual-emits set it,
+        # as Prefect does with its own): neither a link nor a parent.
+        prefect_context = None
     if prefect_context and options.prefect_trace_context == "adopt":
         trace_id, parent_span_id = prefect_context[0], prefect_context[1]
     elif prefect_context and options.prefect_trace_context == "link":
@@ -220,7 +224,7 @@ def to_unix_nano(moment: datetime) -> int:
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 
-def _placement(key: RunKey, events: Sequence[Event]) -> tuple[int, Optional[int]]:
+def placement(key: RunKey, events: Sequence[Event]) -> tuple[int, Optional[int]]:
     """Trace id and parent span id: a task sits under its parent task if it is
     nested, else under its flow run; the trace is the flow run's."""
     own = key.resource_id

@@ -73,27 +73,43 @@ def truncated(message: str, limit: int = STATE_MESSAGE_LIMIT) -> str:
     return proposed if len(proposed) < len(message) else message
 
 
+class TaskRunEventBuilder:
+    """Builds a task run's events one state at a time, as the engine does:
+    it keeps the run count, start and end time and total run time, and
+    chains each event to the one before (`follows`)."""
+
+    def __init__(self, run: TaskRunRecord):
+        self.run = run
+        self.events: list[Event] = []
+        self._run_count = 0
+        self._start_time: Optional[datetime] = None
+        self._end_time: Optional[datetime] = None
+        self._total_run_time = 0.0
+        self._previous: Optional[StateRecord] = None
+
+    def add(self, state: StateRecord) -> Event:
+        previous = self._previous
+        if previous is not None and previous.type is StateType.RUNNING:
+            self._total_run_time += (state.timestamp - previous.timestamp).total_seconds()
+        if state.type is StateType.RUNNING:
+            self._run_count += 1
+            self._start_time = self._start_time or state.timestamp
+        if state.type.is_terminal:
+            self._end_time = state.timestamp
+        task_run = _task_run_payload(
+            self.run, self._run_count, self._start_time, self._end_time, self._total_run_time
+        )
+        event = _event(self.run, previous, state, self._run_count, task_run,
+                       self.events[-1].id if self.events else None)
+        self.events.append(event)
+        self._previous = state
+        return event
+
+
 def task_run_state_events(run: TaskRunRecord, states: Sequence[StateRecord]) -> list[Event]:
     """The events of `run` passing through `states`, in order."""
-    events: list[Event] = []
-    run_count = 0
-    start_time: Optional[datetime] = None
-    end_time: Optional[datetime] = None
-    total_run_time = 0.0
-    previous: Optional[StateRecord] = None
-    for state in states:
-        if previous is not None and previous.type is StateType.RUNNING:
-            total_run_time += (state.timestamp - previous.timestamp).total_seconds()
-        if state.type is StateType.RUNNING:
-            run_count += 1
-            start_time = start_time or state.timestamp
-        if state.type.is_terminal:
-            end_time = state.timestamp
-        task_run = _task_run_payload(run, run_count, start_time, end_time, total_run_time)
-        events.append(_event(run, previous, state, run_count, task_run,
-                             events[-1].id if events else None))
-        previous = state
-    return events
+    builder = TaskRunEventBuilder(run)
+    return [builder.add(state) for state in states]
 
 
 def _task_run_payload(run, run_count, start_time, end_time, total_run_time) -> dict[str, Any]:

@@ -1,0 +1,120 @@
+"""The OpenTelemetry side of dual emission: a tracer whose spans can be given
+otel-bridge's deterministic ids, and a TracerProvider from the OTEL_* variables.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import weakref
+from typing import Optional
+
+from opentelemetry import trace
+from opentelemetry.sdk.trace import Tracer as SdkTracer
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.id_generator import IdGenerator
+
+from otel_bridge.sinks.sdk import SCOPE, resource_from_env
+
+
+class _DeterministicIds(IdGenerator):
+    """Hands out the ids set for the span being started on this thread, and
+    defers to the provider's own generator otherwise (other code sharing the
+    tracer keeps its random ids)."""
+
+    def __init__(self, fallback: IdGenerator):
+        self._fallback = fallback
+        self._pending = threading.local()
+
+    def set_next(self, trace_id: int, span_id: int) -> None:
+        self._pending.ids = (trace_id, span_id)
+
+    def clear(self) -> None:
+        self._pending.ids = None
+
+    def _ids(self):
+        return getattr(self._pending, "ids", None)
+
+    def generate_trace_id(self) -> int:
+        ids = self._ids()
+        return ids[0] if ids else self._fallback.generate_trace_id()
+
+    def generate_span_id(self) -> int:
+        ids = self._ids()
+        return ids[1] if ids else self._fallback.generate_span_id()
+
+    def is_trace_id_random(self) -> bool:
+        # Derived ids are not random (W3C trace-context level 2 flag).
+        return False if self._ids() else self._fallback.is_trace_id_random()
+
+
+_tracers: "weakref.WeakKeyDictionary[TracerProvider, tuple[SdkTracer, _DeterministicIds]]" = (
+    weakref.WeakKeyDictionary()
+)
+_lock = threading.Lock()
+
+
+def bridge_tracer(
+    provider: Optional[trace.TracerProvider] = None,
+) -> Optional[tuple[SdkTracer, _DeterministicIds]]:
+    """otel-bridge's tracer from `provider` (default: the global one), set up
+    for deterministic ids; None when the provider is not the SDK's (the API's
+    no-op default, or another implementation), so no span is made."""
+    provider = provider if provider is not None else trace.get_tracer_provider()
+    if not isinstance(provider, TracerProvider):
+        return None
+    found = _tracers.get(provider)
+    if found is not None:
+        return found
+    with _lock:
+        found = _tracers.get(provider)
+        if found is None:
+            tracer = provider.get_tracer(SCOPE.name, SCOPE.version)
+            if not isinstance(tracer, SdkTracer):  # a disabled provider
+                return None
+            ids = tracer.id_generator
+            if not isinstance(ids, _DeterministicIds):
+                ids = _DeterministicIds(ids)
+                tracer.id_generator = ids
+            found = _tracers[provider] = (tracer, ids)
+    return found
+
+
+def tracer_provider_from_env(
+    *, fallback: str = "none", set_global: bool = False
+) -> TracerProvider:
+    """A TracerProvider configured from the standard variables.
+
+    Resource: `OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES` (service.name
+    defaults to "prefect", as the sidecar's). Exporter: `OTEL_TRACES_EXPORTER`
+    (`otlp`, `console` or `none`); when it is unset, OTLP if
+    `OTEL_EXPORTER_OTLP_ENDPOINT` or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` is
+    set, else `fallback`. The OTLP exporter takes its protocol, endpoint,
+    headers, ... from the `OTEL_EXPORTER_OTLP_*` variables. With `set_global`
+    it becomes the global provider (which can be set once per process)."""
+    from opentelemetry.sdk.trace.export import (
+        BatchSpanProcessor,
+        ConsoleSpanExporter,
+        SimpleSpanProcessor,
+    )
+
+    provider = TracerProvider(resource=resource_from_env())
+    choice = (os.environ.get("OTEL_TRACES_EXPORTER") or "").strip().lower()
+    if not choice:
+        has_endpoint = os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get(
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"
+        )
+        choice = "otlp" if has_endpoint else fallback
+    for name in (c.strip() for c in choice.split(",")):
+        if name == "otlp":
+            from otel_bridge.sinks.otlp import exporter_from_env
+
+            provider.add_span_processor(BatchSpanProcessor(exporter_from_env()))
+        elif name == "console":
+            provider.add_span_processor(SimpleSpanProcessor(ConsoleSpanExporter()))
+        elif name not in ("none", ""):
+            raise ValueError(f"OTEL_TRACES_EXPORTER={name!r} is not supported "
+                             "(use otlp, console or none)")
+    if set_global:
+        trace.set_tracer_provider(provider)
+    return provider

@@ -16,7 +16,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import httpx
 
-__all__ = ["build_event_filter", "read_events", "read_all_events", "PAGE_SIZE"]
+__all__ = ["build_event_filter", "page_token", "read_events", "read_all_events", "PAGE_SIZE"]
 
 # The server's maximum (INTERACTIVE_PAGE_SIZE); larger limits are rejected (422).
 PAGE_SIZE = 50
@@ -84,7 +84,7 @@ def _headers(api_key: Optional[str]) -> dict[str, str]:
     return headers
 
 
-def _page_token(next_page: str) -> str:
+def page_token(next_page: str) -> str:
     # The server builds next_page from the URL *it* was reached at, which is
     # wrong behind a proxy; take only the token and ask our own api_url.
     values = parse_qs(urlsplit(next_page).query).get("page-token")
@@ -148,7 +148,7 @@ def read_events(
                 return
             resp = http.get(
                 f"{base}/events/filter/next",
-                params={"page-token": _page_token(next_page)},
+                params={"page-token": page_token(next_page)},
                 headers=all_headers,
             )
             resp.raise_for_status()

@@ -15,24 +15,45 @@ The stream is lossy: the server keeps at most 256 undelivered events per
 subscriber and silently drops the rest.  Use it for liveness, and the REST API
 (prefect_rest) for completeness.
 
-Reconnecting is not done here yet.  It would wrap ``_open`` in a retry loop
-inside ``frames()``, re-sending the filter with ``backfill`` and a ``since``
-of the last event seen, and dropping ids already yielded (as Prefect's own
-PrefectEventSubscriber does).
+``ReconnectingEventStream`` adds what a long-running consumer needs, like
+Prefect's own PrefectEventSubscriber: it reconnects after any drop (exponential
+backoff with jitter, optionally bounded), resumes with ``backfill`` and an
+``occurred.since`` a little before the newest event seen, and drops ids it
+already yielded.  Refusals that a retry cannot fix (bad credentials, a rejected
+filter, a URL that is not a Prefect API) raise at once instead.
 """
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import json
+import logging
+import os
+import random
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Any, AsyncIterator, Optional, Union
+from typing import Any, AsyncIterator, Callable, Iterator, Optional, Union
 
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, ConnectionClosedOK
+from websockets.exceptions import (
+    ConnectionClosed,
+    ConnectionClosedOK,
+    InvalidHandshake,
+    InvalidStatus,
+    InvalidURI,
+)
 from websockets.typing import Subprotocol
 
+logger = logging.getLogger(__name__)
+
 __all__ = [
+    "Backoff",
+    "PrefectApi",
     "PrefectEventStream",
+    "ReconnectingEventStream",
+    "parse_occurred",
+    "resolve_api",
     "PrefectStreamError",
     "events_out_url",
     "live_filter",
@@ -42,6 +63,95 @@ __all__ = [
 
 class PrefectStreamError(RuntimeError):
     """The server refused the subscription (auth or filter) or broke protocol."""
+
+
+@dataclass(frozen=True)
+class PrefectApi:
+    """Where the Prefect API is and how to authenticate to it."""
+
+    url: str
+    api_key: Optional[str] = None
+    auth_string: Optional[str] = None
+
+    @property
+    def ws_token(self) -> Optional[str]:
+        # The token of the websocket auth frame: the key (Cloud) or else the
+        # self-hosted auth string, in that order, as PrefectEventSubscriber does.
+        return self.api_key or self.auth_string
+
+    def http_headers(self) -> dict[str, str]:
+        # PrefectClient prefers the auth string (Basic) over the key (Bearer).
+        if self.auth_string:
+            token = base64.b64encode(self.auth_string.encode()).decode()
+            return {"Authorization": f"Basic {token}"}
+        if self.api_key:
+            return {"Authorization": f"Bearer {self.api_key}"}
+        return {}
+
+
+def resolve_api(
+    api_url: Optional[str] = None,
+    api_key: Optional[str] = None,
+    auth_string: Optional[str] = None,
+    *,
+    env: Optional[dict[str, str]] = None,
+) -> PrefectApi:
+    """Arguments first, then PREFECT_API_URL / PREFECT_API_KEY / PREFECT_API_AUTH_STRING.
+
+    Raises ValueError for a missing or non-http URL: a sidecar should fail at
+    start with a readable message, not retry a URL that can never work.
+    """
+    env = os.environ if env is None else env
+    url = api_url or env.get("PREFECT_API_URL")
+    if not url:
+        raise ValueError("no Prefect API URL: pass api_url or set PREFECT_API_URL")
+    if not url.startswith(("http://", "https://")):
+        raise ValueError(
+            f"Prefect API URL must be http(s)://host[:port]/api, got {url!r}"
+        )
+    return PrefectApi(
+        url=url.rstrip("/"),
+        api_key=api_key or env.get("PREFECT_API_KEY") or None,
+        auth_string=auth_string or env.get("PREFECT_API_AUTH_STRING") or None,
+    )
+
+
+def parse_occurred(value: str) -> datetime:
+    """An event timestamp as an aware UTC datetime (Python 3.10 rejects "Z")."""
+    if value.endswith("Z"):
+        value = value[:-1] + "+00:00"
+    ts = datetime.fromisoformat(value)
+    return ts if ts.tzinfo else ts.replace(tzinfo=timezone.utc)
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Delays between connection attempts: exponential, capped, jittered.
+
+    The cap bounds how late we notice a server that came back; the jitter
+    keeps many sidecars from reconnecting in lockstep after a server restart.
+    ``max_attempts`` None retries for ever (a sidecar outlives server
+    restarts); a number makes the stream raise after that many consecutive
+    failed attempts.
+    """
+
+    initial: float = 0.5
+    maximum: float = 30.0
+    multiplier: float = 2.0
+    jitter: float = 0.5  # the randomised fraction of each delay
+    max_attempts: Optional[int] = None
+
+    def delay(self, attempt: int) -> float:
+        """Seconds to wait before attempt number ``attempt + 1`` (attempt >= 1)."""
+        exponent = min(max(attempt - 1, 0), 64)  # no float overflow after long outages
+        base = min(self.maximum, self.initial * self.multiplier**exponent)
+        return base * (1 - self.jitter) + random.uniform(0, base * self.jitter)
+
+    def delays(self) -> Iterator[float]:
+        attempt = 1
+        while self.max_attempts is None or attempt < self.max_attempts:
+            yield self.delay(attempt)
+            attempt += 1
 
 
 def events_out_url(api_url: str) -> str:
@@ -132,6 +242,8 @@ class PrefectEventStream:
             try:
                 reply = json.loads(await ws.recv())
             except ConnectionClosed as exc:
+                if not _is_refusal(exc):
+                    raise  # a dropped connection, not a verdict: retryable
                 reason = exc.rcvd.reason if exc.rcvd else ""
                 raise PrefectStreamError(
                     f"event stream refused authentication: {reason or exc}"
@@ -195,3 +307,202 @@ async def subscribe(
         source = stream.frames() if raw else stream.events()
         async for item in source:
             yield item
+
+
+# Close codes with which the server gives a verdict rather than drops us:
+# 1008 policy violation (authentication), 1002 protocol error (bad filter).
+_REFUSAL_CODES = (1002, 1008)
+
+
+def _is_refusal(exc: ConnectionClosed) -> bool:
+    return exc.rcvd is not None and exc.rcvd.code in _REFUSAL_CODES
+
+
+def _fatal_reason(exc: BaseException, url: str) -> Optional[str]:
+    """Why ``exc`` cannot be cured by retrying, or None if it might be."""
+    if isinstance(exc, PrefectStreamError):
+        return str(exc)
+    if isinstance(exc, InvalidURI):
+        return f"invalid event stream URL {url!r}: {exc}"
+    if isinstance(exc, InvalidStatus):
+        status = exc.response.status_code
+        # 5xx, 408 and 429 are a server in trouble; anything else is an answer
+        # (404: not a Prefect API; 401/403: credentials) that will not change.
+        if status >= 500 or status in (408, 429):
+            return None
+        return (
+            f"{url} answered HTTP {status} to the websocket upgrade; is the API "
+            "URL right (http(s)://host:port/api) and the key valid?"
+        )
+    if isinstance(exc, ConnectionClosed) and _is_refusal(exc):
+        reason = exc.rcvd.reason if exc.rcvd else ""
+        return f"event stream refused the subscription: {reason or exc}"
+    return None
+
+
+# Drops and refusals of the transport: worth another attempt.
+_RETRYABLE = (OSError, asyncio.TimeoutError, ConnectionClosed, InvalidHandshake)
+
+
+class ReconnectingEventStream:
+    """Live events that survive disconnects: ``async for event in s.events()``.
+
+    * Reconnects after any drop, including a clean close by the server (a
+      restarting server says 1001 "going away"); only ``close()`` ends it.
+    * Waits ``backoff`` between failed attempts; gives up with
+      PrefectStreamError after ``backoff.max_attempts`` consecutive failures.
+      Refusals (bad key, bad filter, HTTP 4xx) raise at once.
+    * Resumes with ``backfill`` from ``resume_margin`` before the newest
+      ``occurred`` seen (never before ``resume_floor()``, if given), and skips
+      ids it already yielded.  The backfill only has what the server has
+      persisted, so events still in flight during the gap can be missed: the
+      stream narrows the gap, the REST reconciliation closes it.
+    """
+
+    def __init__(
+        self,
+        api_url: Optional[str] = None,
+        event_filter: Optional[dict[str, Any]] = None,
+        *,
+        api_key: Optional[str] = None,
+        since: Optional[datetime] = None,
+        backoff: Backoff = Backoff(),
+        resume_margin: timedelta = timedelta(seconds=60),
+        resume_floor: Optional[Callable[[], Optional[datetime]]] = None,
+        open_timeout: float = 10.0,
+    ) -> None:
+        self.api = resolve_api(api_url, api_key)
+        self.url = events_out_url(self.api.url)
+        self.event_filter = {k: v for k, v in (event_filter or {}).items() if k != "occurred"}
+        self.since = since or datetime.now(timezone.utc)
+        self.backoff = backoff
+        self.resume_margin = resume_margin
+        self.resume_floor = resume_floor
+        self.open_timeout = open_timeout
+        self.newest_occurred: Optional[datetime] = None
+        # Counters, for metrics.
+        self.connections = 0
+        self.reconnects = 0
+        self.connect_failures = 0
+        self.duplicates_dropped = 0
+        self.connected = False
+        self._seen: dict[str, datetime] = {}
+        self._prune_at = 1024
+        self._stream: Optional[PrefectEventStream] = None
+        self._closed = False
+
+    def _resume_since(self) -> datetime:
+        since = self.since
+        if self.newest_occurred is not None:
+            since = max(since, self.newest_occurred - self.resume_margin)
+        floor = self.resume_floor() if self.resume_floor else None
+        return max(since, floor) if floor is not None else since
+
+    async def _connect(self) -> PrefectEventStream:
+        flt = dict(self.event_filter)
+        flt["occurred"] = {
+            "since": self._resume_since().isoformat(),
+            # Live events must pass the server's `until` too (see live_filter).
+            "until": (datetime.now(timezone.utc) + timedelta(days=365)).isoformat(),
+        }
+        stream = PrefectEventStream(
+            self.api.url,
+            flt,
+            # The first connection starts now; later ones replay the gap.
+            backfill=self.connections > 0,
+            api_key=self.api.ws_token,
+            open_timeout=self.open_timeout,
+        )
+        await asyncio.wait_for(stream._open(), self.open_timeout * 2)
+        return stream
+
+    def _remember(self, event_id: str, occurred: datetime) -> bool:
+        """False if already yielded; bounded to ids a resume could replay."""
+        if event_id in self._seen:
+            return False
+        self._seen[event_id] = occurred
+        if len(self._seen) >= self._prune_at and self.newest_occurred is not None:
+            # A resume never asks for events older than newest - margin.
+            horizon = self.newest_occurred - self.resume_margin
+            self._seen = {k: v for k, v in self._seen.items() if v >= horizon}
+            self._prune_at = max(1024, 2 * len(self._seen))
+        return True
+
+    async def events(self) -> AsyncIterator[dict[str, Any]]:
+        loop = asyncio.get_running_loop()
+        failures = 0
+        while not self._closed:
+            try:
+                self._stream = await self._connect()
+            except _RETRYABLE + (PrefectStreamError,) as exc:
+                reason = _fatal_reason(exc, self.url)
+                if reason is not None:
+                    raise PrefectStreamError(reason) from exc
+                failures += 1
+                self.connect_failures += 1
+                await self._wait_before_retry(failures, exc)
+                continue
+            if self.connections > 0:
+                self.reconnects += 1
+            self.connections += 1
+            self.connected = True
+            delivered = False
+            opened = loop.time()
+            try:
+                async for _, frame in self._stream._event_frames():
+                    delivered = True
+                    event = frame["event"]
+                    occurred = parse_occurred(event["occurred"])
+                    if self.newest_occurred is None or occurred > self.newest_occurred:
+                        self.newest_occurred = occurred
+                    if not self._remember(event["id"], occurred):
+                        self.duplicates_dropped += 1
+                        continue
+                    yield event
+                exc: BaseException = EOFError("the server closed the event stream")
+            except ConnectionClosed as closed:
+                exc = closed
+            finally:
+                self.connected = False
+                stream, self._stream = self._stream, None
+                if stream is not None:
+                    await stream.close()
+            if self._closed:
+                return
+            reason = _fatal_reason(exc, self.url)
+            if reason is not None:
+                raise PrefectStreamError(reason) from exc
+            # A connection that worked resets the count; one that died at once
+            # keeps backing off (a server that accepts and drops would
+            # otherwise be hammered).
+            worked = delivered or loop.time() - opened > self.backoff.maximum
+            failures = 1 if worked else failures + 1
+            await self._wait_before_retry(failures, exc)
+
+    async def _wait_before_retry(self, failures: int, exc: BaseException) -> None:
+        limit = self.backoff.max_attempts
+        if limit is not None and failures >= limit:
+            raise PrefectStreamError(
+                f"gave up on {self.url} after {failures} failed attempts; last error: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+        delay = self.backoff.delay(failures)
+        logger.warning(
+            "event stream %s: %s: %s; reconnecting in %.1fs (attempt %d)",
+            self.url, type(exc).__name__, exc, delay, failures + 1,
+        )
+        await asyncio.sleep(delay)
+
+    async def drop_connection(self) -> None:
+        """Close the current connection as if the network cut it (for tests and
+        for a consumer that wants a fresh connection); the stream reconnects."""
+        stream = self._stream
+        if stream is not None and stream._ws is not None:
+            stream._ws.transport.abort()
+
+    async def close(self) -> None:
+        """End ``events()``: the generator returns after its current step."""
+        self._closed = True
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            await stream.close()

@@ -16,6 +16,8 @@ from urllib.parse import parse_qs, urlsplit
 
 import httpx
 
+from otel_bridge.sources.prefect_ws import PrefectApi
+
 __all__ = ["build_event_filter", "page_token", "read_events", "read_all_events", "PAGE_SIZE"]
 
 # The server's maximum (INTERACTIVE_PAGE_SIZE); larger limits are rejected (422).
@@ -75,13 +77,9 @@ def build_event_filter(
 
 
 def _headers(api_key: Optional[str]) -> dict[str, str]:
-    # Same header Prefect's own client sends (PrefectClient: Bearer <key>); a
-    # self-hosted server with PREFECT_SERVER_API_AUTH_STRING wants Basic
-    # auth instead, which callers can pass via `headers`.
-    headers = {"Accept": "application/json"}
-    if api_key:
-        headers["Authorization"] = f"Bearer {api_key}"
-    return headers
+    # The same Authorization header as the subscription's (PrefectApi), so
+    # there is one place that knows how Prefect's client authenticates.
+    return {"Accept": "application/json", **PrefectApi("", api_key=api_key).http_headers()}
 
 
 def page_token(next_page: str) -> str:

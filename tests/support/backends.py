@@ -500,12 +500,11 @@ class JaegerClient:
         )
 
 
-@dataclass
-class Jaeger(JaegerClient):
-    process: BackendProcess
+class _OtlpReceiver:
+    """The OTLP endpoints of a backend process, from its port names."""
 
-    def __post_init__(self) -> None:
-        JaegerClient.__init__(self, f"http://{LOOPBACK}:{self.process.ports['query_http']}")
+    process: BackendProcess
+    _GRPC_PORT, _HTTP_PORT = "otlp_grpc", "otlp_http"
 
     @property
     def ports(self) -> dict[str, int]:
@@ -514,17 +513,25 @@ class Jaeger(JaegerClient):
     @property
     def otlp_grpc_endpoint(self) -> str:
         """host:port for an OTLP/gRPC exporter (insecure)."""
-        return f"{LOOPBACK}:{self.ports['otlp_grpc']}"
+        return f"{LOOPBACK}:{self.ports[self._GRPC_PORT]}"
 
     @property
     def otlp_http_endpoint(self) -> str:
         """Base URL of the OTLP/HTTP receiver (the Collector's otlp_http exporter form)."""
-        return f"http://{LOOPBACK}:{self.ports['otlp_http']}"
+        return f"http://{LOOPBACK}:{self.ports[self._HTTP_PORT]}"
 
     @property
     def otlp_http_traces_url(self) -> str:
         """Full /v1/traces URL (the Python OTLPSpanExporter's endpoint form)."""
         return f"{self.otlp_http_endpoint}/v1/traces"
+
+
+@dataclass
+class Jaeger(_OtlpReceiver, JaegerClient):
+    process: BackendProcess
+
+    def __post_init__(self) -> None:
+        JaegerClient.__init__(self, f"http://{LOOPBACK}:{self.process.ports['query_http']}")
 
     @property
     def query_grpc_endpoint(self) -> str:
@@ -568,25 +575,10 @@ def jaeger(*, max_traces: int = 100_000, timeout: float = 60.0,
 
 
 @dataclass
-class Collector:
+class Collector(_OtlpReceiver):
     process: BackendProcess
     env: dict[str, str]
-
-    @property
-    def ports(self) -> dict[str, int]:
-        return self.process.ports
-
-    @property
-    def otlp_grpc_endpoint(self) -> str:
-        return f"{LOOPBACK}:{self.ports['OTELCOL_OTLP_GRPC_PORT']}"
-
-    @property
-    def otlp_http_endpoint(self) -> str:
-        return f"http://{LOOPBACK}:{self.ports['OTELCOL_OTLP_HTTP_PORT']}"
-
-    @property
-    def otlp_http_traces_url(self) -> str:
-        return f"{self.otlp_http_endpoint}/v1/traces"
+    _GRPC_PORT, _HTTP_PORT = "OTELCOL_OTLP_GRPC_PORT", "OTELCOL_OTLP_HTTP_PORT"
 
     @property
     def health_url(self) -> str:
@@ -735,28 +727,12 @@ class TempoClient:
 
 
 @dataclass
-class Tempo(TempoClient):
+class Tempo(_OtlpReceiver, TempoClient):
     process: BackendProcess
     version: str | None = None
 
     def __post_init__(self) -> None:
         TempoClient.__init__(self, f"http://{LOOPBACK}:{self.process.ports['http']}")
-
-    @property
-    def ports(self) -> dict[str, int]:
-        return self.process.ports
-
-    @property
-    def otlp_grpc_endpoint(self) -> str:
-        return f"{LOOPBACK}:{self.ports['otlp_grpc']}"
-
-    @property
-    def otlp_http_endpoint(self) -> str:
-        return f"http://{LOOPBACK}:{self.ports['otlp_http']}"
-
-    @property
-    def otlp_http_traces_url(self) -> str:
-        return f"{self.otlp_http_endpoint}/v1/traces"
 
 
 @contextlib.contextmanager

@@ -13,7 +13,9 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace import Tracer as SdkTracer
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.id_generator import IdGenerator
+from opentelemetry.trace import SpanContext, Status, TraceFlags
 
+from otel_bridge.model.spans import Span
 from otel_bridge.sinks.sdk import SCOPE, resource_from_env
 
 
@@ -118,3 +120,16 @@ def tracer_provider_from_env(
     if set_global:
         trace.set_tracer_provider(provider)
     return provider
+
+
+def finish_live_span(span: trace.Span, final: Span) -> None:
+    """Give a live SDK span the events, links and status of `final` (the
+    forward bridge's span of the same run) and end it at `final`'s end."""
+    for event in final.events:
+        span.add_event(event.name, dict(event.attributes), event.time_unix_nano)
+    for link in final.links:
+        span.add_link(SpanContext(link.trace_id, link.span_id, is_remote=True,
+                                  trace_flags=TraceFlags(link.trace_flags)),
+                      dict(link.attributes))
+    span.set_status(Status(final.status_code, final.status_message or None))
+    span.end(final.end_time_unix_nano)

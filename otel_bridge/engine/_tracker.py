@@ -15,7 +15,7 @@ from uuid import UUID
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
-from opentelemetry.trace import NonRecordingSpan, SpanContext, Status, TraceFlags
+from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 
 from otel_bridge.model.events import Event, Labels
 from otel_bridge.model.spans import Span
@@ -30,7 +30,7 @@ from otel_bridge.translate.task_run_events import (
 )
 
 from ._sinks import EventSink, as_callable
-from ._tracing import bridge_tracer
+from ._tracing import bridge_tracer, finish_live_span
 
 log = logging.getLogger("otel_bridge.engine")
 
@@ -289,14 +289,7 @@ class TaskRunTracker:
             return
         span.update_name(final.name)
         span.set_attributes(dict(final.attributes))
-        for event in final.events:
-            span.add_event(event.name, dict(event.attributes), event.time_unix_nano)
-        for link in final.links:
-            span.add_link(SpanContext(link.trace_id, link.span_id, is_remote=True,
-                                      trace_flags=TraceFlags(link.trace_flags)),
-                          dict(link.attributes))
-        span.set_status(Status(final.status_code, final.status_message or None))
-        span.end(final.end_time_unix_nano)
+        finish_live_span(span, final)
 
     # -- context manager ---------------------------------------------------
 

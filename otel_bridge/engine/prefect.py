@@ -1,0 +1,308 @@
+"""Dual emission inside real Prefect (3.9.x): one line makes an unchanged
+flow's task runs produce otel-bridge's spans in process.
+
+    import otel_bridge.engine.prefect
+    otel_bridge.engine.prefect.enable()   # before the flow runs
+
+    @flow
+    def etl(): ...
+
+What it does, per task run:
+
+* While the task runs, the span Prefect's own `RunTelemetry` makes current
+  (it wraps the task body in `trace.use_span`) is a span context with
+  otel-bridge's deterministic ids: trace id of the flow run, span id of the
+  task run (`otel_bridge.translate.ids`). So a span the user opens inside the
+  task is a child of the task run's span, and the `__OTEL_TRACEPARENT` label
+  Prefect puts on the task run (and so on its events) names that same span,
+  which the forward bridge recognises as itself (no link, no reparenting).
+* Prefect's events worker hands every event it sends to otel-bridge as well.
+  When a task run's final state event has been sent, the run's span is
+  recorded through the OpenTelemetry SDK with exactly the content the sidecar
+  would give it: `run_span(events)` of the very events Prefect sent (name,
+  start/end, attributes, span events, status). A run that is also seen by a
+  sidecar gives one span, not two.
+
+Spans need an OpenTelemetry SDK `TracerProvider`: the one passed to
+`enable`, else the global one, else (with `from_env=True`, the default) one
+set up from the standard `OTEL_*` variables and installed globally. Flow runs
+keep Prefect's own flow span, if Prefect makes one.
+
+Prefect 3.9.1 offers no public hook for either half: `EventsWorker`'s client
+override cannot be used to observe events (`emit_event` only emits when the
+worker's client type is one of Prefect's own classes, by identity) and
+`RunTelemetry` always takes its tracer from the global provider. So `enable`
+wraps two methods, in `_install` below and nowhere else:
+`prefect.telemetry.run_telemetry.RunTelemetry._start_span` (task runs only)
+and `prefect.events.worker.EventsWorker._handle` (after the event is sent).
+`disable` restores them.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import threading
+from typing import Any, Optional
+from uuid import UUID
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
+
+from otel_bridge.model.events import Event, parse_wire_event
+from otel_bridge.model.spans import Span
+from otel_bridge.translate.forward import TASK_RUN, is_final, run_key, run_span
+from otel_bridge.translate.ids import span_id_for, trace_id_for
+
+from ._tracing import bridge_tracer, finish_live_span, tracer_provider_from_env
+
+__all__ = ["TaskRunSpan", "aflush", "disable", "enable", "flush", "is_enabled"]
+
+log = logging.getLogger("otel_bridge.engine.prefect")
+
+_SAMPLED = TraceFlags(TraceFlags.SAMPLED)
+
+
+class TaskRunSpan(NonRecordingSpan):
+    """What Prefect's task engine holds and makes current while a task runs:
+    the task run's span context, with otel-bridge's ids. Prefect's own calls
+    on it (state events, status, end) are ignored: the recorded span is made
+    from the run's events once its final state has been sent."""
+
+    def __init__(self, context: SpanContext, task_run_id: UUID, parent_span_id: Optional[int]):
+        super().__init__(context)
+        self.task_run_id = task_run_id
+        self.parent_span_id = parent_span_id
+
+    def __repr__(self) -> str:
+        return f"TaskRunSpan({self.task_run_id})"
+
+
+class _Bridge:
+    """The state of one `enable`: the provider, and the events of the task
+    runs whose span is open."""
+
+    def __init__(self, provider: Optional[trace.TracerProvider]):
+        self.provider = provider
+        self._lock = threading.Lock()
+        self._open: dict[str, TaskRunSpan] = {}  # resource id -> span context
+        self._events: dict[str, list[Event]] = {}  # resource id -> events so far
+        self.spans_recorded = 0
+        self.errors = 0
+
+    # -- in the task's context (Prefect's RunTelemetry._start_span) ---------
+
+    def start(self, run: Any) -> Optional[TaskRunSpan]:
+        """The span context of a task run that is starting (None: no SDK)."""
+        if bridge_tracer(self.provider) is None:
+            return None
+        resource_id = f"prefect.{TASK_RUN}.{run.id}"
+        trace_id, parent_span_id = _placement(run)
+        span = TaskRunSpan(
+            SpanContext(trace_id, span_id_for(resource_id), is_remote=False,
+                        trace_flags=_SAMPLED),
+            run.id, parent_span_id)
+        with self._lock:
+            self._open[resource_id] = span
+            self._events.setdefault(resource_id, [])
+        return span
+
+    # -- in the events worker's thread (EventsWorker._handle) ---------------
+
+    def sent(self, prefect_event: Any) -> None:
+        """A Prefect event has been sent: keep it if it is a task run's state
+        event, and record the run's span at its final state."""
+        resource_id = prefect_event.resource.get("prefect.resource.id", "")
+        if not resource_id.startswith(f"prefect.{TASK_RUN}."):
+            return
+        event = parse_wire_event(prefect_event.model_dump(mode="json"))
+        key = run_key(event) if event is not None else None
+        if key is None:
+            return
+        with self._lock:
+            events = self._events.setdefault(resource_id, [])
+            events.append(event)
+            if not is_final(event):
+                return
+            span = self._open.pop(resource_id, None)
+            self._events.pop(resource_id, None)
+        if span is not None:  # else: a run that never started here
+            self._record(span, run_span(events))
+
+    def _record(self, started: TaskRunSpan, final: Span) -> None:
+        found = bridge_tracer(self.provider)
+        if found is None:
+            return
+        tracer, ids = found
+        context = started.get_span_context()
+        if (final.trace_id, final.span_id, final.parent_span_id) != (
+            context.trace_id, context.span_id, started.parent_span_id
+        ):
+            log.warning("otel-bridge: task run %s was placed at %032x/%s while it ran, "
+                        "its events place it at %032x/%s", started.task_run_id,
+                        context.trace_id, started.parent_span_id, final.trace_id,
+                        final.parent_span_id)
+        if final.parent_span_id is not None:
+            parent = SpanContext(final.trace_id, final.parent_span_id, is_remote=False,
+                                 trace_flags=_SAMPLED)
+            ctx = trace.set_span_in_context(NonRecordingSpan(parent), otel_context.Context())
+        else:
+            ctx = otel_context.Context()
+        ids.set_next(final.trace_id, final.span_id)
+        try:
+            span = tracer.start_span(final.name, context=ctx,
+                                     start_time=final.start_time_unix_nano,
+                                     attributes=dict(final.attributes),
+                                     record_exception=False, set_status_on_exception=False)
+        finally:
+            ids.clear()
+        if not span.is_recording():
+            return
+        finish_live_span(span, final)
+        self.spans_recorded += 1
+
+    def open_runs(self) -> list[UUID]:
+        with self._lock:
+            return [span.task_run_id for span in self._open.values()]
+
+
+def _placement(run: Any) -> tuple[int, Optional[int]]:
+    """`forward.placement` from the task run itself (its events name the same
+    flow run and parents): under the parent task run if nested, else under the
+    flow run; the trace is the flow run's."""
+    flow_run = f"prefect.flow-run.{run.flow_run_id}" if run.flow_run_id else None
+    parent_task = None
+    for parent in (run.task_inputs or {}).get("__parents__", ()):
+        input_type = getattr(parent, "input_type", None) or (
+            parent.get("input_type") if isinstance(parent, dict) else None)
+        parent_id = getattr(parent, "id", None) or (
+            parent.get("id") if isinstance(parent, dict) else None)
+        if input_type == "task_run" and parent_id:
+            parent_task = f"prefect.{TASK_RUN}.{parent_id}"
+            break
+    own = f"prefect.{TASK_RUN}.{run.id}"
+    root = flow_run or parent_task or own
+    parent = parent_task or flow_run
+    return trace_id_for(root), span_id_for(parent) if parent else None
+
+
+_bridge: Optional[_Bridge] = None
+_originals: dict[str, Any] = {}
+_install_lock = threading.Lock()
+
+
+def _install() -> None:
+    """The only place otel-bridge changes Prefect: two methods wrapped, both
+    calling Prefect's own code. See the module docstring for why."""
+    from prefect.events.worker import EventsWorker
+    from prefect.telemetry.run_telemetry import RunTelemetry
+
+    original_start_span = RunTelemetry._start_span
+    original_handle = EventsWorker._handle
+
+    @functools.wraps(original_start_span)
+    def _start_span(self, run, parameters=None):
+        # Task runs get otel-bridge's span context (made current by the task
+        # engine for the task body); flow runs keep Prefect's own span.
+        bridge = _bridge
+        if bridge is not None and self._run_type(run) == "task":
+            try:
+                span = bridge.start(run)
+            except Exception:  # telemetry must not break the run
+                bridge.errors += 1
+                log.exception("otel-bridge: could not start the span of task run %s", run.id)
+                span = None
+            if span is not None:
+                self.span = span
+                traceparent = RunTelemetry.traceparent_from_span(span)
+                if traceparent:
+                    run.labels["__OTEL_TRACEPARENT"] = traceparent
+                return traceparent, span
+        return original_start_span(self, run, parameters)
+
+    @functools.wraps(original_handle)
+    async def _handle(self, event):
+        await original_handle(self, event)
+        bridge = _bridge
+        if bridge is not None:
+            try:
+                bridge.sent(event)
+            except Exception:
+                bridge.errors += 1
+                log.exception("otel-bridge: could not record the span for event %s", event.id)
+
+    _originals.update(start_span=original_start_span, handle=original_handle)
+    RunTelemetry._start_span = _start_span
+    EventsWorker._handle = _handle
+
+
+def enable(
+    tracer_provider: Optional[trace.TracerProvider] = None, *, from_env: bool = True
+) -> None:
+    """Switch dual emission on for the Prefect task runs of this process.
+
+    `tracer_provider`: where the spans go; default the global provider at the
+    time each span is made. If there is none (the API's default) and
+    `from_env`, one is set up from the `OTEL_*` variables
+    (`tracer_provider_from_env`, OTLP when an endpoint is set) and installed
+    as the global provider. Calling it again changes the provider."""
+    global _bridge
+    if (tracer_provider is None and from_env
+            and bridge_tracer(trace.get_tracer_provider()) is None):
+        tracer_provider_from_env(set_global=True)
+    with _install_lock:
+        if not _originals:
+            _install()
+        _bridge = _Bridge(tracer_provider)
+
+
+def disable() -> None:
+    """Switch it off and restore Prefect's methods."""
+    global _bridge
+    with _install_lock:
+        _bridge = None
+        if _originals:
+            from prefect.events.worker import EventsWorker
+            from prefect.telemetry.run_telemetry import RunTelemetry
+
+            RunTelemetry._start_span = _originals.pop("start_span")
+            EventsWorker._handle = _originals.pop("handle")
+
+
+def is_enabled() -> bool:
+    return _bridge is not None
+
+
+def flush(timeout: Optional[float] = 30.0) -> list[UUID]:
+    """Send Prefect's pending events (so the spans of finished task runs are
+    recorded) and flush the span processors. Needed only before shutting a
+    TracerProvider down by hand: at interpreter exit Prefect drains its events
+    before the SDK's own exit handler runs. Returns the task runs whose span
+    is still open (not final yet). From async code, `await aflush()`."""
+    from prefect.events.worker import EventsWorker
+
+    waiting = EventsWorker.drain_all(timeout=timeout, at_exit=False)
+    if inspect.isawaitable(waiting):  # a running event loop in this thread
+        waiting.close()
+        raise RuntimeError("otel_bridge.engine.prefect.flush() was called from async "
+                           "code: use `await aflush()`")
+    return _flush_spans()
+
+
+async def aflush(timeout: Optional[float] = 30.0) -> list[UUID]:
+    """`flush` for async code."""
+    from prefect.events.worker import EventsWorker
+
+    await EventsWorker.drain_all(timeout=timeout, at_exit=False)
+    return _flush_spans()
+
+
+def _flush_spans() -> list[UUID]:
+    bridge = _bridge
+    provider = (bridge.provider if bridge is not None else None) or trace.get_tracer_provider()
+    force_flush = getattr(provider, "force_flush", None)
+    if force_flush is not None:
+        force_flush()
+    return bridge.open_runs() if bridge is not None else []

@@ -9,9 +9,9 @@ requires), and several times faster.
 
 from __future__ import annotations
 
-import json
 from typing import IO, Any, Iterable, Sequence
 
+import pydantic_core
 from opentelemetry.sdk.resources import Resource
 
 from otel_bridge.model.otlp import request_json
@@ -36,7 +36,9 @@ class OtlpJsonWriter:
     def export(self, spans: Sequence[Span]) -> None:
         for trace in group_by_trace(spans):
             request = encode_request(trace, self._resource)
-            self._stream.write(json.dumps(request, ensure_ascii=False, separators=(",", ":")))
+            # Compact UTF-8 JSON, as json.dumps(separators=(",", ":"),
+            # ensure_ascii=False) writes it, several times faster.
+            self._stream.write(pydantic_core.to_json(request).decode())
             self._stream.write("\n")
             self.spans_written += len(trace)
         self._stream.flush()

@@ -32,7 +32,9 @@ def server():
     # A server per test: task-run events whose flow run the server does not
     # know fail the recorder's batch (a foreign key), and that held back the
     # recording of other task runs sent just after them (seen here).
-    with LocalPrefectServer() as srv:
+    # The fixtures were captured on some past day: keep the server from
+    # vacuuming events older than its default seven-day retention.
+    with LocalPrefectServer(extra_env={"PREFECT_SERVER_EVENTS_RETENTION_PERIOD": "P3650D"}) as srv:
         yield srv
 
 
@@ -58,12 +60,19 @@ def engine_spans(path):
     path.write_text(json.dumps(request_to_json(encode_spans(exporter.get_finished_spans()))) + "\n")
 
 
-def stored(server, ids, timeout=30):
-    """The server's stored copies of these event ids, once all are there."""
+def occurred(event):
+    return datetime.fromisoformat(event["occurred"].replace("Z", "+00:00"))
+
+
+def stored(server, events, timeout=30):
+    """The server's stored copies of these events, once all are there."""
+    ids = {e["id"] for e in events}
+    # Look from the events' own time, not from now: replayed fixtures are old.
+    since = min(map(occurred, events)) - timedelta(minutes=1)
+    until = max(datetime.now(timezone.utc), max(map(occurred, events))) + timedelta(minutes=1)
     deadline = time.monotonic() + timeout
-    since = datetime.now(timezone.utc) - timedelta(hours=1)
     while True:
-        found = {e["id"]: e for e in read_events(server.api_url, since=since)
+        found = {e["id"]: e for e in read_events(server.api_url, since=since, until=until)
                  if e["id"] in ids}
         if len(found) == len(ids) or time.monotonic() > deadline:
             return found
@@ -89,14 +98,13 @@ def send_and_check(server, spans_file, tmp_path):
     env = dict(os.environ, PREFECT_API_URL=server.api_url)
     result = cli("convert", str(spans_file), "--to", "prefect", env=env)
     assert result.returncode == 0, result.stderr
-    copies = stored(server, {e["id"] for e in events})
+    copies = stored(server, events)
     assert set(copies) == {e["id"] for e in events}
     for event in events:
         copy = copies[event["id"]]
         for field in ("event", "resource", "related", "payload", "follows"):
             assert copy[field] == event[field], field
-        assert datetime.fromisoformat(copy["occurred"].replace("Z", "+00:00")) == \
-            datetime.fromisoformat(event["occurred"].replace("Z", "+00:00"))
+        assert occurred(copy) == occurred(event)
     return events
 
 

@@ -27,7 +27,10 @@ from otel_bridge.translate.forward import is_final, run_key
 
 # Prefect stores events asynchronously; wait this long at most for the last
 # ones after the flow's process has exited.
-SETTLE_TIMEOUT = 30.0
+SETTLE_TIMEOUT = 40.0
+# Prefect's event persister writes a batch at least every 5 s
+# (PREFECT_SERVER_SERVICES_EVENT_PERSISTER_FLUSH_INTERVAL).
+SETTLE_QUIET = 6.0
 
 
 def run_demo(otlp_json_path: str, events_path: str) -> int:
@@ -66,12 +69,17 @@ def run_demo(otlp_json_path: str, events_path: str) -> int:
 
 def settled_events(api_url: str, since: datetime) -> list[dict]:
     """All of the flow's events, once every run in them has reached a final
-    state and two reads in a row agree (or the timeout passes)."""
+    state and the reads have not changed for longer than the server's
+    persister holds events back (or the timeout passes): a whole run's events
+    can still be waiting in its batch while every run already read is final."""
     deadline = time.monotonic() + SETTLE_TIMEOUT
     previous: list[dict] = []
+    stable_since = time.monotonic()
     while True:
         current = list(read_events(api_url, since=since))
-        if current and len(current) == len(previous) and _all_final(current):
+        if len(current) != len(previous):
+            stable_since = time.monotonic()
+        elif current and _all_final(current) and time.monotonic() - stable_since >= SETTLE_QUIET:
             return current
         if time.monotonic() > deadline:
             return current

@@ -77,7 +77,46 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--events-output", default="otel-bridge-demo.events.jsonl",
                       help="where to write the captured Prefect events (default: %(default)s)")
     demo.set_defaults(run=_demo)
+
+    serve = commands.add_parser(
+        "serve",
+        help="run as a sidecar: follow Prefect, export spans; receive spans, send events",
+        description=(
+            "The long-running service. Forward: follows the Prefect server at PREFECT_API_URL "
+            "(and takes events pushed to POST /v1/events) and exports a span per run over OTLP "
+            "(OTEL_EXPORTER_OTLP_*). Reverse, with --otlp-receiver: takes OTLP spans and sends "
+            "them to Prefect as events. Open runs and undelivered output are kept in a SQLite "
+            "store, so a restart loses nothing. Every setting can also come from the "
+            "environment (OTEL_BRIDGE_<NAME>) or a YAML file (--config); flags win, then the "
+            "environment, then the file. Exit status: 0 after SIGTERM/SIGINT, 1 on a fatal "
+            "error, 2 on a bad setting."
+        ),
+    )
+    serve.add_argument("--config", metavar="FILE",
+                       help="YAML file of settings (also OTEL_BRIDGE_CONFIG)")
+    _settings_flags(serve)
+    serve.set_defaults(run=_serve)
     return parser
+
+
+def _settings_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per setting of `ServeSettings`, named after it; only the
+    flags given reach the settings, so the environment and file still count."""
+    import typing
+
+    from otel_bridge.service.config import ServeSettings
+
+    for name, field in ServeSettings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        help_text = field.description or ""
+        if field.annotation is bool:
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction,
+                                default=None, help=help_text)
+        elif typing.get_origin(field.annotation) is list:
+            parser.add_argument(flag, dest=name, default=None, metavar="A,B",
+                                type=lambda v: [p for p in v.split(",") if p], help=help_text)
+        else:
+            parser.add_argument(flag, dest=name, default=None, metavar="VALUE", help=help_text)
 
 
 def _convert(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -174,6 +213,28 @@ def _open_sink(to: str, output: str):
     from otel_bridge.sinks.otlp_json import OtlpJsonWriter
 
     return OtlpJsonWriter(stream, resource_from_env())
+
+
+def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    import asyncio
+
+    from otel_bridge.service.app import Service
+    from otel_bridge.service.config import ConfigError, ServeSettings, load_settings
+    from otel_bridge.service.logs import setup_logging
+    from otel_bridge.service.store import StoreError
+
+    flags = {name: getattr(args, name) for name in ServeSettings.model_fields}
+    try:
+        settings = load_settings(flags, args.config)
+    except ConfigError as exc:
+        print(f"otel-bridge serve: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    setup_logging(settings.log_format, settings.log_level)
+    try:
+        return asyncio.run(Service(settings).run())
+    except (StoreError, OSError) as exc:  # cannot start: store, a port in use
+        print(f"otel-bridge serve: {exc}", file=sys.stderr)
+        return EXIT_REJECTED
 
 
 def _demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:

@@ -16,6 +16,10 @@ Rules (see the README, "Assembly"):
   kept per run; the rest are counted on the span (`otel_bridge.events.dropped`).
 - Events for a run whose span was already emitted are set aside and counted
   (`late`), since a span id must be exported once, with its final content.
+
+A `Journal`, when given, is told every change of state as it happens (an
+event kept, a run emitted as a span), so a service can persist open runs and
+`restore` them after a restart; the assembler itself stays free of I/O.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import dataclasses
 import time
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Iterable, Optional, Protocol
 from uuid import UUID
 
 from otel_bridge.model.events import Event
@@ -64,14 +68,24 @@ class _OpenRun:
 SetAside = Callable[[Event, str], None]
 
 
+class Journal(Protocol):
+    def kept(self, resource_id: str, event: Event) -> None:
+        """`event` now belongs to the open run `resource_id`."""
+
+    def emitted(self, resource_id: str, event_ids: frozenset[UUID], span: Span) -> None:
+        """The run is closed: `span` is its one export; `event_ids` its events."""
+
+
 class Assembler:
     def __init__(
         self,
         options: AssemblerOptions = AssemblerOptions(),
         clock: Callable[[], float] = time.monotonic,
         on_set_aside: Optional[SetAside] = None,
+        journal: Optional[Journal] = None,
     ):
         self.options = options
+        self._journal = journal
         self.counts: Counter[str] = Counter()
         self._clock = clock
         self._on_set_aside = on_set_aside
@@ -117,6 +131,8 @@ class Assembler:
             self._set_aside(event, "run_event_cap")
             return []
         run.events[event.id] = event
+        if self._journal is not None:
+            self._journal.kept(key.resource_id, event)
         if run.final_seen is None and is_final(event):
             run.final_seen = now
             self._lingering[key.resource_id] = now
@@ -146,10 +162,33 @@ class Assembler:
         """End every open run now (end of input, or shutdown)."""
         return [self._emit(resource_id, reason) for resource_id in list(self._open)]
 
+    def flush_finished(self) -> list[Span]:
+        """Emit, without waiting out the linger, every run whose final state
+        has arrived (a service stopping); the others stay open."""
+        return [self._emit(resource_id, SyntheticEnd.TIMEOUT) for resource_id in list(self._lingering)]
+
+    def restore(
+        self,
+        open_events: Iterable[Event],
+        finished: Iterable[tuple[str, Iterable[UUID]]] = (),
+    ) -> None:
+        """Take back what a `Journal` persisted, without telling it again.
+        Restored runs count their linger and timeout from now."""
+        for resource_id, event_ids in finished:
+            self._finished[resource_id] = frozenset(event_ids)
+        journal, self._journal = self._journal, None
+        counts = self.counts.copy()
+        try:
+            for event in open_events:
+                self.add(event)
+        finally:
+            self._journal = journal
+            self.counts = counts
+
     def _emit(self, resource_id: str, reason: SyntheticEnd) -> Span:
         run = self._open.pop(resource_id)
         self._lingering.pop(resource_id, None)
-        self._finished[resource_id] = frozenset(run.events)
+        event_ids = self._finished[resource_id] = frozenset(run.events)
         while len(self._finished) > self.options.remember_finished_runs:
             self._finished.popitem(last=False)
         span = run_span(run.events.values(), self.options.forward, synthetic_end=reason)
@@ -157,6 +196,8 @@ class Assembler:
             span = dataclasses.replace(
                 span, attributes={**span.attributes, ATTR_EVENTS_DROPPED: run.dropped}
             )
+        if self._journal is not None:
+            self._journal.emitted(resource_id, event_ids, span)
         self.counts["spans_out"] += 1
         end = span.attributes.get("otel_bridge.synthetic.end")
         if end:

@@ -1,0 +1,1 @@
+"""`otel-bridge serve`: the long-running sidecar (see `app` for the wiring)."""

@@ -1,0 +1,292 @@
+"""`otel-bridge serve`: the long-running sidecar, wired together.
+
+    sources                      pipeline               outbox      deliveries
+    Prefect subscription --\\
+    POST /v1/events --------+--> assembler --> spans --> SQLite --> OTLP | file
+    OTLP gRPC / HTTP -----------> reverse  --> events --> SQLite --> Prefect | file
+
+Life cycle: open the store and restore the runs that were open; bind every
+endpoint; follow Prefect; deliver. On SIGTERM or SIGINT: stop intake (the
+subscription, the receivers; pushes get 503), emit the runs that have
+finished, deliver what the grace period allows, and leave the rest (open
+runs, undelivered output, the subscription's resume point) in the store for
+the next start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from datetime import datetime, timedelta, timezone
+from typing import Any, Optional
+
+from aiohttp import web
+
+from otel_bridge.model.events import EventRejected, validate_event
+from otel_bridge.service.config import ServeSettings
+from otel_bridge.service.delivery import Delivery
+from otel_bridge.service.http import admin_app
+from otel_bridge.service.metrics import Metrics
+from otel_bridge.service.pipeline import EVENT, SPAN, Pipeline
+from otel_bridge.service.store import Store
+from otel_bridge.translate.assembler import AssemblerOptions
+from otel_bridge.translate.forward import ForwardOptions
+
+__all__ = ["Service"]
+
+logger = logging.getLogger("otel_bridge.service")
+
+RESUME_KEY = "prefect_resume_point"
+TICK_SECONDS = 0.2
+_READY_OUTBOX_FRACTION = 0.9
+
+
+class Service:
+    def __init__(self, settings: ServeSettings):
+        self.settings = settings
+        self.metrics = Metrics()
+        self.store: Optional[Store] = None
+        self.pipeline: Optional[Pipeline] = None
+        self.deliveries: dict[str, Delivery] = {}
+        self.bound: dict[str, int] = {}  # endpoint name -> port
+        self._stop = asyncio.Event()
+        self._started = False
+        self._stopping = False
+        self._fatal: Optional[str] = None
+        self._last_tick = time.monotonic()
+        self._pending: list = []  # events from the subscription, not yet taken
+        self._subscription: Any = None
+        self._runners: list[web.AppRunner] = []
+        self._grpc: Any = None
+        self._tasks: list[asyncio.Task] = []
+
+    # -- probes ------------------------------------------------------------------------
+
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        stalled = time.monotonic() - self._last_tick > 10 * TICK_SECONDS + 5
+        ok = self._fatal is None and not stalled
+        return ok, {"status": "ok" if ok else "failing", "fatal": self._fatal, "stalled": stalled}
+
+    def readiness(self) -> tuple[bool, dict[str, Any]]:
+        full = [kind for kind in (SPAN, EVENT) if self.store is not None and
+                self.store.outbox_bytes(kind) > _READY_OUTBOX_FRACTION * self.settings.outbox_max_bytes]
+        ok = self._started and not self._stopping and not full and self._fatal is None
+        return ok, {"status": "ready" if ok else "not ready", "started": self._started,
+                    "stopping": self._stopping, "outbox_nearly_full": full}
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    # -- run ---------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        """Serve until stopped; 0 after a clean stop, 1 after a fatal error."""
+        s = self.settings
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            try:
+                loop.add_signal_handler(signum, self.stop)
+            except (NotImplementedError, RuntimeError):  # not the main thread
+                pass
+        self.store = Store(s.store_path)
+        try:
+            self.pipeline = Pipeline(
+                self.store, self.metrics,
+                AssemblerOptions(
+                    linger_seconds=s.linger_seconds, run_timeout_seconds=s.run_timeout_seconds,
+                    max_open_runs=s.max_open_runs, max_events_per_run=s.max_events_per_run,
+                    forward=ForwardOptions(prefect_trace_context=s.prefect_trace_context)),
+                outbox_max_bytes=s.outbox_max_bytes)
+            self._watch()
+            logger.info("store opened", extra={
+                "store_path": str(s.store_path), "open_runs": self.pipeline.assembler.open_runs,
+                "outbox_spans": self.store.outbox_items(SPAN), "outbox_events": self.store.outbox_items(EVENT)})
+            self._start_deliveries()
+            await self._bind()
+            if s.follows_prefect:
+                self._tasks.append(asyncio.create_task(self._follow_prefect(), name="prefect"))
+            self._tasks.append(asyncio.create_task(self._tick(), name="tick"))
+            self._started = True
+            self.metrics.ready.set(1)
+            logger.info("serving", extra={"listen_host": s.listen_host, **self.bound,
+                                          "follows_prefect": s.follows_prefect})
+            await self._stop.wait()
+            return await self._shutdown()
+        finally:
+            self.store.close()
+
+    def _watch(self) -> None:
+        store, pipeline = self.store, self.pipeline
+        self.metrics.watch("otel_bridge_open_runs", "Runs waiting for their final state",
+                           lambda: {(): pipeline.assembler.open_runs})
+        self.metrics.watch("otel_bridge_outbox_items", "Output waiting for its sink",
+                           lambda: {(k,): store.outbox_items(k) for k in (SPAN, EVENT)}, ("kind",))
+        self.metrics.watch("otel_bridge_outbox_bytes", "Disk held by output waiting for its sink",
+                           lambda: {(k,): store.outbox_bytes(k) for k in (SPAN, EVENT)}, ("kind",))
+
+        def subscription() -> dict[tuple[str, ...], float]:
+            if self._subscription is None:
+                return {}
+            return {(k,): v for k, v in self._subscription.stats.as_dict().items() if k != "remembered_ids"}
+
+        self.metrics.watch("otel_bridge_prefect_subscription",
+                           "The Prefect subscription's counters: live, reconciled (missed by the "
+                           "live stream, read back from REST), reconnects, rest_errors...",
+                           subscription, ("counter",), counter=True)
+
+    def _start_deliveries(self) -> None:
+        s = self.settings
+        kinds = {SPAN: self._forward_sink()}
+        if s.otlp_receiver or self.store.outbox_items(EVENT):
+            kinds[EVENT] = self._reverse_sink()
+        for kind, (sink, name) in kinds.items():
+            delivery = self.deliveries[kind] = Delivery(
+                self.store, kind, sink, name, self.metrics, batch_items=s.export_batch_items,
+                retry_initial=s.retry_initial_seconds, retry_max=s.retry_max_seconds)
+            self._tasks.append(asyncio.create_task(delivery.run(self._stop), name=f"deliver-{name}"))
+        self.pipeline.on_output = lambda kind: self.deliveries[kind].wake() if kind in self.deliveries else None
+
+    def _forward_sink(self):
+        from otel_bridge.sinks.sdk import resource_from_env
+
+        if self.settings.forward_to == "file":
+            from otel_bridge.sinks.otlp_json import OtlpJsonWriter
+
+            return OtlpJsonWriter(open(self.settings.forward_file, "a", encoding="utf-8"),
+                                  resource_from_env()), "file"
+        from otel_bridge.sinks.otlp import OtlpSink, exporter_from_env
+
+        return OtlpSink(exporter_from_env(), resource_from_env()), "otlp"
+
+    def _reverse_sink(self):
+        s = self.settings
+        if s.reverse_to == "file":
+            from otel_bridge.sinks.events_jsonl import EventsJsonlWriter
+
+            return EventsJsonlWriter(open(s.reverse_file, "a", encoding="utf-8")), "file-events"
+        from otel_bridge.sinks.prefect_events import PrefectEventSink
+
+        key = s.prefect_api_key.get_secret_value() if s.prefect_api_key else None
+        return PrefectEventSink(s.prefect_api_url, key), "prefect"
+
+    async def _bind(self) -> None:
+        s = self.settings
+        push_token = s.push_token.get_secret_value() if s.push_token else None
+        app = admin_app(self, self.metrics, self.pipeline, push_token, s.max_body_bytes,
+                        accepting=lambda: not self._stopping)
+        self.bound["http_port"] = await self._serve(app, s.http_port)
+        if s.otlp_receiver:
+            from otel_bridge.service.otlp_receiver import otlp_http_routes, start_grpc_receiver
+
+            self._grpc, self.bound["otlp_grpc_port"] = await start_grpc_receiver(
+                self._receive_spans, s.listen_host, s.otlp_grpc_port, s.max_body_bytes)
+            otlp = web.Application(client_max_size=s.max_body_bytes)
+            otlp.add_routes(otlp_http_routes(self._receive_spans, s.max_body_bytes))
+            self.bound["otlp_http_port"] = await self._serve(otlp, s.otlp_http_port)
+
+    async def _serve(self, app: web.Application, port: int) -> int:
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        site = web.TCPSite(runner, self.settings.listen_host, port)
+        await site.start()
+        self._runners.append(runner)
+        return site._server.sockets[0].getsockname()[1]
+
+    async def _receive_spans(self, spans, transport: str):
+        from otel_bridge.service.otlp_receiver import Received, ReceiverBusy
+
+        if self._stopping:
+            raise ReceiverBusy("the service is stopping", retry_after=5.0)
+        if self.store.outbox_bytes(EVENT) > self.settings.outbox_max_bytes:
+            raise ReceiverBusy("the outbox is full: Prefect is not taking events", retry_after=10.0)
+        intake = self.pipeline.take_spans(spans, transport)
+        if not intake.rejected:
+            return Received()
+        first = "; ".join(f"{exc.reason}: {exc.detail}" for _, exc in intake.rejected[:3])
+        return Received(rejected_spans=len(intake.rejected), error_message=first)
+
+    # -- the Prefect subscription ---------------------------------------------------------
+
+    async def _follow_prefect(self) -> None:
+        from otel_bridge.sources.prefect_subscription import PrefectSubscription
+        from otel_bridge.sources.prefect_ws import PrefectStreamError
+
+        s = self.settings
+        stored = self.store.get_meta(RESUME_KEY)
+        since = (datetime.fromisoformat(stored) if stored
+                 else datetime.now(timezone.utc) - timedelta(seconds=s.backfill_seconds))
+        logger.info("following Prefect", extra={"api_url": s.prefect_api_url, "since": since.isoformat(),
+                                                "resumed": bool(stored)})
+        key = s.prefect_api_key.get_secret_value() if s.prefect_api_key else None
+        try:
+            async with PrefectSubscription(s.prefect_api_url, key, event_prefixes=s.event_prefixes,
+                                           since=since) as subscription:
+                self._subscription = subscription
+                async for raw in subscription:
+                    try:
+                        self._pending.append(validate_event(raw))
+                    except EventRejected as exc:
+                        self.pipeline.reject("prefect", exc.reason)
+                        logger.warning("event from Prefect rejected", extra={
+                            "reason": exc.reason, "detail": exc.detail, "event_id": raw.get("id")})
+                    if len(self._pending) >= 1000:
+                        self._take_pending()
+        except PrefectStreamError as exc:
+            self._fatal = f"Prefect subscription: {exc}"
+            logger.error("cannot follow Prefect", extra={"error": str(exc)})
+            self.stop()
+
+    def _take_pending(self) -> None:
+        if self._pending:
+            events, self._pending = self._pending, []
+            self.pipeline.take_events(events, "prefect")
+
+    async def _tick(self) -> None:
+        while True:
+            self._last_tick = time.monotonic()
+            with self.store.transaction():
+                self._take_pending()
+                self.pipeline.tick()
+                self._save_resume_point()
+            await asyncio.sleep(TICK_SECONDS)
+
+    def _save_resume_point(self) -> None:
+        # Everything before it was taken (what is pending was taken just
+        # before, in the same transaction).
+        if self._subscription is not None:
+            self.store.set_meta(RESUME_KEY, self._subscription.resume_point.isoformat())
+
+    # -- stop ------------------------------------------------------------------------------
+
+    async def _shutdown(self) -> int:
+        s = self.settings
+        deadline = time.monotonic() + s.shutdown_grace_seconds
+        self._stopping = True
+        self.metrics.ready.set(0)
+        logger.info("stopping", extra={"grace_seconds": s.shutdown_grace_seconds})
+        # 1. stop intake
+        if self._subscription is not None:
+            await self._subscription.stop()
+        if self._grpc is not None:
+            await self._grpc.stop(min(1.0, s.shutdown_grace_seconds))
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        # 2. what has finished leaves; what is open stays in the store
+        with self.store.transaction():
+            self._take_pending()
+            self.pipeline.flush_finished()
+            self._save_resume_point()
+        # 3. deliver what the grace period allows
+        drained = await asyncio.gather(*(d.drain(deadline) for d in self.deliveries.values()))
+        for delivery in self.deliveries.values():
+            delivery.close()
+        for runner in self._runners:
+            await runner.cleanup()
+        logger.info("stopped", extra={
+            "delivered_all": all(drained), "open_runs_kept": self.pipeline.assembler.open_runs,
+            "outbox_spans_kept": self.store.outbox_items(SPAN),
+            "outbox_events_kept": self.store.outbox_items(EVENT)})
+        return 1 if self._fatal else 0

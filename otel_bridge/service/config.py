@@ -1,0 +1,159 @@
+"""`otel-bridge serve` settings: flags, then environment, then a YAML file.
+
+Every setting has one name, used as is in the YAML file, upper-cased with
+the ``OTEL_BRIDGE_`` prefix in the environment, and with dashes as a flag
+(``max_open_runs``: ``max_open_runs: 500``, ``OTEL_BRIDGE_MAX_OPEN_RUNS=500``,
+``--max-open-runs 500``). Prefect's connection comes from Prefect's own
+variables (``PREFECT_API_URL``, ``PREFECT_API_KEY``) and the OTLP export
+from the standard ``OTEL_EXPORTER_OTLP_*`` ones, read by the exporter.
+
+pydantic-settings does the layering (as in Prefect's own settings); a bad
+value, from wherever, is one `ConfigError` naming the setting.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+__all__ = ["ConfigError", "ServeSettings", "load_settings"]
+
+ENV_PREFIX = "OTEL_BRIDGE_"
+Port = int
+
+
+class ConfigError(ValueError):
+    """A setting is wrong; the message says which and why."""
+
+
+class ServeSettings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, extra="forbid", populate_by_name=True, validate_default=True
+    )
+
+    # -- Prefect (the event source of the forward path, the sink of the reverse one)
+    prefect_api_url: Optional[str] = Field(
+        None,
+        validation_alias=AliasChoices("prefect_api_url", "OTEL_BRIDGE_PREFECT_API_URL", "PREFECT_API_URL"),
+        description="Prefect's API, e.g. http://127.0.0.1:4200/api",
+    )
+    prefect_api_key: Optional[SecretStr] = Field(
+        None,
+        validation_alias=AliasChoices("prefect_api_key", "OTEL_BRIDGE_PREFECT_API_KEY", "PREFECT_API_KEY"),
+    )
+    subscribe: bool = Field(True, description="follow the server's events (needs prefect_api_url)")
+    event_prefixes: list[str] = ["prefect.task-run.", "prefect.flow-run."]
+    backfill_seconds: float = Field(
+        600.0, ge=0, description="on a first start, also read events this far back"
+    )
+
+    # -- listening
+    listen_host: str = Field("127.0.0.1", description="where every endpoint binds")
+    http_port: Port = Field(8686, ge=0, le=65535, description="/healthz /readyz /metrics /v1/events")
+    push_token: Optional[SecretStr] = Field(
+        None, description="bearer token for POST /v1/events; the endpoint is off without one"
+    )
+    max_body_bytes: int = Field(16 * 1024 * 1024, gt=0)
+    otlp_receiver: bool = Field(False, description="accept OTLP spans for the reverse path")
+    otlp_grpc_port: Port = Field(4317, ge=0, le=65535)
+    otlp_http_port: Port = Field(4318, ge=0, le=65535)
+
+    # -- where things go
+    forward_to: Literal["otlp", "file"] = "otlp"
+    forward_file: Optional[Path] = Field(None, description="OTLP/JSON lines, with forward_to: file")
+    reverse_to: Literal["prefect", "file"] = "prefect"
+    reverse_file: Optional[Path] = Field(None, description="event JSON lines, with reverse_to: file")
+
+    # -- nothing lost
+    store_path: Path = Field(Path("otel-bridge-data/store.sqlite3"))
+    outbox_max_bytes: int = Field(1024**3, gt=0, description="disk held for undelivered output")
+    export_batch_items: int = Field(512, gt=0)
+    retry_initial_seconds: float = Field(0.5, gt=0)
+    retry_max_seconds: float = Field(30.0, gt=0)
+    shutdown_grace_seconds: float = Field(20.0, ge=0)
+
+    # -- assembly (see the README, "Assembly")
+    linger_seconds: float = Field(5.0, ge=0)
+    run_timeout_seconds: float = Field(6 * 3600.0, gt=0)
+    max_open_runs: int = Field(10_000, gt=0)
+    max_events_per_run: int = Field(1_000, gt=0)
+    prefect_trace_context: Literal["link", "adopt", "ignore"] = "link"
+
+    # -- logs
+    log_format: Literal["json", "text"] = "json"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ServeSettings":
+        if self.forward_to == "file" and self.forward_file is None:
+            raise ValueError("forward_to is 'file' but forward_file is not set")
+        if self.reverse_to == "file" and self.reverse_file is None:
+            raise ValueError("reverse_to is 'file' but reverse_file is not set")
+        if self.otlp_receiver and self.reverse_to == "prefect" and not self.prefect_api_url:
+            raise ValueError("otlp_receiver sends events to Prefect: set PREFECT_API_URL "
+                             "(or reverse_to: file)")
+        if not self.prefect_api_url and self.subscribe and not self.push_token and not self.otlp_receiver:
+            raise ValueError("nothing to listen to: set PREFECT_API_URL to follow a Prefect server, "
+                             "push_token for POST /v1/events, or otlp_receiver")
+        return self
+
+    @property
+    def follows_prefect(self) -> bool:
+        return self.subscribe and bool(self.prefect_api_url)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: tuple[PydanticBaseSettingsSource, ...] = (init_settings, env_settings)
+        if _yaml_file is not None:
+            sources += (YamlConfigSettingsSource(settings_cls, yaml_file=_yaml_file),)
+        return sources
+
+
+_yaml_file: Optional[Path] = None
+
+
+def load_settings(flags: dict[str, Any], config_file: Optional[str] = None) -> ServeSettings:
+    """Flags (only those given) over ``OTEL_BRIDGE_*`` over the YAML file."""
+    global _yaml_file
+    config_file = config_file or os.environ.get(ENV_PREFIX + "CONFIG")
+    if config_file and not os.path.isfile(config_file):
+        raise ConfigError(f"config file {config_file} does not exist")
+    _yaml_file = Path(config_file) if config_file else None
+    try:
+        return ServeSettings(**{k: v for k, v in flags.items() if v is not None})
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from None
+    except Exception as exc:  # a YAML file that does not parse
+        raise ConfigError(f"cannot read {config_file}: {exc}") from None
+    finally:
+        _yaml_file = None
+
+
+def _describe(exc: ValidationError) -> str:
+    lines = []
+    for error in exc.errors():
+        where = ".".join(str(p) for p in error["loc"])
+        if not where:  # a rule across settings
+            lines.append("bad settings: " + error["msg"].removeprefix("Value error, "))
+            continue
+        lines.append(
+            f"bad setting {where} (flag --{where.replace('_', '-')}, env {ENV_PREFIX}{where.upper()}, "
+            f"or `{where}:` in the config file): {error['msg']}, got {error.get('input')!r}"
+        )
+    return "; ".join(lines)

@@ -1,0 +1,187 @@
+"""From the outbox to a sink, until the sink has it.
+
+One `Delivery` per kind of output (spans to OTLP or a file, events to Prefect
+or a file). It sends the oldest items in batches and removes them from the
+outbox only once the sink accepted them. A failed batch stays, and is tried
+again after an exponential backoff, for as long as it takes: an endpoint
+that is down costs disk (bounded by the outbox), not data.
+
+One item a sink refuses for good (too big, invalid) must not block the ones
+behind it forever. After a few failures in a row items go one at a time; an
+item that fails alone while the item after it goes through is moved to the
+store's ``dead_letters`` table and counted as dropped ("refused"). While the
+sink is down, the next item fails too, so nothing is set aside for an outage.
+
+Sinks are synchronous (the OpenTelemetry exporters are), so each runs on its
+own daemon thread: a send stuck past the shutdown grace period cannot hold
+the process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from typing import Any, Callable, Optional, Protocol, Sequence
+
+from otel_bridge.service.metrics import Metrics
+from otel_bridge.service.pipeline import decode
+from otel_bridge.service.store import OutboxItem, Store
+
+__all__ = ["Delivery", "Sink"]
+
+logger = logging.getLogger(__name__)
+
+_ALONE_AFTER = 3  # failures in a row before items go one at a time
+
+
+class Sink(Protocol):
+    def export(self, items: Sequence[Any]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class Delivery:
+    def __init__(
+        self,
+        store: Store,
+        kind: str,
+        sink: Sink,
+        sink_name: str,
+        metrics: Metrics,
+        *,
+        batch_items: int = 512,
+        batch_bytes: int = 8 * 1024 * 1024,
+        retry_initial: float = 0.5,
+        retry_max: float = 30.0,
+    ):
+        self.store = store
+        self.kind = kind
+        self.sink = sink
+        self.sink_name = sink_name
+        self.metrics = metrics
+        self.batch_items = batch_items
+        self.batch_bytes = batch_bytes
+        self.retry_initial = retry_initial
+        self.retry_max = retry_max
+        self.failures = 0  # in a row
+        self._wake = asyncio.Event()
+        self._worker = _Worker(f"otel-bridge-{sink_name}")
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Deliver until `stop` is set and then, to `drain`, until empty."""
+        while not stop.is_set():
+            if not await self.deliver_once():
+                await self._sleep(self._pause(), stop)
+
+    async def drain(self, deadline: float) -> bool:
+        """Deliver what is left until `deadline` (monotonic); True when empty."""
+        while self.store.outbox_items(self.kind) and time.monotonic() < deadline:
+            if not await self.deliver_once(timeout=deadline - time.monotonic()):
+                await asyncio.sleep(min(self._pause(), max(0.0, deadline - time.monotonic())))
+        return not self.store.outbox_items(self.kind)
+
+    def close(self) -> None:
+        self._worker.submit(self.sink.close)
+
+    async def deliver_once(self, timeout: Optional[float] = None) -> bool:
+        """One batch; False when there was nothing to do or it failed."""
+        alone = self.failures >= _ALONE_AFTER
+        items = self.store.peek(self.kind, 1 if alone else self.batch_items, self.batch_bytes)
+        if not items:
+            return False
+        error = await self._send(items, timeout)
+        if error is None:
+            self.failures = 0
+            return True
+        self.failures += 1
+        self.store.failed(items)
+        self.metrics.export_failures.labels(self.sink_name).inc()
+        logger.warning("export failed, will retry", extra={
+            "sink": self.sink_name, "items": len(items), "failures_in_a_row": self.failures,
+            "error": error})
+        if alone and items[0].attempts >= 1:  # it had failed alone before
+            behind = self.store.peek(self.kind, 1, self.batch_bytes, after=items[0].seq)
+            if behind and await self._send(behind, timeout) is None:
+                self.store.set_aside(items[0], error)
+                self.metrics.dropped.labels(self.kind, "refused").inc()
+                logger.error("the sink refuses one item while taking the next: set aside",
+                             extra={"sink": self.sink_name, "seq": items[0].seq, "error": error})
+                self.failures = 0
+                return True
+        return False
+
+    async def _send(self, items: list[OutboxItem], timeout: Optional[float]) -> Optional[str]:
+        def export() -> None:
+            self.sink.export([decode(item.kind, item.body) for item in items])
+
+        try:
+            await asyncio.wait_for(self._worker.submit(export), timeout)
+        except Exception as exc:  # the sink's failure, whatever its type
+            return f"{type(exc).__name__}: {exc}"[:500]
+        self.store.remove(items)
+        now = time.time()
+        self.metrics.exported.labels(self.sink_name).inc(len(items))
+        retried = sum(1 for item in items if item.attempts)
+        if retried:
+            self.metrics.export_retries.labels(self.sink_name).inc(retried)
+        for item in items:
+            self.metrics.export_lag.labels(self.kind).observe(max(0.0, now - item.stamp))
+        return None
+
+    def _pause(self) -> float:
+        if not self.failures:
+            return 1.0  # idle: woken early by new output
+        return min(self.retry_max, self.retry_initial * 2 ** (self.failures - 1))
+
+    async def _sleep(self, seconds: float, stop: asyncio.Event) -> None:
+        self._wake.clear()
+        waits = [asyncio.ensure_future(stop.wait())]
+        if not self.failures:
+            waits.append(asyncio.ensure_future(self._wake.wait()))
+        _, pending = await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        for task in pending:
+            task.cancel()
+
+
+class _Worker:
+    """One daemon thread running calls in order, each answered by a future."""
+
+    def __init__(self, name: str):
+        self._calls: list[tuple[Callable[[], Any], asyncio.Future, asyncio.AbstractEventLoop]] = []
+        self._ready = threading.Condition()
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, call: Callable[[], Any]) -> asyncio.Future:
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        with self._ready:
+            self._calls.append((call, future, loop))
+            self._ready.notify()
+        return future
+
+    def _loop(self) -> None:
+        while True:
+            with self._ready:
+                while not self._calls:
+                    self._ready.wait()
+                call, future, loop = self._calls.pop(0)
+            try:
+                result, error = call(), None
+            except BaseException as exc:  # handed to the awaiting side
+                result, error = None, exc
+            loop.call_soon_threadsafe(_settle, future, result, error)
+
+
+def _settle(future: asyncio.Future, result: Any, error: Optional[BaseException]) -> None:
+    if future.done():  # the waiter gave up (timeout)
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)

@@ -1,0 +1,153 @@
+"""Intake for both directions, between the sources and the outbox.
+
+Forward: events -> `Assembler` -> finished spans -> outbox ("span").
+Reverse: spans -> `events_from_span` -> events -> outbox ("event").
+
+The assembler's journal is the `Store`, so every event kept and every span
+emitted is on disk in the same transaction as the intake that caused it. A
+method returns once its input is committed: a caller may then acknowledge it
+(HTTP 200, OTLP success), and a crash after that loses nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Callable, Sequence
+from uuid import UUID
+
+import pydantic_core
+
+from otel_bridge.model.events import Event, EventRejected
+from otel_bridge.model.otlp import request_from_json, request_json, spans_from_request
+from otel_bridge.model.spans import Span
+from otel_bridge.service.metrics import Metrics, event_label
+from otel_bridge.service.store import Store
+from otel_bridge.translate.assembler import Assembler, AssemblerOptions
+from otel_bridge.translate.reverse import events_from_span
+
+__all__ = ["EVENT", "SPAN", "Intake", "Pipeline", "decode", "encode_span"]
+
+logger = logging.getLogger(__name__)
+
+SPAN, EVENT = "span", "event"
+
+
+def encode_span(span: Span) -> bytes:
+    """A span as the outbox keeps it: one OTLP/JSON request, resource-less
+    (the sink adds the service's resource when it sends)."""
+    return pydantic_core.to_json(request_json([span], {}, "", ""))
+
+
+def decode(kind: str, body: bytes) -> Span | Event:
+    if kind == SPAN:
+        return next(spans_from_request(request_from_json(pydantic_core.from_json(body))))[1]
+    return Event.model_validate_json(body)
+
+
+@dataclass
+class Intake:
+    """What became of a batch of input."""
+
+    accepted: int = 0
+    rejected: list[tuple[int, EventRejected]] = field(default_factory=list)  # (index, why)
+
+
+class Pipeline:
+    def __init__(
+        self,
+        store: Store,
+        metrics: Metrics,
+        options: AssemblerOptions = AssemblerOptions(),
+        outbox_max_bytes: int = 1024**3,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.store = store
+        self.metrics = metrics
+        self.outbox_max_bytes = outbox_max_bytes
+        self.assembler = Assembler(options, clock, on_set_aside=self._set_aside, journal=self)
+        self.assembler.restore(store.open_events(), store.finished_runs())
+        self.on_output: Callable[[str], None] = lambda kind: None  # wakes a delivery
+
+    # -- forward --------------------------------------------------------------------
+
+    def take_events(self, events: Sequence[Event], source: str) -> Intake:
+        intake = Intake()
+        now = datetime.now(timezone.utc)
+        with self.store.transaction():
+            for index, event in enumerate(events):
+                self.metrics.events_in.labels(source, event_label(event.event)).inc()
+                self.metrics.event_lag.observe(max(0.0, (now - event.occurred).total_seconds()))
+                duplicates = self.assembler.counts["events_duplicate"]
+                try:
+                    self.assembler.add(event)
+                except EventRejected as exc:
+                    self.reject(source, exc.reason)
+                    intake.rejected.append((index, exc))
+                    continue
+                if self.assembler.counts["events_duplicate"] > duplicates:
+                    self.metrics.events_duplicate.inc()
+                intake.accepted += 1
+        return intake
+
+    def tick(self) -> None:
+        """Emit what is due: runs that lingered long enough, runs timed out."""
+        with self.store.transaction():
+            self.assembler.expire()
+
+    def flush_finished(self) -> None:
+        with self.store.transaction():
+            self.assembler.flush_finished()
+
+    # -- reverse ---------------------------------------------------------------------
+
+    def take_spans(self, spans: Sequence[Span], transport: str) -> Intake:
+        intake = Intake()
+        # A Prefect task span finds its flow run through its parent span.
+        by_id = {span.span_id: span for span in spans}
+        with self.store.transaction():
+            for index, span in enumerate(spans):
+                self.metrics.spans_in.labels(transport).inc()
+                try:
+                    events = events_from_span(span, by_id)
+                except EventRejected as exc:
+                    self.reject(f"otlp-{transport}", exc.reason)
+                    intake.rejected.append((index, exc))
+                    continue
+                for event in events:
+                    self._put(EVENT, event.model_dump_json(exclude={"received"}).encode(),
+                              event.occurred.timestamp())
+                intake.accepted += 1
+        return intake
+
+    # -- both --------------------------------------------------------------------------
+
+    def reject(self, endpoint: str, reason: str, count: int = 1) -> None:
+        self.metrics.inputs_rejected.labels(endpoint, reason).inc(count)
+
+    # Journal (see Assembler): the store follows every change of the assembler.
+    def kept(self, resource_id: str, event: Event) -> None:
+        self.store.keep_event(resource_id, event)
+
+    def emitted(self, resource_id: str, event_ids: frozenset[UUID], span: Span) -> None:
+        self.store.close_run(resource_id, event_ids)
+        self.metrics.spans_built.labels(span.attributes.get("otel_bridge.synthetic.end", "final")).inc()
+        self._put(SPAN, encode_span(span), span.end_time_unix_nano / 1e9)
+
+    def _put(self, kind: str, body: bytes, stamp: float) -> None:
+        if self.store.outbox_bytes(kind) + len(body) > self.outbox_max_bytes:
+            self.metrics.dropped.labels(kind, "outbox_full").inc()
+            logger.error("outbox full: %s dropped", kind,
+                         extra={"kind": kind, "outbox_bytes": self.store.outbox_bytes(kind),
+                                "outbox_max_bytes": self.outbox_max_bytes})
+            return
+        self.store.put(kind, body, stamp)
+        self.on_output(kind)
+
+    def _set_aside(self, event: Event, reason: str) -> None:
+        self.metrics.events_set_aside.labels(reason).inc()
+        logger.warning("event set aside (%s)", reason,
+                       extra={"event_id": str(event.id), "event": event.event,
+                              "resource_id": event.resource_id, "reason": reason})

@@ -1,0 +1,243 @@
+"""The service's memory on disk: open runs, finished runs, the outbox.
+
+One SQLite file (WAL, so a `kill -9` loses nothing that was committed):
+
+- ``run_events``: every event of every open run. Restored into the
+  assembler at start, so a run that was open when the process died is still
+  exported, once, with all its events.
+- ``finished_runs``: the event ids of runs already emitted (bounded), so an
+  event re-read after a restart is a duplicate, not a late event.
+- ``outbox``: what is due to leave (spans to the OTLP endpoint, events to
+  Prefect), in order. A run's span goes in in the same transaction that
+  takes the run out of ``run_events``, and leaves the outbox only once a sink
+  has accepted it: a crash in between re-sends the same bytes, never
+  different content under one span id.
+- ``meta``: small values, like the subscription's resume point.
+
+Only the event loop's thread uses a `Store`; writes are grouped into one
+transaction by `transaction()` and committed when it ends.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+from uuid import UUID
+
+from otel_bridge.model.events import Event
+
+__all__ = ["OutboxItem", "Store", "StoreError"]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS run_events (
+    event_id TEXT PRIMARY KEY,
+    run_id   TEXT NOT NULL,
+    body     TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS run_events_by_run ON run_events (run_id);
+CREATE TABLE IF NOT EXISTS finished_runs (
+    seq       INTEGER PRIMARY KEY AUTOINCREMENT,
+    run_id    TEXT NOT NULL UNIQUE,
+    event_ids TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS outbox (
+    seq      INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind     TEXT NOT NULL,
+    body     BLOB NOT NULL,
+    size     INTEGER NOT NULL,
+    stamp    REAL NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS outbox_by_kind ON outbox (kind, seq);
+CREATE TABLE IF NOT EXISTS dead_letters (
+    seq    INTEGER PRIMARY KEY,
+    kind   TEXT NOT NULL,
+    body   BLOB NOT NULL,
+    reason TEXT NOT NULL,
+    at     REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+"""
+
+
+class StoreError(RuntimeError):
+    """The store cannot be opened (path, permissions, another process)."""
+
+
+def _exclusive_lock(path: Path):
+    # One service per store: two would each export every run. The OS drops
+    # the lock when the process dies, kill -9 included.
+    handle = open(path, "a+")
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock, documented
+        return handle
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise StoreError(f"another otel-bridge process is using the store {path.with_suffix('')}") from None
+    return handle
+
+
+@dataclass(frozen=True)
+class OutboxItem:
+    seq: int
+    kind: str
+    body: bytes
+    size: int
+    stamp: float  # when the item's content was complete (span end, event occurred)
+    attempts: int
+
+
+class Store:
+    def __init__(self, path: str | Path, *, remember_finished_runs: int = 100_000):
+        self.path = Path(path)
+        self.remember_finished_runs = remember_finished_runs
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            # NORMAL under WAL: a committed transaction survives the process
+            # dying; only a power cut can take the last ones.
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute("PRAGMA busy_timeout=5000")
+            self._db.executescript(_SCHEMA)
+        except (OSError, sqlite3.Error) as exc:
+            raise StoreError(f"cannot open the store at {self.path}: {exc}") from None
+        self._lock = _exclusive_lock(self.path.with_name(self.path.name + ".lock"))
+        self._depth = 0
+        self._reload_outbox_totals()
+
+    def close(self) -> None:
+        self._db.close()
+        self._lock.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Group writes; nested uses join the outer one."""
+        if self._depth == 0:
+            self._db.execute("BEGIN")
+        self._depth += 1
+        try:
+            yield
+        except BaseException:
+            self._depth -= 1
+            if self._depth == 0:
+                self._db.execute("ROLLBACK")
+                self._reload_outbox_totals()
+            raise
+        self._depth -= 1
+        if self._depth == 0:
+            self._db.execute("COMMIT")
+
+    # -- open and finished runs -------------------------------------------------
+
+    def keep_event(self, run_id: str, event: Event) -> None:
+        self._db.execute(
+            "INSERT OR IGNORE INTO run_events VALUES (?, ?, ?)",
+            (str(event.id), run_id, event.model_dump_json()),
+        )
+
+    def close_run(self, run_id: str, event_ids: frozenset[UUID]) -> None:
+        self._db.execute("DELETE FROM run_events WHERE run_id = ?", (run_id,))
+        cur = self._db.execute(
+            "INSERT OR REPLACE INTO finished_runs (run_id, event_ids) VALUES (?, ?)",
+            (run_id, json.dumps(sorted(map(str, event_ids)))),
+        )
+        self._db.execute(
+            "DELETE FROM finished_runs WHERE seq <= ?", (cur.lastrowid - self.remember_finished_runs,)
+        )
+
+    def open_events(self) -> Iterator[Event]:
+        for (body,) in self._db.execute("SELECT body FROM run_events ORDER BY rowid"):
+            yield Event.model_validate_json(body)
+
+    def finished_runs(self) -> Iterator[tuple[str, list[UUID]]]:
+        for run_id, ids in self._db.execute("SELECT run_id, event_ids FROM finished_runs ORDER BY seq"):
+            yield run_id, [UUID(i) for i in json.loads(ids)]
+
+    def open_run_count(self) -> int:
+        return self._db.execute("SELECT COUNT(DISTINCT run_id) FROM run_events").fetchone()[0]
+
+    # -- outbox -----------------------------------------------------------------
+
+    def outbox_bytes(self, kind: str) -> int:
+        return self._outbox_bytes.get(kind, 0)
+
+    def outbox_items(self, kind: str) -> int:
+        return self._outbox_items.get(kind, 0)
+
+    def put(self, kind: str, body: bytes, stamp: float) -> None:
+        self._db.execute(
+            "INSERT INTO outbox (kind, body, size, stamp) VALUES (?, ?, ?, ?)",
+            (kind, body, len(body), stamp),
+        )
+        self._outbox_bytes[kind] = self.outbox_bytes(kind) + len(body)
+        self._outbox_items[kind] = self.outbox_items(kind) + 1
+
+    def peek(self, kind: str, max_items: int, max_bytes: int, after: int = 0) -> list[OutboxItem]:
+        """The oldest items of `kind` (after seq `after`): at least one, then
+        as many as fit in `max_items` and `max_bytes`."""
+        items: list[OutboxItem] = []
+        total = 0
+        rows = self._db.execute(
+            "SELECT seq, kind, body, size, stamp, attempts FROM outbox "
+            "WHERE kind = ? AND seq > ? ORDER BY seq LIMIT ?",
+            (kind, after, max_items),
+        )
+        for row in rows:
+            item = OutboxItem(*row)
+            if items and total + item.size > max_bytes:
+                break
+            items.append(item)
+            total += item.size
+        return items
+
+    def remove(self, items: list[OutboxItem]) -> None:
+        with self.transaction():
+            self._db.executemany("DELETE FROM outbox WHERE seq = ?", [(i.seq,) for i in items])
+        for item in items:
+            self._outbox_bytes[item.kind] -= item.size
+            self._outbox_items[item.kind] -= 1
+
+    def failed(self, items: list[OutboxItem]) -> None:
+        with self.transaction():
+            self._db.executemany(
+                "UPDATE outbox SET attempts = attempts + 1 WHERE seq = ?", [(i.seq,) for i in items]
+            )
+
+    def set_aside(self, item: OutboxItem, reason: str) -> None:
+        """Move an item its sink keeps refusing out of the way, kept for a human."""
+        with self.transaction():
+            self._db.execute(
+                "INSERT OR REPLACE INTO dead_letters VALUES (?, ?, ?, ?, ?)",
+                (item.seq, item.kind, item.body, reason, time.time()),
+            )
+            self._db.execute("DELETE FROM outbox WHERE seq = ?", (item.seq,))
+        self._outbox_bytes[item.kind] -= item.size
+        self._outbox_items[item.kind] -= 1
+
+    def dead_letter_count(self) -> int:
+        return self._db.execute("SELECT COUNT(*) FROM dead_letters").fetchone()[0]
+
+    def _reload_outbox_totals(self) -> None:
+        self._outbox_bytes = dict(self._db.execute("SELECT kind, SUM(size) FROM outbox GROUP BY kind").fetchall())
+        self._outbox_items = dict(self._db.execute("SELECT kind, COUNT(*) FROM outbox GROUP BY kind").fetchall())
+
+    # -- meta ---------------------------------------------------------------------
+
+    def get_meta(self, key: str) -> Optional[str]:
+        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def set_meta(self, key: str, value: str) -> None:
+        self._db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))

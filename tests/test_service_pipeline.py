@@ -1,0 +1,190 @@
+"""The sidecar's core without a network: store, pipeline, delivery, settings.
+
+The store is a real SQLite file; "a crash" is the store closed with no
+shutdown step at all, which leaves exactly what a kill -9 leaves (every
+intake is committed before it returns).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+
+import pytest
+from helpers import FIXTURES, convert, events, load_jsonl
+
+from otel_bridge.model.events import Event
+from otel_bridge.service.config import ConfigError, load_settings
+from otel_bridge.service.delivery import Delivery
+from otel_bridge.service.metrics import Metrics
+from otel_bridge.service.pipeline import EVENT, SPAN, Pipeline, decode, encode_span
+from otel_bridge.service.store import Store, StoreError
+from otel_bridge.translate.assembler import AssemblerOptions
+
+SCENARIOS = ["retries-immediate", "nested-tasks", "rolled-back", "mapped", "huge-message", "deferred"]
+
+
+class Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def outbox_spans(store: Store):
+    return [decode(SPAN, item.body) for item in store.peek(SPAN, 10_000, 1 << 40)]
+
+
+def sample(name):
+    return events(load_jsonl(FIXTURES / f"{name}.jsonl"))
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_spans_survive_the_codec_of_the_outbox(scenario):
+    for span in convert(load_jsonl(FIXTURES / f"{scenario}.jsonl")):
+        assert decode(SPAN, encode_span(span)) == span
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_a_crash_anywhere_gives_the_spans_of_an_uninterrupted_run(tmp_path, scenario):
+    evs = sample(scenario)
+    expected = {s.span_id: s for s in convert(e.model_dump(mode="json") for e in evs)}
+    for cut in (1, len(evs) // 3, len(evs) // 2, len(evs) - 1):
+        path = tmp_path / f"cut{cut}.sqlite3"
+        clock = Clock()
+        store = Store(path)
+        pipeline = Pipeline(store, Metrics(), AssemblerOptions(linger_seconds=5), clock=clock)
+        pipeline.take_events(evs[:cut], "test")
+        clock.now = 6.0
+        pipeline.tick()  # some runs may be emitted before the crash
+        store.close()  # the crash: nothing more is written
+
+        store = Store(path)
+        pipeline = Pipeline(store, Metrics(), AssemblerOptions(linger_seconds=5), clock=clock)
+        # After a restart the source replays from its resume point: the
+        # events seen before come again and must count as duplicates.
+        pipeline.take_events(evs, "test")
+        pipeline.assembler.flush()
+        spans = outbox_spans(store)
+        store.close()
+        assert sorted(s.span_id for s in spans) == sorted(expected), f"cut at {cut}"
+        for span in spans:
+            assert span == expected[span.span_id], f"cut at {cut}: {span.name}"
+
+
+def test_two_services_cannot_share_a_store(tmp_path):
+    store = Store(tmp_path / "s.sqlite3")
+    with pytest.raises(StoreError, match="another otel-bridge"):
+        Store(tmp_path / "s.sqlite3")
+    store.close()
+    Store(tmp_path / "s.sqlite3").close()
+
+
+def test_a_full_outbox_drops_and_counts(tmp_path):
+    store = Store(tmp_path / "s.sqlite3")
+    metrics = Metrics()
+    pipeline = Pipeline(store, metrics, outbox_max_bytes=1)
+    pipeline.take_events(sample("failure"), "test")
+    pipeline.assembler.flush()
+    built = sum(s.value for m in metrics.spans_built.collect() for s in m.samples
+                if s.name.endswith("_total"))
+    dropped = metrics.dropped.labels(SPAN, "outbox_full")._value.get()
+    assert built > 0 and dropped == built
+    assert store.outbox_items(SPAN) == 0
+
+
+class RecordingSink:
+    """Takes what it is given, except what `refuse` says; `down` refuses all."""
+
+    def __init__(self, refuse=lambda item: False):
+        self.got = []
+        self.refuse = refuse
+        self.down = False
+
+    def export(self, items):
+        if self.down or any(self.refuse(i) for i in items):
+            raise RuntimeError("refused")
+        self.got.extend(items)
+
+    def close(self):
+        pass
+
+
+def fill_outbox(store: Store, scenario="mapped"):
+    pipeline = Pipeline(store, Metrics())
+    pipeline.take_events(sample(scenario), "test")
+    pipeline.assembler.flush()
+    return outbox_spans(store)
+
+
+async def drive(delivery: Delivery, rounds: int):
+    for _ in range(rounds):
+        if not delivery.store.outbox_items(delivery.kind):
+            break
+        await delivery.deliver_once()
+
+
+def test_delivery_waits_out_an_outage_and_loses_nothing(tmp_path):
+    store = Store(tmp_path / "s.sqlite3")
+    spans = fill_outbox(store)
+    sink = RecordingSink()
+    metrics = Metrics()
+    delivery = Delivery(store, SPAN, sink, "test", metrics, batch_items=2)
+    sink.down = True
+    asyncio.run(drive(delivery, 30))
+    assert sink.got == [] and store.outbox_items(SPAN) == len(spans)
+    assert store.dead_letter_count() == 0  # an outage sets nothing aside
+    sink.down = False
+    asyncio.run(drive(delivery, 100))
+    assert sink.got == spans and store.outbox_items(SPAN) == 0
+    assert metrics.export_failures.labels("test")._value.get() == 30
+
+
+def test_one_refused_item_is_set_aside_and_the_rest_delivered(tmp_path):
+    store = Store(tmp_path / "s.sqlite3")
+    spans = fill_outbox(store)
+    poison = spans[1]
+    sink = RecordingSink(refuse=lambda span: span == poison)
+    metrics = Metrics()
+    delivery = Delivery(store, SPAN, sink, "test", metrics, batch_items=4)
+    asyncio.run(drive(delivery, 100))
+    assert sink.got == [s for s in spans if s != poison]
+    assert store.dead_letter_count() == 1
+    assert metrics.dropped.labels(SPAN, "refused")._value.get() == 1
+
+
+def test_settings_layer_flags_over_env_over_file(tmp_path, monkeypatch):
+    config = tmp_path / "bridge.yaml"
+    config.write_text("max_open_runs: 5\nlinger_seconds: 2\nhttp_port: 9000\npush_token: t\n")
+    monkeypatch.setenv("OTEL_BRIDGE_LINGER_SECONDS", "3")
+    monkeypatch.setenv("OTEL_BRIDGE_HTTP_PORT", "9001")
+    settings = load_settings({"http_port": "9002"}, str(config))
+    assert (settings.max_open_runs, settings.linger_seconds, settings.http_port) == (5, 3.0, 9002)
+    assert settings.listen_host == "127.0.0.1"  # loopback unless told otherwise
+
+
+@pytest.mark.parametrize("flags, config, message", [
+    ({"http_port": "http"}, None, "bad setting http_port"),
+    ({"max_open_runs": "0"}, None, "bad setting max_open_runs"),
+    ({"forward_to": "file"}, None, "forward_file is not set"),
+    ({}, "max_open_run: 5\n", "bad setting max_open_run"),
+    ({}, "max_open_runs: [\n", "cannot read"),
+])
+def test_a_bad_setting_is_one_clear_error(tmp_path, monkeypatch, flags, config, message):
+    monkeypatch.setenv("OTEL_BRIDGE_PUSH_TOKEN", "t")
+    path = None
+    if config is not None:
+        path = tmp_path / "bridge.yaml"
+        path.write_text(config)
+    with pytest.raises(ConfigError, match=message):
+        load_settings(flags, str(path) if path else None)
+
+
+def test_serve_exits_2_with_the_error_on_a_bad_setting(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "otel_bridge", "serve", "--push-token", "t", "--http-port", "-1"],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert result.returncode == 2
+    assert "bad setting http_port" in result.stderr and "Traceback" not in result.stderr

@@ -192,6 +192,20 @@ def test_kubernetes_wiring():
     assert benv["OTEL_EXPORTER_OTLP_ENDPOINT"] == f"http://localhost:{ports['otlp-grpc']}"
     assert benv["OTEL_EXPORTER_OTLP_PROTOCOL"] == "grpc"
     assert "PREFECT_API_URL" in benv
+    # Its own settings are valid settings, and the probes hit its port.
+    from otel_bridge.service.config import load_settings
+
+    settings_env = {k: v for k, v in benv.items() if k.startswith("OTEL_BRIDGE_") or k == "PREFECT_API_URL"}
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in settings_env.items():
+            patch.setenv(name, value)
+        settings = load_settings({})
+    (port,) = bridge["ports"]
+    assert port["containerPort"] == settings.http_port
+    assert bridge["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": port["name"]}
+    assert bridge["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": port["name"]}
+    (mount,) = bridge["volumeMounts"]
+    assert settings.store_path.parent == Path(mount["mountPath"])
 
 
 # ---------------------------------------------------------------- for real

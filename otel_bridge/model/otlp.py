@@ -46,7 +46,8 @@ def request_from_json(obj: dict[str, Any]) -> ExportTraceServiceRequest:
                     raise ValueError(f"{key} {value!r} is not hex") from None
                 holder[key] = base64.b64encode(raw).decode()
     try:
-        return json_format.ParseDict(obj, ExportTraceServiceRequest())
+        # OTLP: "receivers MUST ignore unknown fields" in JSON, for newer senders.
+        return json_format.ParseDict(obj, ExportTraceServiceRequest(), ignore_unknown_fields=True)
     except json_format.ParseError as exc:
         raise ValueError(str(exc)) from None
 

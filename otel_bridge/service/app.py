@@ -184,10 +184,12 @@ class Service:
                 self._receive_spans, s.listen_host, s.otlp_grpc_port, s.max_body_bytes)
             otlp = web.Application(client_max_size=s.max_body_bytes)
             otlp.add_routes(otlp_http_routes(self._receive_spans, s.max_body_bytes))
-            self.bound["otlp_http_port"] = await self._serve(otlp, s.otlp_http_port)
+            # The receiver gunzips itself, capped; aiohttp's own unzipping is
+            # bounded only in recent versions.
+            self.bound["otlp_http_port"] = await self._serve(otlp, s.otlp_http_port, auto_decompress=False)
 
-    async def _serve(self, app: web.Application, port: int) -> int:
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    async def _serve(self, app: web.Application, port: int, **options: Any) -> int:
+        runner = web.AppRunner(app, access_log=None, handle_signals=False, **options)
         await runner.setup()
         site = web.TCPSite(runner, self.settings.listen_host, port)
         await site.start()

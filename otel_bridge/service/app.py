@@ -235,9 +235,13 @@ class Service:
                             "reason": exc.reason, "detail": exc.detail, "event_id": raw.get("id")})
                     if len(self._pending) >= 1000:
                         self._take_pending()
-        except PrefectStreamError as exc:
+        except PrefectStreamError as exc:  # credentials refused, not a Prefect API
             self._fatal = f"Prefect subscription: {exc}"
             logger.error("cannot follow Prefect", extra={"error": str(exc)})
+            self.stop()
+        except Exception as exc:  # a bug: stop with 1, the store keeps the state
+            self._fatal = f"Prefect subscription: {type(exc).__name__}: {exc}"
+            logger.exception("the Prefect subscription failed")
             self.stop()
 
     def _take_pending(self) -> None:
@@ -247,11 +251,14 @@ class Service:
 
     async def _tick(self) -> None:
         while True:
-            self._last_tick = time.monotonic()
-            with self.store.transaction():
-                self._take_pending()
-                self.pipeline.tick()
-                self._save_resume_point()
+            try:
+                with self.store.transaction():
+                    self._take_pending()
+                    self.pipeline.tick()
+                    self._save_resume_point()
+                self._last_tick = time.monotonic()  # /healthz fails while ticks fail
+            except Exception:  # a full disk, a store error: keep trying, loudly
+                logger.exception("tick failed")
             await asyncio.sleep(TICK_SECONDS)
 
     def _save_resume_point(self) -> None:

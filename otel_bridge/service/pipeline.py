@@ -19,10 +19,10 @@ from typing import Callable, Sequence
 from uuid import UUID
 
 import pydantic_core
+from opentelemetry.trace import SpanKind, StatusCode
 
 from otel_bridge.model.events import Event, EventRejected
-from otel_bridge.model.otlp import request_from_json, request_json, spans_from_request
-from otel_bridge.model.spans import Span
+from otel_bridge.model.spans import Span, SpanEvent, SpanLink
 from otel_bridge.service.metrics import Metrics, event_label
 from otel_bridge.service.store import Store
 from otel_bridge.translate.assembler import Assembler, AssemblerOptions
@@ -36,15 +36,33 @@ SPAN, EVENT = "span", "event"
 
 
 def encode_span(span: Span) -> bytes:
-    """A span as the outbox keeps it: one OTLP/JSON request, resource-less
-    (the sink adds the service's resource when it sends)."""
-    return pydantic_core.to_json(request_json([span], {}, "", ""))
+    """A span as the outbox keeps it: compact JSON of its fields, in order
+    (OTLP/JSON would do, but reading it back through protobuf's JSON mapping
+    costs milliseconds a span, which would cap a delivery at a few hundred
+    spans a second)."""
+    return pydantic_core.to_json((
+        span.trace_id_hex, span.span_id_hex,
+        None if span.parent_span_id is None else format(span.parent_span_id, "016x"),
+        span.name, span.start_time_unix_nano, span.end_time_unix_nano, span.attributes,
+        [(e.name, e.time_unix_nano, e.attributes) for e in span.events],
+        [(format(l.trace_id, "032x"), format(l.span_id, "016x"), l.attributes, l.trace_flags)
+         for l in span.links],
+        span.kind.value, span.status_code.value, span.status_message,
+    ))
 
 
 def decode(kind: str, body: bytes) -> Span | Event:
-    if kind == SPAN:
-        return next(spans_from_request(request_from_json(pydantic_core.from_json(body))))[1]
-    return Event.model_validate_json(body)
+    if kind == EVENT:
+        return Event.model_validate_json(body)
+    (trace_id, span_id, parent, name, start, end, attributes, events, links, span_kind, status,
+     message) = pydantic_core.from_json(body)
+    return Span(
+        int(trace_id, 16), int(span_id, 16), None if parent is None else int(parent, 16), name,
+        start, end, attributes,
+        tuple(SpanEvent(*e) for e in events),
+        tuple(SpanLink(int(t, 16), int(s, 16), a, f) for t, s, a, f in links),
+        SpanKind(span_kind), StatusCode(status), message,
+    )
 
 
 @dataclass

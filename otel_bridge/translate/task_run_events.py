@@ -13,7 +13,19 @@ from datetime import datetime, timezone
 from typing import Any, Mapping, Optional, Sequence
 from uuid import UUID
 
-from otel_bridge.model.events import PREFECT_TRACEPARENT_LABEL, Event, Labels, validate_event
+from pydantic_core import to_json
+
+from otel_bridge.model.events import (
+    MAX_EVENT_NAME_LENGTH,
+    MAX_EVENT_SIZE_BYTES,
+    MAX_LABELS_PER_RESOURCE,
+    MAX_RELATED_RESOURCES,
+    PREFECT_TRACEPARENT_LABEL,
+    Event,
+    Labels,
+    _checked_event,
+    validate_event,
+)
 from otel_bridge.model.states import StateType
 
 # Prefect cuts state messages to this many characters (`truncated_to`).
@@ -76,16 +88,39 @@ def truncated(message: str, limit: int = STATE_MESSAGE_LIMIT) -> str:
 class TaskRunEventBuilder:
     """Builds a task run's events one state at a time, as the engine does:
     it keeps the run count, start and end time and total run time, and
-    chains each event to the one before (`follows`)."""
+    chains each event to the one before (`follows`).
+
+    The run's name, tags and context are read once, when the builder is made;
+    its labels, task inputs and policy at each state (Prefect's engine sets
+    a label while the run starts). An event is checked as `validate_event`
+    checks it, but only where it can be wrong: the parts fixed for the run
+    once, and per state the values given for it; anything unusual takes
+    `validate_event` itself, so an invalid event is rejected the same way.
+    `payload_json` holds each event's payload as compact JSON, and
+    `related_json` the related resources (the same in every event), as the
+    forward bridge writes them on the span events."""
 
     def __init__(self, run: TaskRunRecord):
         self.run = run
         self.events: list[Event] = []
+        self.payload_json: list[bytes] = []
         self._run_count = 0
         self._start_time: Optional[datetime] = None
+        self._start_json: Optional[str] = None
         self._end_time: Optional[datetime] = None
         self._total_run_time = 0.0
         self._previous: Optional[StateRecord] = None
+        self._previous_json: Optional[dict[str, Any]] = None
+        self._resource_id = run.resource_id
+        self._name = run.name
+        self._related: list[Labels] = [
+            {"prefect.resource.id": f"prefect.tag.{tag}", "prefect.resource.role": "tag"}
+            for tag in sorted(run.tags)
+        ] + [dict(labels) for labels in run.context]
+        self._expected_json = (None if run.expected_start_time is None
+                               else _json_time(run.expected_start_time))
+        self._checked = _related_ok(self._related) and type(self._name) is str
+        self.related_json = to_json(self._related) if self._checked else b""
 
     def add(self, state: StateRecord) -> Event:
         previous = self._previous
@@ -93,17 +128,101 @@ class TaskRunEventBuilder:
             self._total_run_time += (state.timestamp - previous.timestamp).total_seconds()
         if state.type is StateType.RUNNING:
             self._run_count += 1
-            self._start_time = self._start_time or state.timestamp
+            if self._start_time is None:
+                self._start_time = state.timestamp
+                self._start_json = _json_time(state.timestamp)
         if state.type.is_terminal:
             self._end_time = state.timestamp
-        task_run = _task_run_payload(
-            self.run, self._run_count, self._start_time, self._end_time, self._total_run_time
-        )
-        event = _event(self.run, previous, state, self._run_count, task_run,
-                       self.events[-1].id if self.events else None)
+        run = self.run
+        run_count = self._run_count
+        started = run_count > 0
+        # Field order and omitted Nones as `TaskRun.model_dump(mode="json", exclude_none=True)`.
+        # Until the run first starts, the engine has not yet set its flow run's
+        # run count nor the trace context label.
+        labels = dict(run.labels)
+        if not started:
+            labels.pop(PREFECT_TRACEPARENT_LABEL, None)
+        task_run: dict[str, Any] = {
+            "name": self._name,
+            "task_key": run.task_key,
+            "dynamic_key": run.dynamic_key,
+            "empirical_policy": dict(run.empirical_policy),
+            "tags": list(run.tags),
+            "labels": labels,
+            "task_inputs": dict(run.task_inputs),
+            "run_count": run_count,
+            "flow_run_run_count": run.flow_run_run_count if started else 0,
+        }
+        if self._expected_json is not None:
+            task_run["expected_start_time"] = self._expected_json
+        if self._start_json is not None:
+            task_run["start_time"] = self._start_json
+        if self._end_time is not None:
+            task_run["end_time"] = _json_time(self._end_time)
+        task_run["total_run_time"] = round(self._total_run_time, 6)
+
+        type_value = state.type.value
+        message = state.message
+        if not message or type(message) is not str or len(message) > STATE_MESSAGE_LIMIT:
+            message = truncated(message)
+        validated = {"type": type_value, "name": state.name, "message": message,
+                     "state_details": dict(state.state_details), "data": state.data}
+        payload = {
+            "intended": {"from": previous.type.value if previous else None, "to": type_value},
+            "initial_state": self._previous_json,
+            "validated_state": validated,
+            "task_run": task_run,
+        }
+        fields = {
+            "occurred": state.timestamp,
+            "event": f"prefect.task-run.{state.name}",
+            "resource": {
+                "prefect.resource.id": self._resource_id,
+                "prefect.resource.name": self._name,
+                "prefect.run-count": str(run_count),
+                "prefect.state-message": message,
+                "prefect.state-name": state.name,
+                "prefect.state-timestamp": state.timestamp.isoformat(),
+                "prefect.state-type": type_value,
+                "prefect.orchestration": "client",
+            },
+            "related": [dict(labels) for labels in self._related],
+            "payload": payload,
+            "id": state.id,
+            "follows": self.events[-1].id if self.events else None,
+        }
+        event, payload_json = self._event(fields, state, message)
         self.events.append(event)
+        self.payload_json.append(payload_json)
         self._previous = state
+        self._previous_json = {"type": type_value, "name": state.name, "message": message,
+                               "state_details": dict(state.state_details)}
         return event
+
+    def _event(self, fields: dict[str, Any], state: StateRecord,
+               message: str) -> tuple[Event, bytes]:
+        """The event, checked: cheaply when every value is of the type it
+        must be and its size is clearly within Prefect's limit, else by
+        `validate_event`."""
+        moment = state.timestamp
+        name = state.name
+        if (self._checked and type(moment) is datetime and moment.tzinfo is not None
+                and type(name) is str and len(fields["event"]) <= MAX_EVENT_NAME_LENGTH
+                and type(message) is str and type(state.id) is UUID):
+            try:
+                payload_json = to_json(fields["payload"])
+            except Exception:  # not serialisable: let validation say so
+                payload_json = None
+            if payload_json is not None and (
+                len(payload_json) + len(self.related_json)
+                + 6 * (len(message) + 2 * len(name) + len(self._name)) + _EVENT_SIZE_SLACK
+                < MAX_EVENT_SIZE_BYTES
+            ):
+                if moment.tzinfo is not timezone.utc:
+                    fields["occurred"] = moment.astimezone(timezone.utc)
+                return _checked_event(fields), payload_json
+        event = validate_event(fields)
+        return event, to_json(event.payload)
 
 
 def task_run_state_events(run: TaskRunRecord, states: Sequence[StateRecord]) -> list[Event]:
@@ -112,76 +231,28 @@ def task_run_state_events(run: TaskRunRecord, states: Sequence[StateRecord]) -> 
     return [builder.add(state) for state in states]
 
 
-def _task_run_payload(run, run_count, start_time, end_time, total_run_time) -> dict[str, Any]:
-    # Field order and omitted Nones as `TaskRun.model_dump(mode="json", exclude_none=True)`.
-    # Until the run first starts, the engine has not yet set its flow run's
-    # run count nor the trace context label.
-    started = run_count > 0
-    payload: dict[str, Any] = {
-        "name": run.name,
-        "task_key": run.task_key,
-        "dynamic_key": run.dynamic_key,
-        "empirical_policy": dict(run.empirical_policy),
-        "tags": list(run.tags),
-        "labels": {k: v for k, v in run.labels.items()
-                   if started or k != PREFECT_TRACEPARENT_LABEL},
-        "task_inputs": dict(run.task_inputs),
-        "run_count": run_count,
-        "flow_run_run_count": run.flow_run_run_count if started else 0,
-    }
-    if run.expected_start_time is not None:
-        payload["expected_start_time"] = _json_time(run.expected_start_time)
-    if start_time is not None:
-        payload["start_time"] = _json_time(start_time)
-    if end_time is not None:
-        payload["end_time"] = _json_time(end_time)
-    payload["total_run_time"] = round(total_run_time, 6)
-    return payload
+# Bytes of an event's JSON besides its payload, related resources, state
+# message and names: keys, ids, timestamps, run count, state type (about 600).
+_EVENT_SIZE_SLACK = 2048
 
 
-def _state_json(state: StateRecord, *, with_data: bool) -> dict[str, Any]:
-    out = {
-        "type": state.type.value,
-        "name": state.name,
-        "message": truncated(state.message),
-        "state_details": dict(state.state_details),
-    }
-    if with_data:
-        out["data"] = state.data
-    return out
-
-
-def _event(run, previous, state, run_count, task_run, follows) -> Event:
-    related = [
-        {"prefect.resource.id": f"prefect.tag.{tag}", "prefect.resource.role": "tag"}
-        for tag in sorted(run.tags)
-    ] + [dict(labels) for labels in run.context]
-    return validate_event({
-        "occurred": state.timestamp,
-        "event": f"prefect.task-run.{state.name}",
-        "resource": {
-            "prefect.resource.id": run.resource_id,
-            "prefect.resource.name": run.name,
-            "prefect.run-count": str(run_count),
-            "prefect.state-message": truncated(state.message),
-            "prefect.state-name": state.name,
-            "prefect.state-timestamp": state.timestamp.isoformat(),
-            "prefect.state-type": state.type.value,
-            "prefect.orchestration": "client",
-        },
-        "related": related,
-        "payload": {
-            "intended": {"from": previous.type.value if previous else None,
-                         "to": state.type.value},
-            "initial_state": _state_json(previous, with_data=False) if previous else None,
-            "validated_state": _state_json(state, with_data=True),
-            "task_run": task_run,
-        },
-        "id": state.id,
-        "follows": follows,
-    })
+def _related_ok(related: list[Labels]) -> bool:
+    """Whether the related resources pass `Event`'s checks as they are."""
+    if len(related) > MAX_RELATED_RESOURCES:
+        return False
+    for labels in related:
+        if (len(labels) > MAX_LABELS_PER_RESOURCE or not labels.get("prefect.resource.id")
+                or not labels.get("prefect.resource.role")):
+            return False
+        for key, value in labels.items():
+            if type(key) is not str or type(value) is not str:
+                return False
+    return True
 
 
 def _json_time(moment: datetime) -> str:
     # Prefect's JSON form of its DateTime: UTC with a Z.
-    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    moment = moment.astimezone(timezone.utc)
+    if moment.year >= 1000:  # what strftime writes, in a third of the time
+        return moment.replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")

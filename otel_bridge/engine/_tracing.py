@@ -10,7 +10,10 @@ import weakref
 from typing import Optional
 
 from opentelemetry import trace
+from opentelemetry.attributes import BoundedAttributes
+from opentelemetry.sdk.trace import Event as SdkEvent
 from opentelemetry.sdk.trace import Tracer as SdkTracer
+from opentelemetry.sdk.trace import _Span as _SdkSpan
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.id_generator import IdGenerator
 from opentelemetry.trace import SpanContext, Status, TraceFlags
@@ -122,14 +125,67 @@ def tracer_provider_from_env(
     return provider
 
 
-def finish_live_span(span: trace.Span, final: Span) -> None:
-    """Give a live SDK span the events, links and status of `final` (the
-    forward bridge's span of the same run) and end it at `final`'s end."""
-    for event in final.events:
-        span.add_event(event.name, dict(event.attributes), event.time_unix_nano)
+def finish_live_span(span: trace.Span, final: Span, *, attributes: bool = True) -> None:
+    """Give a live SDK span the name, attributes (unless it was started with
+    them), events, links and status of `final` (the forward bridge's span of
+    the same run) and end it at `final`'s end."""
+    if not _fill_directly(span, final, attributes):
+        span.update_name(final.name)
+        if attributes:
+            span.set_attributes(final.attributes)
+        for event in final.events:
+            span.add_event(event.name, event.attributes, event.time_unix_nano)
     for link in final.links:
         span.add_link(SpanContext(link.trace_id, link.span_id, is_remote=True,
                                   trace_flags=TraceFlags(link.trace_flags)),
                       dict(link.attributes))
     span.set_status(Status(final.status_code, final.status_message or None))
     span.end(final.end_time_unix_nano)
+
+
+def _fill_directly(span: trace.Span, final: Span, with_attributes: bool) -> bool:
+    """Put `final`'s name, attributes and events into the SDK span as the
+    SDK's own `update_name`, `set_attributes` and `add_event` would store
+    them, without checking each value again: the forward bridge's mapping
+    makes only strings, ints, floats and lists of strings (the SDK keeps the
+    first three as they are and makes the lists tuples; span events carry
+    strings only). Only where the SDK would keep every attribute unchanged:
+    the span's limits cut nothing (no length limit, room for every
+    attribute), no key is empty, and no sampler has put attributes on it;
+    otherwise (False) the public API does it, checks and all. It uses the
+    SDK span's private fields (opentelemetry-sdk 1.x); should they change,
+    it falls back to the API. Tested against the public API's result, field
+    by field and in OTLP (tests/test_engine_fast_paths.py)."""
+    if type(span) is not _SdkSpan:
+        return False
+    try:
+        limits = span._limits
+        attributes = span._attributes
+        max_event_attributes = limits.max_event_attributes
+        if limits.max_attribute_length is not None or any(
+            "" in e.attributes
+            or (max_event_attributes is not None and len(e.attributes) > max_event_attributes)
+            for e in final.events
+        ):
+            return False
+        if with_attributes and (
+            attributes or attributes.max_value_len is not None or "" in final.attributes
+            or (attributes.maxlen is not None and len(final.attributes) > attributes.maxlen)
+        ):
+            return False
+        stored = attributes._dict
+    except AttributeError:  # another SDK version's internals: use the API
+        return False
+    with span._lock:
+        if span._end_time is not None:
+            return False  # the public API warns about an ended span
+        span._name = final.name
+        if with_attributes:
+            for key, value in final.attributes.items():
+                stored[key] = tuple(value) if type(value) is list else value
+        events = span._events
+        for event in final.events:
+            frozen = BoundedAttributes(max_event_attributes, immutable=True)
+            frozen._dict = dict(event.attributes)
+            events.append(SdkEvent(event.name, frozen, event.time_unix_nano))
+    return True

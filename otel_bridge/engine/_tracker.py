@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextvars
+import functools
 import hashlib
 import logging
 import os
@@ -30,9 +31,11 @@ from otel_bridge.translate.task_run_events import (
 )
 
 from ._sinks import EventSink, as_callable
+from ._span import built_run_span
 from ._tracing import bridge_tracer, finish_live_span
 
 log = logging.getLogger("otel_bridge.engine")
+_EMPTY_CONTEXT = otel_context.Context()
 
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 _current: contextvars.ContextVar[Optional["TaskRunTracker"]] = contextvars.ContextVar(
@@ -40,12 +43,24 @@ _current: contextvars.ContextVar[Optional["TaskRunTracker"]] = contextvars.Conte
 )
 
 
+_RANDOM_BITS = ~((0xF << 76) | (0x3 << 62)) & ((1 << 80) - 1)
+_VERSION_7 = (0x7 << 76) | (0x2 << 62)
+_uuid_new = UUID.__new__
+_set = object.__setattr__
+_SafeUUID = __import__("uuid").SafeUUID.unknown
+
+
 def uuid7() -> UUID:
-    """A time-ordered UUIDv7 (RFC 9562), the kind Prefect uses for its ids."""
-    raw = bytearray((time.time_ns() // 1_000_000).to_bytes(6, "big") + os.urandom(10))
-    raw[6] = (raw[6] & 0x0F) | 0x70
-    raw[8] = (raw[8] & 0x3F) | 0x80
-    return UUID(bytes=bytes(raw))
+    """A time-ordered UUIDv7 (RFC 9562), the kind Prefect uses for its ids:
+    48 bits of Unix milliseconds, version 7, 74 random bits (os.urandom),
+    the RFC variant."""
+    value = ((time.time_ns() // 1_000_000) << 80) | (
+        int.from_bytes(os.urandom(10), "big") & _RANDOM_BITS) | _VERSION_7
+    # UUID(int=value) with its range check done above (48 + 80 bits)
+    uuid = _uuid_new(UUID)
+    _set(uuid, "int", value)
+    _set(uuid, "is_safe", _SafeUUID)
+    return uuid
 
 
 @dataclass(frozen=True)
@@ -64,6 +79,10 @@ class FlowRunRef:
 
     def related(self) -> list[Labels]:
         """The related resources Prefect's events worker adds for it."""
+        return [dict(labels) for labels in self._related]
+
+    @functools.cached_property
+    def _related(self) -> tuple[Labels, ...]:
         out = [{"prefect.resource.id": self.resource_id,
                 "prefect.resource.role": "flow-run",
                 "prefect.resource.name": self.name}]
@@ -73,10 +92,16 @@ class FlowRunRef:
             if self.flow_name:
                 flow["prefect.resource.name"] = self.flow_name
             out.append(flow)
-        return out
+        return tuple(out)
 
 
 StateTypeLike = Union[StateType, str]
+
+
+@functools.lru_cache(maxsize=1024)
+def _task_key(task_name: str) -> str:
+    """Prefect's task key shape: the name and 8 hex digits of a hash."""
+    return f"{task_name}-{hashlib.sha256(task_name.encode()).hexdigest()[:8]}"
 
 
 class TaskRunTracker:
@@ -145,11 +170,10 @@ class TaskRunTracker:
             policy.update(max_retries=retries, retries=retries,
                           retry_delay_seconds=float(retry_delay_seconds),
                           retry_delay=retry_delay_seconds)
-        digest = hashlib.sha256(task_name.encode()).hexdigest()[:8]
         self.record = TaskRunRecord(
             id=self.id,
             name=run_name or f"{task_name}-{self.id.hex[-3:]}",
-            task_key=task_key or f"{task_name}-{digest}",
+            task_key=task_key or _task_key(task_name),
             dynamic_key=dynamic_key or str(self.id),
             tags=tuple(tags),
             labels=dict(labels or {}),
@@ -157,7 +181,7 @@ class TaskRunTracker:
             empirical_policy=policy,
             flow_run_run_count=flow_run.run_count if flow_run else 0,
             expected_start_time=clock(),
-            context=tuple(flow_run.related()) if flow_run else (),
+            context=flow_run._related if flow_run else (),
         )
         self._builder = TaskRunEventBuilder(self.record)
         self._emit = as_callable(sink) if sink is not None or inherited is None else inherited._emit
@@ -167,6 +191,7 @@ class TaskRunTracker:
         self._span: Optional[trace.Span] = None
         self._final: Optional[Event] = None
         self._result_span: Optional[Span] = None
+        self._place: Optional[tuple[int, Optional[int], int]] = None
         self.sink_errors = 0
         self._tokens: list = []
 
@@ -196,15 +221,18 @@ class TaskRunTracker:
     def span_context(self) -> SpanContext:
         """The run's span context: valid before its span starts and with no
         SDK installed, since the ids are derived from the run."""
-        trace_id, _ = self._placement()
-        return SpanContext(trace_id, span_id_for(self.resource_id), is_remote=False,
-                           trace_flags=_SAMPLED)
+        trace_id, _, span_id = self._placement()
+        return SpanContext(trace_id, span_id, is_remote=False, trace_flags=_SAMPLED)
 
-    def _placement(self) -> tuple[int, Optional[int]]:
-        # The bridge's own rule, from the run's first event (the flow run and
-        # the parents are the same in every event of a run).
-        first = self._builder.events[:1] or [self._probe_event()]
-        return placement(RunKey(TASK_RUN, self.resource_id), first)
+    def _placement(self) -> tuple[int, Optional[int], int]:
+        """Trace id, parent span id and span id. The bridge's own rule, from
+        the run's first event (the flow run and the parents are the same in
+        every event of a run)."""
+        if self._place is None:
+            first = self._builder.events[:1] or [self._probe_event()]
+            trace_id, parent_span_id = placement(RunKey(TASK_RUN, self.resource_id), first)
+            self._place = (trace_id, parent_span_id, span_id_for(self.resource_id))
+        return self._place
 
     def _probe_event(self) -> Event:
         probe = TaskRunEventBuilder(self.record)
@@ -227,7 +255,8 @@ class TaskRunTracker:
         """Move the run to a state: emit its event, update the span. `type`
         is a `StateType` or its value ("RUNNING"); `name` defaults to the
         type's ("Running"). Returns the event."""
-        kind = StateType(type.upper() if isinstance(type, str) else type)
+        kind = type if type.__class__ is StateType else StateType(
+            type.upper() if isinstance(type, str) else type)
         with self._lock:
             events = self._builder.events
             when = timestamp or self._clock()
@@ -256,13 +285,13 @@ class TaskRunTracker:
         if self._tracer is None:
             return
         tracer, ids = self._tracer
-        trace_id, parent_span_id = self._placement()
+        trace_id, parent_span_id, span_id = self._placement()
         if parent_span_id is not None:
             parent = SpanContext(trace_id, parent_span_id, is_remote=False, trace_flags=_SAMPLED)
-            ctx = trace.set_span_in_context(NonRecordingSpan(parent), otel_context.Context())
+            ctx = trace.set_span_in_context(NonRecordingSpan(parent), _EMPTY_CONTEXT)
         else:
-            ctx = otel_context.Context()  # a root, whatever is current
-        ids.set_next(trace_id, span_id_for(self.resource_id))
+            ctx = _EMPTY_CONTEXT  # a root, whatever is current
+        ids.set_next(trace_id, span_id)
         try:
             self._span = tracer.start_span(self.name, context=ctx, start_time=start_ns,
                                            record_exception=False,
@@ -275,7 +304,10 @@ class TaskRunTracker:
         """The span the forward bridge makes of the events so far, once the
         run is final (the live span's content); None before."""
         if self._result_span is None and self._final is not None:
-            self._result_span = run_span(self._builder.events)
+            trace_id, parent_span_id, span_id = self._placement()
+            self._result_span = built_run_span(
+                self._builder, RunKey(TASK_RUN, self.resource_id), trace_id, parent_span_id,
+                span_id) or run_span(self._builder.events)
         return self._result_span
 
     def _finish_span(self) -> None:
@@ -287,8 +319,6 @@ class TaskRunTracker:
         span = self._span
         if span is None or not span.is_recording():
             return
-        span.update_name(final.name)
-        span.set_attributes(dict(final.attributes))
         finish_live_span(span, final)
 
     # -- context manager ---------------------------------------------------

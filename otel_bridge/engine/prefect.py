@@ -44,6 +44,7 @@ import functools
 import inspect
 import logging
 import threading
+from datetime import datetime, timezone
 from typing import Any, Optional
 from uuid import UUID
 
@@ -51,11 +52,21 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 
-from otel_bridge.model.events import Event, parse_wire_event
+from pydantic_core import to_json
+
+from otel_bridge.model.events import Event, validate_event
 from otel_bridge.model.spans import Span
-from otel_bridge.translate.forward import TASK_RUN, is_final, run_key, run_span
+from otel_bridge.translate.forward import (
+    TASK_RUN,
+    RunKey,
+    is_final,
+    placement,
+    run_key,
+    run_span,
+)
 from otel_bridge.translate.ids import span_id_for, trace_id_for
 
+from ._span import ordered_run_span
 from ._tracing import bridge_tracer, finish_live_span, tracer_provider_from_env
 
 __all__ = ["TaskRunSpan", "aflush", "disable", "enable", "flush", "is_enabled"]
@@ -88,7 +99,9 @@ class _Bridge:
         self.provider = provider
         self._lock = threading.Lock()
         self._open: dict[str, TaskRunSpan] = {}  # resource id -> span context
-        self._events: dict[str, list[Event]] = {}  # resource id -> events so far
+        # resource id -> the events so far, each with its payload and related
+        # resources as JSON
+        self._events: dict[str, list[tuple[Event, bytes, bytes]]] = {}
         self.spans_recorded = 0
         self.errors = 0
 
@@ -117,19 +130,19 @@ class _Bridge:
         resource_id = prefect_event.resource.get("prefect.resource.id", "")
         if not resource_id.startswith(f"prefect.{TASK_RUN}."):
             return
-        event = parse_wire_event(prefect_event.model_dump(mode="json"))
-        key = run_key(event) if event is not None else None
+        event, payload_json, related_json = _from_prefect(prefect_event)
+        key = run_key(event)
         if key is None:
             return
         with self._lock:
-            events = self._events.setdefault(resource_id, [])
-            events.append(event)
+            seen = self._events.setdefault(resource_id, [])
+            seen.append((event, payload_json, related_json))
             if not is_final(event):
                 return
             span = self._open.pop(resource_id, None)
             self._events.pop(resource_id, None)
         if span is not None:  # else: a run that never started here
-            self._record(span, run_span(events))
+            self._record(span, _span_of(key, seen))
 
     def _record(self, started: TaskRunSpan, final: Span) -> None:
         found = bridge_tracer(self.provider)
@@ -152,20 +165,57 @@ class _Bridge:
             ctx = otel_context.Context()
         ids.set_next(final.trace_id, final.span_id)
         try:
+            # with its attributes, which a sampler may look at
             span = tracer.start_span(final.name, context=ctx,
                                      start_time=final.start_time_unix_nano,
-                                     attributes=dict(final.attributes),
+                                     attributes=final.attributes,
                                      record_exception=False, set_status_on_exception=False)
         finally:
             ids.clear()
         if not span.is_recording():
             return
-        finish_live_span(span, final)
+        finish_live_span(span, final, attributes=False)
         self.spans_recorded += 1
 
     def open_runs(self) -> list[UUID]:
         with self._lock:
             return [span.task_run_id for span in self._open.values()]
+
+
+def _span_of(key: RunKey, seen: list[tuple[Event, bytes, bytes]]) -> Span:
+    """`run_span` of the run's events; cheaper when they came in order, as
+    Prefect's events worker sends them."""
+    events = [event for event, _, _ in seen]
+    trace_id, parent_span_id = placement(key, events)
+    return ordered_run_span(events, [p for _, p, _ in seen], [r for _, _, r in seen], key,
+                            trace_id, parent_span_id, span_id_for(key.resource_id)
+                            ) or run_span(events)
+
+
+def _from_prefect(prefect_event: Any) -> tuple[Event, bytes, bytes]:
+    """Prefect's `Event` as otel-bridge's, checked as `validate_event` checks
+    what comes off the wire: what `parse_wire_event(prefect_event.model_dump(
+    mode="json"))` gives, without the round trip through JSON. Prefect's
+    engine builds the payload of a task run's state event in JSON form
+    already, and the JSON the span events get is the same either way (both
+    serialise with pydantic). The size check gets an upper bound on the
+    event's JSON, so it serialises the event only when that is near the limit."""
+    occurred = prefect_event.occurred.astimezone(timezone.utc)
+    if type(occurred) is not datetime:  # Prefect's DateTime subclass: as parsed from JSON
+        occurred = datetime(occurred.year, occurred.month, occurred.day, occurred.hour,
+                            occurred.minute, occurred.second, occurred.microsecond,
+                            tzinfo=timezone.utc)
+    resource = dict(prefect_event.resource.root)
+    related = [dict(r.root) for r in prefect_event.related]
+    payload = prefect_event.payload
+    name = prefect_event.event
+    payload_json, related_json = to_json(payload), to_json(related)
+    bound = (len(payload_json) + len(related_json) + 2048
+             + 6 * (len(name) + sum(len(k) + len(v) + 1 for k, v in resource.items())))
+    event = validate_event({"occurred": occurred, "event": name, "resource": resource,
+                            "related": related, "payload": payload, "id": prefect_event.id,
+                            "follows": prefect_event.follows}, bound)
+    return event, payload_json, related_json
 
 
 def _placement(run: Any) -> tuple[int, Optional[int]]:

@@ -1,0 +1,167 @@
+"""The shortcuts dual emission takes for speed give exactly what the general
+code gives: the builder's unvalidated events, the ordered span, the SDK span
+filled directly."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timedelta, timezone
+from uuid import UUID, uuid4
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+from opentelemetry.sdk.trace import SpanLimits, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from otel_bridge.engine import FlowRunRef, StateType, TaskRunTracker
+from otel_bridge.engine import _tracing
+from otel_bridge.engine._span import ordered_run_span
+from otel_bridge.model.events import EventRejected, validate_event
+from otel_bridge.translate.forward import TASK_RUN, RunKey, _json, placement, run_span
+from otel_bridge.translate.ids import span_id_for
+from otel_bridge.translate.task_run_events import StateRecord, TaskRunEventBuilder, TaskRunRecord
+
+FLOW_RUN = FlowRunRef(id=UUID("0f0e0d0c-0b0a-4908-8706-050403020100"), name="brave-otter",
+                      flow_name="etl", flow_id=UUID("11111111-2222-4333-8444-555555555555"))
+T0 = datetime(2026, 3, 1, 12, 0, 0, 123456, tzinfo=timezone.utc)
+STATES = [(StateType.PENDING, "Pending"), (StateType.RUNNING, "Running"),
+          (StateType.RUNNING, "Retrying"), (StateType.SCHEDULED, "AwaitingRetry"),
+          (StateType.COMPLETED, "Completed"), (StateType.FAILED, "Failed"),
+          (StateType.CRASHED, "Crashed"), (StateType.PENDING, "NotReady"),
+          (StateType.COMPLETED, "RolledBack")]
+ZONES = [timezone.utc, timezone(timedelta(hours=5, minutes=30)), timezone(timedelta(hours=-7))]
+
+steps = st.lists(st.tuples(st.sampled_from(STATES), st.integers(-2_000_000, 5_000_000),
+                           st.sampled_from(ZONES), st.text(max_size=30)),
+                 min_size=1, max_size=7)
+
+
+def record(**overrides) -> TaskRunRecord:
+    fields = dict(id=uuid4(), name="load-1ab", task_key="load-0123abcd", dynamic_key="0",
+                  tags=["b", "a"], labels={"__OTEL_TRACEPARENT":
+                                           "00-5b8efff798038103d269b633813fc60c-eee19b7ec3c1b174-01"},
+                  task_inputs={"__parents__": [{"input_type": "task_run", "id": str(uuid4())}]},
+                  flow_run_run_count=1, expected_start_time=T0,
+                  context=FLOW_RUN.related())
+    fields.update(overrides)
+    return TaskRunRecord(**fields)
+
+
+@given(steps, st.booleans())
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_built_events_are_what_validation_makes_and_the_ordered_span_is_run_span(
+        sequence, nested):
+    run = record() if nested else record(task_inputs={}, labels={})
+    builder = TaskRunEventBuilder(run)
+    when = T0
+    for (kind, name), micros, zone, message in sequence:
+        when += timedelta(microseconds=micros)
+        builder.add(StateRecord(kind, name, when.astimezone(zone), uuid4(), message))
+    for event in builder.events:
+        wire = json.loads(event.model_dump_json())
+        validated = validate_event(dict(event.__dict__))
+        assert event == validated and event.model_dump_json() == validated.model_dump_json()
+        assert validate_event(wire) == event
+    # what the forward bridge writes on the span events
+    assert builder.payload_json == [_json(e.payload).encode() for e in builder.events]
+    assert all(builder.related_json == _json(e.related).encode() for e in builder.events)
+    key = RunKey(TASK_RUN, run.resource_id)
+    trace_id, parent = placement(key, builder.events)
+    span = ordered_run_span(builder.events, builder.payload_json,
+                            [builder.related_json] * len(builder.events), key, trace_id, parent,
+                            span_id_for(run.resource_id))
+    ordered = [e.occurred for e in builder.events] == sorted(e.occurred for e in builder.events)
+    if ordered:
+        assert span == run_span(builder.events)
+    else:
+        assert span is None
+
+
+def test_events_the_builder_cannot_vouch_for_are_validated():
+    # a naive timestamp: validation makes it UTC
+    naive = TaskRunEventBuilder(record()).add(
+        StateRecord(StateType.PENDING, "Pending", T0.replace(tzinfo=None), uuid4()))
+    assert naive.occurred == T0
+    # a related resource with no id: rejected as validate_event rejects it
+    with pytest.raises(EventRejected):
+        TaskRunEventBuilder(record(context=[{"prefect.resource.role": "flow-run"}])).add(
+            StateRecord(StateType.PENDING, "Pending", T0, uuid4()))
+    # a state name too long for an event name
+    with pytest.raises(EventRejected):
+        TaskRunEventBuilder(record()).add(StateRecord(StateType.PENDING, "x" * 1100, T0, uuid4()))
+    # too large: the bound sends it to the exact check, which rejects it
+    with pytest.raises(EventRejected, match="too_large"):
+        TaskRunEventBuilder(record(labels={"big": "y" * 1_600_000})).add(
+            StateRecord(StateType.PENDING, "Pending", T0, uuid4()))
+    # a long message is still cut as Prefect cuts it
+    event = TaskRunEventBuilder(record()).add(
+        StateRecord(StateType.FAILED, "Failed", T0, uuid4(), "z" * 150_000))
+    assert "additional characters" in event.resource["prefect.state-message"]
+
+
+def _telemetry(limits=None):
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(span_limits=limits) if limits else TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    return provider, exporter
+
+
+def _workload(provider):
+    """The same runs every time: ids and clock fixed."""
+    counter = iter(range(1, 1000))
+    ids = lambda: UUID(int=next(counter))  # noqa: E731
+    ticks = iter(range(1000))
+    clock = lambda: T0 + timedelta(milliseconds=next(ticks))  # noqa: E731
+    with TaskRunTracker("extract", flow_run=FLOW_RUN, tags=["etl", "daily"], clock=clock,
+                        id_factory=ids, tracer_provider=provider) as run:
+        run.set_state("RUNNING", "Retrying", "Task run encountered an exception E: x")
+    with pytest.raises(ValueError):
+        with TaskRunTracker("validate", flow_run=FLOW_RUN, tracer_provider=provider,
+                            clock=clock, id_factory=ids, labels={
+                "__OTEL_TRACEPARENT": "00-5b8efff798038103d269b633813fc60c-eee19b7ec3c1b174-01"}):
+            raise ValueError("bad " * 400)
+
+
+def _otlp(spans):
+    return [encode_spans([s]).resource_spans[0].scope_spans[0].spans[0] for s in spans]
+
+
+def test_the_directly_filled_sdk_span_is_the_public_apis(monkeypatch):
+    provider, fast = _telemetry()
+    used = []
+    original = _tracing._fill_directly
+    monkeypatch.setattr(_tracing, "_fill_directly",
+                        lambda *args: used.append(original(*args)) or used[-1])
+    _workload(provider)
+    assert used == [True, True]
+
+    monkeypatch.setattr(_tracing, "_fill_directly", lambda *args: False)
+    provider, public = _telemetry()
+    _workload(provider)
+    fast_spans, public_spans = fast.get_finished_spans(), public.get_finished_spans()
+    assert _otlp(fast_spans) == _otlp(public_spans)
+    for a, b in zip(fast_spans, public_spans):
+        assert dict(a.attributes) == dict(b.attributes)
+        assert [(e.name, dict(e.attributes), e.dropped_attributes) for e in a.events] == \
+            [(e.name, dict(e.attributes), e.dropped_attributes) for e in b.events]
+
+
+def test_limits_that_would_cut_anything_take_the_public_api(monkeypatch):
+    used = []
+    original = _tracing._fill_directly
+    monkeypatch.setattr(_tracing, "_fill_directly",
+                        lambda *args: used.append(original(*args)) or used[-1])
+    provider, exporter = _telemetry(SpanLimits(max_attribute_length=100))
+    _workload(provider)
+    assert used == [False, False]
+    (_, validate) = exporter.get_finished_spans()
+    assert len(validate.status.description) > 100
+    assert all(len(v) <= 100 for v in validate.attributes.values() if isinstance(v, str))
+    used.clear()
+    provider, exporter = _telemetry(SpanLimits(max_span_attributes=5))
+    _workload(provider)
+    assert used == [False, False]
+    assert all(len(s.attributes) == 5 for s in exporter.get_finished_spans())

@@ -35,17 +35,22 @@ def events_from_body(body: bytes) -> tuple[list[tuple[int, Event]], list[BodyIte
         if body.lstrip()[:1] == b"[":  # an array that does not parse: nothing to split
             return [], [BodyItemRejected(1, "malformed_json", "the body is not valid JSON")]
     if isinstance(whole, list):
-        return _judge((i, item) for i, item in enumerate(whole, 1))
+        return _judge(((i, item) for i, item in enumerate(whole, 1)), parsed=True)
     if whole is not None:
-        return _judge([(1, whole)])
+        return _judge([(1, whole)], parsed=True)
     lines = ((n, line) for n, line in enumerate(body.split(b"\n"), 1) if line.strip())
-    return _judge(lines)
+    return _judge(lines, parsed=False)
 
 
-def _judge(items) -> tuple[list[tuple[int, Event]], list[BodyItemRejected]]:
+def _judge(items, parsed: bool) -> tuple[list[tuple[int, Event]], list[BodyItemRejected]]:
+    """`parsed`: the items are JSON values already, so a string among them is
+    a JSON string, not JSON text to parse again."""
     events: list[tuple[int, Event]] = []
     rejected: list[BodyItemRejected] = []
     for number, item in items:
+        if parsed and isinstance(item, str):
+            rejected.append(BodyItemRejected(number, "not_an_object", "expected a JSON object, got str"))
+            continue
         try:
             event = parse_wire_event(item)
         except EventRejected as exc:

@@ -180,10 +180,13 @@ class Service:
         if s.otlp_receiver:
             from otel_bridge.service.otlp_receiver import otlp_http_routes, start_grpc_receiver
 
+            def rejected(transport: str, reason: str, count: int) -> None:
+                self.pipeline.reject(f"otlp-{transport}", reason, count)
+
             self._grpc, self.bound["otlp_grpc_port"] = await start_grpc_receiver(
-                self._receive_spans, s.listen_host, s.otlp_grpc_port, s.max_body_bytes)
+                self._receive_spans, s.listen_host, s.otlp_grpc_port, s.max_body_bytes, rejected)
             otlp = web.Application(client_max_size=s.max_body_bytes)
-            otlp.add_routes(otlp_http_routes(self._receive_spans, s.max_body_bytes))
+            otlp.add_routes(otlp_http_routes(self._receive_spans, s.max_body_bytes, rejected))
             # The receiver gunzips itself, capped; aiohttp's own unzipping is
             # bounded only in recent versions.
             self.bound["otlp_http_port"] = await self._serve(otlp, s.otlp_http_port, auto_decompress=False)

@@ -70,6 +70,16 @@ class ReceiverBusy(Exception):
 
 
 SpansHandler = Callable[[list[Span], str], Awaitable[Received]]  # (spans, "grpc" | "http")
+# Told of every input refused here, to count it: (transport, reason, how many).
+# Reasons: malformed (a body that does not decode), too_large,
+# unsupported_media_type, method_not_allowed, invalid_span (a span that does
+# not decode, the others taken). A message over the gRPC limit is refused by
+# grpc itself, before any of this code runs, and is not reported.
+OnReject = Callable[[str, str, int], None]
+
+
+def _ignore(transport: str, reason: str, count: int) -> None:
+    pass
 
 
 class _HandlerFailed(Exception):
@@ -77,7 +87,8 @@ class _HandlerFailed(Exception):
 
 
 async def _export(
-    handler: SpansHandler, request: ExportTraceServiceRequest, transport: str
+    handler: SpansHandler, request: ExportTraceServiceRequest, transport: str,
+    on_reject: OnReject = _ignore,
 ) -> ExportTraceServiceResponse:
     """Decode the spans, hand the good ones over, and say what was rejected."""
     spans: list[Span] = []
@@ -92,6 +103,7 @@ async def _export(
     rejected = len(reasons)
     messages = []
     if reasons:
+        on_reject(transport, "invalid_span", rejected)
         more = f"; and {rejected - _REASONS_SHOWN} more" if rejected > _REASONS_SHOWN else ""
         messages.append(f"{rejected} span(s) could not be decoded: "
                         + "; ".join(reasons[:_REASONS_SHOWN]) + more)
@@ -137,7 +149,8 @@ def _retry_info(seconds: float) -> error_details_pb2.RetryInfo:
 # -- OTLP/gRPC ------------------------------------------------------------------
 
 async def start_grpc_receiver(
-    handler: SpansHandler, host: str, port: int, max_message_bytes: int = 16 * 1024 * 1024
+    handler: SpansHandler, host: str, port: int, max_message_bytes: int = 16 * 1024 * 1024,
+    on_reject: OnReject = _ignore,
 ) -> tuple[grpc.aio.Server, int]:
     """Starts a grpc.aio server implementing opentelemetry.proto.collector.trace.v1 TraceService/Export;
     returns (server, bound port) — port 0 means pick a free one. Caller stops it with await server.stop(grace)."""
@@ -148,10 +161,11 @@ async def start_grpc_receiver(
         try:
             request = ExportTraceServiceRequest.FromString(body)
         except DecodeError as exc:
+            on_reject("grpc", "malformed", 1)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"not an ExportTraceServiceRequest: {exc}")
         try:
-            response = await _export(handler, request, "grpc")
+            response = await _export(handler, request, "grpc", on_reject)
         except ReceiverBusy as busy:
             status = _status(code_pb2.UNAVAILABLE, str(busy), _retry_info(busy.retry_after))
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(busy), trailing_metadata=(
@@ -177,7 +191,7 @@ class _TooLarge(Exception):
 
 
 def otlp_http_routes(
-    handler: SpansHandler, max_body_bytes: int = 16 * 1024 * 1024
+    handler: SpansHandler, max_body_bytes: int = 16 * 1024 * 1024, on_reject: OnReject = _ignore
 ) -> list[web.RouteDef]:
     """POST /v1/traces accepting application/x-protobuf and application/json (OTLP/JSON: hex ids — use
     model.otlp.request_from_json), Content-Encoding gzip (decompressed size also capped by max_body_bytes,
@@ -187,27 +201,32 @@ def otlp_http_routes(
     async def traces(request: web.Request) -> web.Response:
         # Any method is routed here so that a wrong one, too, gets a Status body.
         if request.method != "POST":
+            on_reject("http", "method_not_allowed", 1)
             return _error(405, code_pb2.UNIMPLEMENTED, "OTLP/HTTP takes POST only", _PROTOBUF,
                           headers={"Allow": "POST"})
         content_type = request.content_type
         if content_type not in (_PROTOBUF, _JSON):
+            on_reject("http", "unsupported_media_type", 1)
             return _error(415, code_pb2.INVALID_ARGUMENT,
                           f"Content-Type must be {_PROTOBUF} or {_JSON}, not {content_type}", _PROTOBUF)
         encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
         if encoding not in ("gzip", "identity"):
+            on_reject("http", "unsupported_media_type", 1)
             return _error(415, code_pb2.INVALID_ARGUMENT,
                           f"Content-Encoding must be gzip or identity, not {encoding}", content_type)
         try:
             body = await _read_body(request, encoding == "gzip", max_body_bytes)
             export_request = _parse(body, content_type)
         except _TooLarge:
+            on_reject("http", "too_large", 1)
             return _error(413, code_pb2.RESOURCE_EXHAUSTED,
                           f"request body is over {max_body_bytes} bytes", content_type)
         except ValueError as exc:
+            on_reject("http", "malformed", 1)
             return _error(400, code_pb2.INVALID_ARGUMENT, str(exc), content_type,
                           detail=_bad_request(str(exc)))
         try:
-            response = await _export(handler, export_request, "http")
+            response = await _export(handler, export_request, "http", on_reject)
         except ReceiverBusy as busy:
             return _error(503, code_pb2.UNAVAILABLE, str(busy), content_type,
                           detail=_retry_info(busy.retry_after),

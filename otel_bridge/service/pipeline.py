@@ -136,7 +136,9 @@ class Pipeline:
                     continue
                 for event in events:
                     self._put(EVENT, event.model_dump_json(exclude={"received"}).encode(),
-                              event.occurred.timestamp())
+                              event.occurred.timestamp(),
+                              {"event_id": str(event.id), "event": event.event,
+                               "resource_id": event.resource_id})
                 intake.accepted += 1
         return intake
 
@@ -152,13 +154,16 @@ class Pipeline:
     def emitted(self, resource_id: str, event_ids: frozenset[UUID], span: Span) -> None:
         self.store.close_run(resource_id, event_ids)
         self.metrics.spans_built.labels(span.attributes.get("otel_bridge.synthetic.end", "final")).inc()
-        self._put(SPAN, encode_span(span), span.end_time_unix_nano / 1e9)
+        self._put(SPAN, encode_span(span), span.end_time_unix_nano / 1e9,
+                  {"trace_id": span.trace_id_hex, "span_id": span.span_id_hex, "span_name": span.name,
+                   "resource_id": resource_id})
 
-    def _put(self, kind: str, body: bytes, stamp: float) -> None:
+    def _put(self, kind: str, body: bytes, stamp: float, what: dict) -> None:
+        """`what` names the item in the log line if it has to be dropped."""
         if self.store.outbox_bytes(kind) + len(body) > self.outbox_max_bytes:
             self.metrics.dropped.labels(kind, "outbox_full").inc()
             logger.error("outbox full: %s dropped", kind,
-                         extra={"kind": kind, "outbox_bytes": self.store.outbox_bytes(kind),
+                         extra={"kind": kind, **what, "outbox_bytes": self.store.outbox_bytes(kind),
                                 "outbox_max_bytes": self.outbox_max_bytes})
             return
         self.store.put(kind, body, stamp)

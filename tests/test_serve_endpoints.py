@@ -885,32 +885,36 @@ def test_kill_9_with_undelivered_spans_then_a_real_collector_gets_them_once(tmp_
 
 def test_what_the_outbox_cannot_hold_is_counted_and_logged_and_readyz_warns(tmp_path):
     first, more = fixture("success"), fixture("failure") + fixture("nested-tasks")
+    everything = convert(first + more)
     held = sum(len(encode_span(s)) for s in convert(first))
-    bound = held + 100  # the first run's spans fit, and fill it past 90 %
-    lost_spans = convert(more)
-    lost = len(lost_spans)
+    bound = held + 100  # about the first run's spans: the rest cannot fit
     env = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{unused_port()}",
            "OTEL_EXPORTER_OTLP_TIMEOUT": "1"}
     with serving(tmp_path, "--push-token", TOKEN, "--linger-seconds", "0.2", "--retry-max-seconds", "1",
                  "--outbox-max-bytes", str(bound), "--shutdown-grace-seconds", "1", env=env) as svc:
-        svc.push_ok(lines(first))
-        wait_for(lambda: svc.metric("otel_bridge_outbox_bytes", kind="span") == held, 10, "the outbox filled")
+        svc.push_ok(lines(first + more))  # taken while the outbox is empty
+        wait_for(lambda: sum(svc.samples("otel_bridge_spans_built_total").values()) == len(everything),
+                 10, "every span built")
         response = wait_for(lambda: (r := svc.http.get("/readyz")).status_code == 503 and r, 5, "/readyz 503")
         assert response.json()["outbox_nearly_full"] == ["span"]
         assert svc.http.get("/healthz").status_code == 200  # not ready, but alive
-        svc.push_ok(lines(more))  # acknowledged: the events are taken...
-        wait_for(lambda: svc.metric("otel_bridge_dropped_total", kind="span", reason="outbox_full") == lost,
-                 10, "the drops counted")
-        built = sum(svc.samples("otel_bridge_spans_built_total").values())
+        # Now a push is refused whole, to be sent again later: nothing taken, nothing lost.
+        refused = svc.push(lines(fixture("retries-immediate")))
+        assert refused.status_code == 503 and refused.headers["Retry-After"]
+        assert "outbox" in refused.json()["error"]
         in_outbox = svc.metric("otel_bridge_outbox_items", kind="span")
+        lost = svc.metric("otel_bridge_dropped_total", kind="span", reason="outbox_full")
+        received = sum(svc.samples("otel_bridge_events_received_total").values())
         logs = svc.logs()
-    # ...every span built is in the outbox or counted as dropped, and logged.
-    assert built == in_outbox + lost
+    # Every span built is in the outbox or counted as dropped, and logged.
+    assert lost > 0 and in_outbox + lost == len(everything)
+    assert received == len(first + more)
     dropped = [line for line in logs if line.get("message", "").startswith("outbox full")]
     assert len(dropped) == lost
     for line in dropped:
         assert line["level"] == "error" and line["kind"] == "span"
         assert line["outbox_max_bytes"] == bound
     # Each line says which span was lost, so the loss can be traced to its run.
-    named = sorted((line.get("trace_id"), line.get("span_id"), line.get("span_name")) for line in dropped)
-    assert named == sorted((s.trace_id_hex, s.span_id_hex, s.name) for s in lost_spans)
+    named = {(line.get("trace_id"), line.get("span_id"), line.get("span_name")) for line in dropped}
+    assert len(named) == lost
+    assert named <= {(s.trace_id_hex, s.span_id_hex, s.name) for s in everything}

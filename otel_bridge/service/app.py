@@ -175,7 +175,7 @@ class Service:
         s = self.settings
         push_token = s.push_token.get_secret_value() if s.push_token else None
         app = admin_app(self, self.metrics, self.pipeline, push_token, s.max_body_bytes,
-                        accepting=lambda: not self._stopping)
+                        accepting=self._push_refusal)
         self.bound["http_port"] = await self._serve(app, s.http_port)
         if s.otlp_receiver:
             from otel_bridge.service.otlp_receiver import otlp_http_routes, start_grpc_receiver
@@ -190,6 +190,14 @@ class Service:
             # The receiver gunzips itself, capped; aiohttp's own unzipping is
             # bounded only in recent versions.
             self.bound["otlp_http_port"] = await self._serve(otlp, s.otlp_http_port, auto_decompress=False)
+
+    def _push_refusal(self) -> Optional[str]:
+        if self._stopping:
+            return "the service is stopping"
+        if self.store.outbox_bytes(SPAN) > _READY_OUTBOX_FRACTION * self.settings.outbox_max_bytes:
+            # Taking the events would only drop their spans; the sender can wait.
+            return "the span outbox is nearly full: the span endpoint is not taking spans"
+        return None
 
     async def _serve(self, app: web.Application, port: int, **options: Any) -> int:
         runner = web.AppRunner(app, access_log=None, handle_signals=False, **options)

@@ -10,7 +10,8 @@ A push answers once its events are on disk. Items that are not valid events
 are listed in the answer (`rejected`, with item number, reason and detail)
 and the others are taken: 200 when any was taken or the body was empty, 400
 when every item was refused, 413 over the body limit, 401 without the token,
-503 while the service stops (retry elsewhere or later). Event ids make a
+503 while the service stops or its span outbox is full (retry later: taking
+the events would only drop their spans). Event ids make a
 retried push harmless.
 """
 
@@ -46,7 +47,7 @@ def admin_app(
     pipeline: Pipeline,
     push_token: Optional[str],
     max_body_bytes: int,
-    accepting: Callable[[], bool],
+    accepting: Callable[[], Optional[str]],
 ) -> web.Application:
     app = web.Application(client_max_size=max_body_bytes)
 
@@ -71,8 +72,9 @@ def admin_app(
             pipeline.reject(PUSH, "unauthorized")
             return _error(401, "missing or wrong bearer token",
                           headers={"WWW-Authenticate": 'Bearer realm="otel-bridge"'})
-        if not accepting():
-            return _error(503, "the service is stopping", headers={"Retry-After": "5"})
+        refusal = accepting()
+        if refusal:
+            return _error(503, refusal, headers={"Retry-After": "5"})
         try:
             body = await request.read()
         except web.HTTPRequestEntityTooLarge:

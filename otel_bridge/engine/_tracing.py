@@ -15,6 +15,7 @@ from opentelemetry.sdk.trace import Event as SdkEvent
 from opentelemetry.sdk.trace import Tracer as SdkTracer
 from opentelemetry.sdk.trace import _Span as _SdkSpan
 from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace import sampling as _sampling
 from opentelemetry.sdk.trace.id_generator import IdGenerator
 from opentelemetry.trace import SpanContext, Status, TraceFlags
 
@@ -123,6 +124,39 @@ def tracer_provider_from_env(
     if set_global:
         trace.set_tracer_provider(provider)
     return provider
+
+
+# The SDK's own samplers whose decision (and the attributes they hand back)
+# does not depend on the attributes they are given: they pass them through
+# unchanged when sampling, drop them otherwise. By exact type, since a
+# subclass may look at them.
+_STATIC_SAMPLERS = frozenset({_sampling.StaticSampler, _sampling._AlwaysOn, _sampling._AlwaysOff,
+                              _sampling.TraceIdRatioBased})
+_PARENT_BASED = frozenset({_sampling.ParentBased, _sampling.ParentBasedTraceIdRatio,
+                           _sampling._ParentBasedAlwaysOn, _sampling._ParentBasedAlwaysOff})
+
+
+def sampler_ignores_attributes(sampler: object, _depth: int = 0) -> bool:
+    """Whether `sampler` is one of the SDK's built-in samplers that decide
+    without looking at a span's attributes and return them as given (ALWAYS_ON,
+    ALWAYS_OFF, TraceIdRatioBased, ParentBased and AlwaysRecordSampler of
+    those): starting a span without its attributes and setting them right
+    after then gives the same decision and the same attributes."""
+    kind = type(sampler)
+    if kind in _STATIC_SAMPLERS:
+        return True
+    if _depth > 4:
+        return False
+    try:
+        if kind in _PARENT_BASED:
+            return all(sampler_ignores_attributes(getattr(sampler, name), _depth + 1) for name in (
+                "_root", "_remote_parent_sampled", "_remote_parent_not_sampled",
+                "_local_parent_sampled", "_local_parent_not_sampled"))
+        if kind is getattr(_sampling, "AlwaysRecordSampler", None):
+            return sampler_ignores_attributes(sampler._root, _depth + 1)
+    except AttributeError:  # another SDK version's internals
+        return False
+    return False
 
 
 def finish_live_span(span: trace.Span, final: Span, *, attributes: bool = True) -> None:

@@ -47,6 +47,7 @@ import threading
 from datetime import datetime, timezone
 from typing import Any, Optional
 from uuid import UUID
+from zoneinfo import ZoneInfo
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
@@ -54,7 +55,14 @@ from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 
 from pydantic_core import to_json
 
-from otel_bridge.model.events import Event, validate_event
+from otel_bridge.model.events import (
+    MAX_EVENT_NAME_LENGTH,
+    MAX_EVENT_SIZE_BYTES,
+    MAX_LABELS_PER_RESOURCE,
+    Event,
+    _checked_event,
+    validate_event,
+)
 from otel_bridge.model.spans import Span
 from otel_bridge.translate.forward import (
     TASK_RUN,
@@ -65,15 +73,23 @@ from otel_bridge.translate.forward import (
     run_span,
 )
 from otel_bridge.translate.ids import span_id_for, trace_id_for
+from otel_bridge.translate.task_run_events import _related_ok
 
 from ._span import ordered_run_span
-from ._tracing import bridge_tracer, finish_live_span, tracer_provider_from_env
+from ._tracing import (
+    bridge_tracer,
+    finish_live_span,
+    sampler_ignores_attributes,
+    tracer_provider_from_env,
+)
 
 __all__ = ["TaskRunSpan", "aflush", "disable", "enable", "flush", "is_enabled"]
 
 log = logging.getLogger("otel_bridge.engine.prefect")
 
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
+_EMPTY_CONTEXT = otel_context.Context()
+_TASK_RUN_PREFIX = f"prefect.{TASK_RUN}."
 
 
 class TaskRunSpan(NonRecordingSpan):
@@ -127,8 +143,8 @@ class _Bridge:
     def sent(self, prefect_event: Any) -> None:
         """A Prefect event has been sent: keep it if it is a task run's state
         event, and record the run's span at its final state."""
-        resource_id = prefect_event.resource.get("prefect.resource.id", "")
-        if not resource_id.startswith(f"prefect.{TASK_RUN}."):
+        resource_id = prefect_event.resource.root.get("prefect.resource.id", "")
+        if not resource_id.startswith(_TASK_RUN_PREFIX):
             return
         event, payload_json, related_json = _from_prefect(prefect_event)
         key = run_key(event)
@@ -160,21 +176,32 @@ class _Bridge:
         if final.parent_span_id is not None:
             parent = SpanContext(final.trace_id, final.parent_span_id, is_remote=False,
                                  trace_flags=_SAMPLED)
-            ctx = trace.set_span_in_context(NonRecordingSpan(parent), otel_context.Context())
+            ctx = trace.set_span_in_context(NonRecordingSpan(parent), _EMPTY_CONTEXT)
         else:
-            ctx = otel_context.Context()
+            ctx = _EMPTY_CONTEXT
+        # The span starts with its attributes, which a sampler may look at;
+        # unless the sampler is one of the SDK's that do not (the default
+        # ParentBased(ALWAYS_ON) among them): then they are set right after,
+        # which gives the same span without the SDK checking every value.
+        late = sampler_ignores_attributes(tracer.sampler)
         ids.set_next(final.trace_id, final.span_id)
         try:
-            # with its attributes, which a sampler may look at
             span = tracer.start_span(final.name, context=ctx,
                                      start_time=final.start_time_unix_nano,
-                                     attributes=final.attributes,
+                                     attributes=None if late else final.attributes,
                                      record_exception=False, set_status_on_exception=False)
         finally:
             ids.clear()
         if not span.is_recording():
             return
-        finish_live_span(span, final, attributes=False)
+        if late and span.attributes:
+            # A span processor set attributes when the span started: they
+            # come after the run's, as if those had been given at the start.
+            added = dict(span.attributes)
+            span.set_attributes(final.attributes)
+            span.set_attributes(added)
+            late = False
+        finish_live_span(span, final, attributes=late)
         self.spans_recorded += 1
 
     def open_runs(self) -> list[UUID]:
@@ -193,14 +220,26 @@ def _span_of(key: RunKey, seen: list[tuple[Event, bytes, bytes]]) -> Span:
 
 
 def _from_prefect(prefect_event: Any) -> tuple[Event, bytes, bytes]:
-    """Prefect's `Event` as otel-bridge's, checked as `validate_event` checks
-    what comes off the wire: what `parse_wire_event(prefect_event.model_dump(
-    mode="json"))` gives, without the round trip through JSON. Prefect's
-    engine builds the payload of a task run's state event in JSON form
-    already, and the JSON the span events get is the same either way (both
-    serialise with pydantic). The size check gets an upper bound on the
-    event's JSON, so it serialises the event only when that is near the limit."""
-    occurred = prefect_event.occurred.astimezone(timezone.utc)
+    """Prefect's `Event` as otel-bridge's, with its payload and related
+    resources as JSON: exactly what `parse_wire_event(prefect_event.model_dump(
+    mode="json"))` gives (tested), without the round trip through JSON.
+    Prefect's engine builds the payload of a task run's state event in JSON
+    form already, and the JSON the span events get is the same either way
+    (both serialise with pydantic).
+
+    The event is checked as `validate_event` checks it, by hand: every value
+    of the type it must be, the labels and related resources within Prefect's
+    limits, an upper bound of the event's JSON within its size limit; the
+    event is then made as validation would make it (`_checked_event`).
+    Anything else goes to `validate_event`, which rejects it or says exactly
+    how large it is."""
+    occurred = prefect_event.occurred
+    zone = occurred.tzinfo
+    if zone is None:  # as `Event` takes a naive time: UTC
+        occurred = occurred.replace(tzinfo=timezone.utc)
+    elif zone is not timezone.utc and not (isinstance(zone, ZoneInfo)
+                                           and zone.key in _UTC_KEYS):
+        occurred = occurred.astimezone(timezone.utc)  # (slow for Prefect's DateTime)
     if type(occurred) is not datetime:  # Prefect's DateTime subclass: as parsed from JSON
         occurred = datetime(occurred.year, occurred.month, occurred.day, occurred.hour,
                             occurred.minute, occurred.second, occurred.microsecond,
@@ -212,10 +251,30 @@ def _from_prefect(prefect_event: Any) -> tuple[Event, bytes, bytes]:
     payload_json, related_json = to_json(payload), to_json(related)
     bound = (len(payload_json) + len(related_json) + 2048
              + 6 * (len(name) + sum(len(k) + len(v) + 1 for k, v in resource.items())))
-    event = validate_event({"occurred": occurred, "event": name, "resource": resource,
-                            "related": related, "payload": payload, "id": prefect_event.id,
-                            "follows": prefect_event.follows}, bound)
-    return event, payload_json, related_json
+    fields = {"occurred": occurred, "event": name, "resource": resource, "related": related,
+              "payload": payload, "id": prefect_event.id, "follows": prefect_event.follows}
+    if (bound <= MAX_EVENT_SIZE_BYTES and type(name) is str
+            and 0 < len(name) <= MAX_EVENT_NAME_LENGTH and type(payload) is dict
+            and type(fields["id"]) is UUID
+            and (fields["follows"] is None or type(fields["follows"]) is UUID)
+            and _labels_ok(resource) and _related_ok(related)
+            and all(type(k) is str for k in payload)):
+        fields["payload"] = dict(payload)
+        return _checked_event(fields), payload_json, related_json
+    return validate_event(fields, bound), payload_json, related_json
+
+
+_UTC_KEYS = frozenset({"UTC", "Etc/UTC", "Etc/Universal", "Universal", "Zulu", "Etc/Zulu"})
+
+
+def _labels_ok(labels: dict) -> bool:
+    """Whether a resource passes `Event`'s checks as it is."""
+    if len(labels) > MAX_LABELS_PER_RESOURCE or not labels.get("prefect.resource.id"):
+        return False
+    for key, value in labels.items():
+        if type(key) is not str or type(value) is not str:
+            return False
+    return True
 
 
 def _placement(run: Any) -> tuple[int, Optional[int]]:

@@ -1,0 +1,177 @@
+"""The shortcuts `otel_bridge.engine.prefect` takes for speed give exactly
+what the general code gives: Prefect's events read without validation, the
+span's attributes set after its start when the sampler does not look at
+them. No Prefect server: the events are the ones Prefect's engine would send,
+as Prefect's own `Event` objects, handed to the bridge as its events worker
+hook hands them."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+from uuid import UUID
+
+import pytest
+
+pytest.importorskip("prefect")
+
+from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans  # noqa: E402
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider  # noqa: E402
+from opentelemetry.sdk.trace import sampling  # noqa: E402
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor  # noqa: E402
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import (  # noqa: E402
+    InMemorySpanExporter,
+)
+from opentelemetry.trace import NoOpTracerProvider  # noqa: E402
+from prefect.client.schemas.objects import TaskRun  # noqa: E402
+from prefect.events.schemas.events import Event as PrefectEvent  # noqa: E402
+from prefect.states import Completed, Failed, Pending, Running  # noqa: E402
+from prefect.telemetry.run_telemetry import RunTelemetry  # noqa: E402
+
+import otel_bridge.engine.prefect as bridge  # noqa: E402
+from otel_bridge.engine import FlowRunRef, TaskRunTracker  # noqa: E402
+from otel_bridge.engine import _tracing  # noqa: E402
+from otel_bridge.model.events import EventRejected, parse_wire_event  # noqa: E402
+from otel_bridge.translate.forward import _json  # noqa: E402
+
+FLOW_RUN = FlowRunRef(id=UUID("0f0e0d0c-0b0a-4908-8706-050403020100"), name="brave-otter",
+                      flow_name="etl", flow_id=UUID("11111111-2222-4333-8444-555555555555"))
+T0 = datetime(2026, 3, 1, 12, 0, 0, 123456, tzinfo=timezone.utc)
+
+
+def _runs():
+    """Two task runs as Prefect's engine would report them: (TaskRun, its
+    sent events as Prefect's Event objects, its states)."""
+    counter = iter(range(1, 1000))
+    ids = lambda: UUID(int=next(counter))  # noqa: E731
+    ticks = iter(range(1000))
+    clock = lambda: T0 + timedelta(milliseconds=next(ticks))  # noqa: E731
+    out = []
+    for name, steps in (
+        ("extract", [("PENDING", "Pending", ""), ("RUNNING", "Running", ""),
+                     ("COMPLETED", "Completed", "")]),
+        ("validate", [("PENDING", "Pending", ""), ("RUNNING", "Running", ""),
+                      ("RUNNING", "Retrying", "Task run encountered an exception E: x"),
+                      ("FAILED", "Failed", "Task run encountered an exception ValueError: "
+                       + "bad é " * 300)]),
+    ):
+        tracker = TaskRunTracker(name, flow_run=FLOW_RUN, tags=["etl", "daily"], clock=clock,
+                                 id_factory=ids, tracer_provider=NoOpTracerProvider())
+        for kind, state_name, message in steps:
+            tracker.set_state(kind, state_name, message)
+        sent = [PrefectEvent.model_validate(e.to_json_dict()) for e in tracker.events]
+        task_run = TaskRun(id=tracker.id, name=tracker.name, task_key=tracker.record.task_key,
+                           dynamic_key=tracker.record.dynamic_key, flow_run_id=FLOW_RUN.id,
+                           tags=["etl", "daily"])
+        out.append((task_run, sent, len(steps)))
+    return out
+
+
+def test_prefect_events_read_directly_are_what_parsing_their_json_gives():
+    for _, sent, _ in _runs():
+        for prefect_event in sent:
+            zoned = prefect_event.model_copy(update={
+                "occurred": prefect_event.occurred.astimezone(timezone(timedelta(hours=5)))})
+            for candidate in (prefect_event, zoned):
+                event, payload_json, related_json = bridge._from_prefect(candidate)
+                expected = parse_wire_event(candidate.model_dump(mode="json"))
+                assert event == expected
+                assert event.model_dump_json() == expected.model_dump_json()
+                assert event.occurred.tzinfo is timezone.utc and type(event.occurred) is datetime
+                assert payload_json == _json(expected.payload).encode()
+                assert related_json == _json(expected.related).encode()
+
+
+def test_prefect_events_the_bridge_cannot_vouch_for_are_validated():
+    (_, sent, _), _ = _runs()
+    good = sent[0]
+    too_long = good.model_copy(update={"event": "prefect.task-run." + "x" * 1100})
+    with pytest.raises(EventRejected):
+        bridge._from_prefect(too_long)
+    huge = good.model_copy(update={"payload": {"blob": "y" * 1_600_000}})
+    with pytest.raises(EventRejected, match="too_large"):
+        bridge._from_prefect(huge)
+    no_role = good.model_copy(update={"related": [type(good.related[0]).model_construct(
+        {"prefect.resource.id": "prefect.flow-run.x"})]})
+    with pytest.raises(EventRejected):
+        bridge._from_prefect(no_role)
+
+
+class _LooksAtAttributes(sampling.Sampler):
+    """Not one of the SDK's own samplers: gets the attributes at the start."""
+
+    def __init__(self):
+        self.seen = []
+
+    def should_sample(self, parent_context, trace_id, name, kind=None, attributes=None,
+                      links=None, trace_state=None):
+        self.seen.append(dict(attributes or {}))
+        return sampling.ALWAYS_ON.should_sample(parent_context, trace_id, name, kind,
+                                                attributes, links)
+
+    def get_description(self):
+        return "LooksAtAttributes"
+
+
+class _TagsOnStart(SpanProcessor):
+    """A processor that sets attributes when a span starts, one of them also
+    a run attribute."""
+
+    def on_start(self, span, parent_context=None):
+        span.set_attribute("team", "data")
+        span.set_attribute("prefect.run.type", "overridden")
+
+
+def _record(sampler=None, on_start=False):
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(sampler=sampler) if sampler else TracerProvider()
+    if on_start:
+        provider.add_span_processor(_TagsOnStart())
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    bridge.enable(provider)
+    try:
+        for task_run, sent, count in _runs():
+            telemetry = RunTelemetry()
+            telemetry.start_span(run=task_run, client=None)
+            for state in (Pending(), Running(), Completed() if count == 3 else Failed())[:3]:
+                telemetry.update_state(state)
+            for event in sent:
+                bridge._bridge.sent(event)
+        assert bridge._bridge.errors == 0 and bridge._bridge.spans_recorded == 2
+    finally:
+        bridge.disable()
+    return exporter.get_finished_spans()
+
+
+def _otlp(spans):
+    return [encode_spans([s]).resource_spans[0].scope_spans[0].spans[0] for s in spans]
+
+
+@pytest.mark.parametrize("on_start", [False, True])
+def test_attributes_set_after_the_start_give_the_span_a_sampler_would_see(on_start):
+    assert _tracing.sampler_ignores_attributes(TracerProvider().sampler)
+    late = _record(on_start=on_start)
+    looking = _LooksAtAttributes()
+    assert not _tracing.sampler_ignores_attributes(looking)
+    early = _record(looking, on_start=on_start)
+    assert len(looking.seen) == 2 and all(len(seen) > 20 for seen in looking.seen)
+    assert _otlp(late) == _otlp(early)
+    for a, b in zip(late, early):
+        assert list(a.attributes.items()) == list(b.attributes.items())
+    if on_start:
+        assert all(s.attributes["prefect.run.type"] == "overridden" for s in late)
+
+
+def test_which_samplers_are_known_to_ignore_attributes():
+    ignores = _tracing.sampler_ignores_attributes
+    assert ignores(sampling.ALWAYS_ON) and ignores(sampling.ALWAYS_OFF)
+    assert ignores(sampling.DEFAULT_ON) and ignores(sampling.DEFAULT_OFF)
+    assert ignores(sampling.TraceIdRatioBased(0.5))
+    assert ignores(sampling.ParentBasedTraceIdRatio(0.5))
+    assert not ignores(sampling.ParentBased(_LooksAtAttributes()))
+    assert not ignores(sampling.ParentBased(sampling.ALWAYS_ON,
+                                            local_parent_sampled=_LooksAtAttributes()))
+
+    class Sub(sampling.StaticSampler):
+        pass
+
+    assert not ignores(Sub(sampling.Decision.RECORD_AND_SAMPLE))

@@ -58,6 +58,8 @@ class Service:
         self._last_tick = time.monotonic()
         self._pending: list = []  # events from the subscription, not yet taken
         self._subscription: Any = None
+        self._following_since: Optional[datetime] = None  # when this process began to follow
+        self._caught_up_seen = False
         self._runners: list[web.AppRunner] = []
         self._grpc: Any = None
         self._tasks: list[asyncio.Task] = []
@@ -233,6 +235,7 @@ class Service:
         logger.info("following Prefect", extra={"api_url": s.prefect_api_url, "since": since.isoformat(),
                                                 "resumed": bool(stored)})
         key = s.prefect_api_key.get_secret_value() if s.prefect_api_key else None
+        self._following_since = datetime.now(timezone.utc)
         try:
             async with PrefectSubscription(s.prefect_api_url, key, event_prefixes=s.event_prefixes,
                                            since=since) as subscription:
@@ -265,12 +268,29 @@ class Service:
             try:
                 with self.store.transaction():
                     self._take_pending()
-                    self.pipeline.tick()
+                    if self._caught_up():
+                        self.pipeline.tick()
                     self._save_resume_point()
                 self._last_tick = time.monotonic()  # /healthz fails while ticks fail
             except Exception:  # a full disk, a store error: keep trying, loudly
                 logger.exception("tick failed")
             await asyncio.sleep(TICK_SECONDS)
+
+    def _caught_up(self) -> bool:
+        """Whether runs may be emitted: not before the subscription has read
+        back from REST every event that occurred before this process began
+        to follow Prefect. The live stream misses what happened while no
+        bridge ran; a run emitted before those events arrive would lose
+        them (set aside as late). Seen at one tick,
+        true from the next: by then the events of that pass have been taken."""
+        if not self.settings.follows_prefect or self._caught_up_seen:
+            return True
+        self._caught_up_seen = (self._subscription is not None
+                                and self._subscription.fresh_watermark >= self._following_since)
+        if self._caught_up_seen:
+            logger.info("caught up with Prefect: emitting runs", extra={
+                "following_since": self._following_since.isoformat()})
+        return False
 
     def _save_resume_point(self) -> None:
         # Everything before it was taken (what is pending was taken just

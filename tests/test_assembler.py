@@ -41,6 +41,44 @@ def test_span_waits_for_linger_after_final_state_then_includes_late_states():
     assert asm.open_runs == 0
 
 
+def test_a_finished_run_waits_for_the_watermark_to_pass_its_final_state():
+    from datetime import timedelta
+
+    from otel_bridge.model.events import parse_wire_event
+
+    clock = Clock()
+    asm = assembler(clock, linger_seconds=1)
+    raw = task_run_events(["Pending", "Running", "Completed"])
+    final = parse_wire_event(raw[-1]).occurred
+    # The live stream missed Running; its final state came.
+    feed(asm, [raw[0], raw[2]])
+    clock.now += 2
+    assert asm.expire(watermark=final - timedelta(seconds=1)) == []
+    assert asm.flush_finished(watermark=final - timedelta(seconds=1)) == []
+    feed(asm, [raw[1]])  # recovered from REST before the watermark passed
+    (span,) = asm.expire(watermark=final)
+    assert state_names(span) == ["Pending", "Running", "Completed"]
+
+
+def test_a_run_ahead_of_the_watermark_does_not_hold_back_the_others():
+    from datetime import timedelta
+
+    from factories import T0
+
+    from otel_bridge.model.events import parse_wire_event
+
+    clock = Clock()
+    asm = assembler(clock, linger_seconds=1)
+    later = task_run_events(["Running", "Completed"], start=T0 + timedelta(minutes=1))
+    sooner = task_run_events(["Running", "Completed"])
+    feed(asm, later + sooner)  # `later` lingers first, but ends after the watermark
+    clock.now += 2
+    watermark = parse_wire_event(sooner[-1]).occurred + timedelta(seconds=1)
+    (span,) = asm.expire(watermark=watermark)
+    assert span.attributes["prefect.resource.id"] == sooner[0]["resource"]["prefect.resource.id"]
+    assert asm.open_runs == 1
+
+
 def test_events_after_the_span_was_emitted_are_set_aside_and_counted():
     clock, aside = Clock(), []
     asm = assembler(clock, set_aside=lambda e, why: aside.append((e.event, why)),

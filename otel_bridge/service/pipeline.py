@@ -15,7 +15,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 from uuid import UUID
 
 import pydantic_core
@@ -110,14 +110,15 @@ class Pipeline:
                 intake.accepted += 1
         return intake
 
-    def tick(self) -> None:
-        """Emit what is due: runs that lingered long enough, runs timed out."""
+    def tick(self, watermark: Optional[datetime] = None) -> None:
+        """Emit what is due: runs that lingered long enough (and are behind
+        the source's watermark), runs timed out."""
         with self.store.transaction():
-            self.assembler.expire()
+            self.assembler.expire(watermark)
 
-    def flush_finished(self) -> None:
+    def flush_finished(self, watermark: Optional[datetime] = None) -> None:
         with self.store.transaction():
-            self.assembler.flush_finished()
+            self.assembler.flush_finished(watermark)
 
     # -- reverse ---------------------------------------------------------------------
 

@@ -8,7 +8,8 @@ a fake clock and the sidecar with `time.monotonic`.
 Rules (see the README, "Assembly"):
 - An event id seen before is a duplicate and is ignored.
 - A run whose final state has arrived waits `linger_seconds` for late states
-  (RolledBack comes after Completed), then its span is emitted, once.
+  (RolledBack comes after Completed), then its span is emitted, once. Given
+  a source's watermark, it also waits until its final state is behind it.
 - A run with no event for `run_timeout_seconds` is ended as it stands and
   marked `otel_bridge.synthetic.end = "timeout"`.
 - At most `max_open_runs` runs are held; past that the least recently active
@@ -28,6 +29,7 @@ import dataclasses
 import time
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Callable, Iterable, Optional, Protocol
 from uuid import UUID
 
@@ -62,6 +64,7 @@ class _OpenRun:
     events: dict[UUID, Event] = field(default_factory=dict)
     last_seen: float = 0.0
     final_seen: Optional[float] = None
+    final_occurred: Optional[datetime] = None
     dropped: int = 0
 
 
@@ -135,6 +138,7 @@ class Assembler:
             self._journal.kept(key.resource_id, event)
         if run.final_seen is None and is_final(event):
             run.final_seen = now
+            run.final_occurred = event.occurred
             self._lingering[key.resource_id] = now
         spans = []
         while len(self._open) > self.options.max_open_runs:
@@ -142,15 +146,23 @@ class Assembler:
             spans.append(self._emit(oldest, SyntheticEnd.EVICTED))
         return spans
 
-    def expire(self) -> list[Span]:
-        """Spans that are due now: lingered long enough, or timed out."""
+    def expire(self, watermark: Optional[datetime] = None) -> list[Span]:
+        """Spans that are due now: lingered long enough, or timed out.
+
+        With a `watermark` (a source's promise that every event that occurred
+        before it has been delivered), a finished run also waits until its
+        final state occurred before the watermark: the earlier states a lossy
+        live stream missed are then in, recovered, before the span leaves."""
         now = self._clock()
-        spans = []
-        while self._lingering:
-            resource_id, since = next(iter(self._lingering.items()))
+        due = []
+        for resource_id, since in self._lingering.items():
             if now - since < self.options.linger_seconds:
                 break
-            spans.append(self._emit(resource_id, SyntheticEnd.TIMEOUT))
+            final_occurred = self._open[resource_id].final_occurred
+            if watermark is not None and final_occurred is not None and final_occurred > watermark:
+                continue
+            due.append(resource_id)
+        spans = [self._emit(resource_id, SyntheticEnd.TIMEOUT) for resource_id in due]
         while self._open:
             resource_id, run = next(iter(self._open.items()))
             if now - run.last_seen < self.options.run_timeout_seconds:
@@ -162,10 +174,13 @@ class Assembler:
         """End every open run now (end of input, or shutdown)."""
         return [self._emit(resource_id, reason) for resource_id in list(self._open)]
 
-    def flush_finished(self) -> list[Span]:
+    def flush_finished(self, watermark: Optional[datetime] = None) -> list[Span]:
         """Emit, without waiting out the linger, every run whose final state
-        has arrived (a service stopping); the others stay open."""
-        return [self._emit(resource_id, SyntheticEnd.TIMEOUT) for resource_id in list(self._lingering)]
+        has arrived (and is behind the `watermark`, see `expire`): a service
+        stopping. The others stay open."""
+        due = [resource_id for resource_id in self._lingering
+               if watermark is None or self._open[resource_id].final_occurred <= watermark]
+        return [self._emit(resource_id, SyntheticEnd.TIMEOUT) for resource_id in due]
 
     def restore(
         self,

@@ -165,3 +165,96 @@ def test_limits_that_would_cut_anything_take_the_public_api(monkeypatch):
     _workload(provider)
     assert used == [False, False]
     assert all(len(s.attributes) == 5 for s in exporter.get_finished_spans())
+
+
+# forward._run_attributes as it was before it was made faster, kept as the
+# reference the faster one must equal, key order included.
+def _reference_run_attributes(key, last, events, result, error_type):
+    import re
+
+    from otel_bridge.translate.forward import (
+        FLOW_RUN as FLOW,
+        MAX_SPAN_ATTRIBUTE_CHARS,
+        _task_run_metadata,
+    )
+
+    attributes = {}
+    for label, value in last.resource.items():
+        if len(value) > MAX_SPAN_ATTRIBUTE_CHARS:
+            attributes[f"otel_bridge.truncated.{label}"] = len(value)
+            value = value[: MAX_SPAN_ATTRIBUTE_CHARS - 3] + "..."
+        attributes[label] = value
+    run_id = key.resource_id.removeprefix(f"prefect.{key.kind}.")
+    attributes["prefect.run.type"] = "task" if key.kind == TASK_RUN else "flow"
+    attributes["prefect.run.id"] = run_id
+    if "prefect.resource.name" in last.resource:
+        attributes["prefect.run.name"] = last.resource["prefect.resource.name"]
+    tags = sorted({r["prefect.resource.id"].removeprefix("prefect.tag.")
+                   for r in last.related if r.get("prefect.resource.role") == "tag"})
+    if tags:
+        attributes["prefect.tags"] = tags
+    for related in last.related:
+        role = related["prefect.resource.role"]
+        if role == "tag" or f"prefect.related.{role}.id" in attributes:
+            continue
+        attributes[f"prefect.related.{role}.id"] = related["prefect.resource.id"]
+        if related.get("prefect.resource.name"):
+            attributes[f"prefect.related.{role}.name"] = related["prefect.resource.name"]
+    flow = last.related_in_role("flow")
+    if key.kind == TASK_RUN:
+        attributes.update(_task_run_metadata(events))
+        task_key = attributes.get("prefect.task.key")
+        if isinstance(task_key, str):
+            attributes["cicd.pipeline.task.name"] = re.sub(r"-[0-9a-f]{8}$", "", task_key)
+        attributes["cicd.pipeline.task.run.id"] = run_id
+        if result:
+            attributes["cicd.pipeline.task.run.result"] = result
+        flow_run = last.related_in_role(FLOW)
+        if flow_run:
+            attributes["cicd.pipeline.run.id"] = flow_run["prefect.resource.id"].removeprefix(
+                f"prefect.{FLOW}.")
+    else:
+        attributes["cicd.pipeline.run.id"] = run_id
+        if result:
+            attributes["cicd.pipeline.result"] = result
+    if flow and flow.get("prefect.resource.name"):
+        attributes["cicd.pipeline.name"] = flow["prefect.resource.name"]
+    if error_type:
+        attributes["error.type"] = error_type
+    return attributes
+
+
+_roles = st.sampled_from(["tag", "flow", "flow-run", "deployment", "task-run", "work-pool"])
+_labels = st.fixed_dictionaries(
+    {"prefect.resource.id": st.sampled_from(["prefect.tag.a", "prefect.tag.b",
+                                             "prefect.flow.x", "prefect.flow-run.y", "z"]),
+     "prefect.resource.role": _roles},
+    optional={"prefect.resource.name": st.sampled_from(["", "n", "m"])})
+_extra_labels = st.dictionaries(
+    st.sampled_from(["prefect.related.flow.id", "prefect.run.name", "prefect.tags",
+                     "prefect.task.key", "x"]),
+    st.text(max_size=3) | st.just("q" * 1500), max_size=3)
+
+
+@given(st.sampled_from(["task-run", "flow-run"]), st.lists(_labels, max_size=6),
+       _extra_labels, st.booleans(), st.sampled_from([None, "success", "failure"]),
+       st.sampled_from([None, "ValueError"]), st.text(max_size=4) | st.just("m" * 1100))
+@settings(max_examples=300, deadline=None)
+def test_run_attributes_equal_the_reference(kind, related, extra, named, result, error_type,
+                                            message):
+    from otel_bridge.translate.forward import _run_attributes
+
+    resource_id = f"prefect.{kind}.{uuid4()}"
+    resource = {"prefect.resource.id": resource_id, "prefect.state-message": message,
+                "prefect.state-type": "COMPLETED", **extra}
+    if named:
+        resource["prefect.resource.name"] = "load-1ab"
+    event = validate_event({"occurred": T0, "event": f"prefect.{kind}.Completed",
+                            "resource": resource, "related": related, "id": uuid4(),
+                            "payload": {"task_run": {"task_key": "load-0123abcd",
+                                                     "dynamic_key": "0", "total_run_time": 1,
+                                                     "empirical_policy": {"retries": 2}}}})
+    key = RunKey(kind, resource_id)
+    got = _run_attributes(key, event, [event], result, error_type)
+    want = _reference_run_attributes(key, event, [event], result, error_type)
+    assert list(got.items()) == list(want.items())

@@ -10,6 +10,7 @@ in step.
 from __future__ import annotations
 
 import enum
+import functools
 import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -88,16 +89,22 @@ def run_key(event: Event) -> Optional[RunKey]:
     if state_type is None:
         return None  # e.g. prefect.flow-run.heartbeat
     try:
-        StateType(state_type)
-    except ValueError:
+        if state_type not in _STATE_TYPES:
+            StateType(state_type)
+    except (ValueError, TypeError):
         raise EventRejected(
             "unknown_state_type", f"{event.event} has state type {state_type!r}"
         ) from None
     return RunKey(kind, resource_id)
 
 
+_STATE_TYPES = {member.value: member for member in StateType}
+
+
 def state_type(event: Event) -> StateType:
-    return StateType(event.resource["prefect.state-type"])
+    value = event.resource["prefect.state-type"]
+    found = _STATE_TYPES.get(value)
+    return found if found is not None else StateType(value)  # raises as the enum does
 
 
 def is_final(event: Event) -> bool:
@@ -231,7 +238,7 @@ def placement(key: RunKey, events: Sequence[Event]) -> tuple[int, Optional[int]]
     if key.kind == FLOW_RUN:
         # A subflow's events name its parent only through a placeholder task
         # run that never emits events, so a subflow is the root of its own trace.
-        return trace_id_for(own), None
+        return _trace_id_for(own), None
     flow_run = _first(e.related_in_role(FLOW_RUN) for e in events)
     parent_task = _first(_parent_task_run(e) for e in events)
     if flow_run is not None:
@@ -239,7 +246,13 @@ def placement(key: RunKey, events: Sequence[Event]) -> tuple[int, Optional[int]]
     else:
         root = parent_task or own
     parent = parent_task or (flow_run["prefect.resource.id"] if flow_run else None)
-    return trace_id_for(root), span_id_for(parent) if parent else None
+    return _trace_id_for(root), _span_id_for(parent) if parent else None
+
+
+# The ids of the runs many others sit under (a flow run: every task's trace
+# and, unnested, its parent) are asked for again and again; pure functions.
+_trace_id_for = functools.lru_cache(maxsize=4096)(trace_id_for)
+_span_id_for = functools.lru_cache(maxsize=4096)(span_id_for)
 
 
 def _first(values):
@@ -312,46 +325,57 @@ def _run_attributes(
     result: Optional[str],
     error_type: Optional[str],
 ) -> dict[str, AttributeValue]:
-    attributes: dict[str, AttributeValue] = {}
-    for label, value in last.resource.items():
-        if len(value) > MAX_SPAN_ATTRIBUTE_CHARS:
-            attributes[f"otel_bridge.truncated.{label}"] = len(value)
-            value = value[: MAX_SPAN_ATTRIBUTE_CHARS - 3] + "..."
-        attributes[label] = value
+    resource = last.resource
+    if max(map(len, resource.values()), default=0) <= MAX_SPAN_ATTRIBUTE_CHARS:
+        attributes: dict[str, AttributeValue] = dict(resource)  # nothing to cut
+    else:
+        attributes = {}
+        for label, value in resource.items():
+            if len(value) > MAX_SPAN_ATTRIBUTE_CHARS:
+                attributes[f"otel_bridge.truncated.{label}"] = len(value)
+                value = value[: MAX_SPAN_ATTRIBUTE_CHARS - 3] + "..."
+            attributes[label] = value
+    task = key.kind == TASK_RUN
     run_id = key.resource_id.removeprefix(f"prefect.{key.kind}.")
-    attributes["prefect.run.type"] = "task" if key.kind == TASK_RUN else "flow"
+    attributes["prefect.run.type"] = "task" if task else "flow"
     attributes["prefect.run.id"] = run_id
-    if "prefect.resource.name" in last.resource:
-        attributes["prefect.run.name"] = last.resource["prefect.resource.name"]
+    if "prefect.resource.name" in resource:
+        attributes["prefect.run.name"] = resource["prefect.resource.name"]
 
+    related = last.related
     tags = sorted(
         {
             r["prefect.resource.id"].removeprefix("prefect.tag.")
-            for r in last.related
+            for r in related
             if r.get("prefect.resource.role") == "tag"
         }
     )
     if tags:
         attributes["prefect.tags"] = tags
-    for related in last.related:
-        role = related["prefect.resource.role"]
-        if role == "tag" or f"prefect.related.{role}.id" in attributes:
+    flow = flow_run = None  # the first of each role, as `related_in_role`
+    for labels in related:
+        role = labels["prefect.resource.role"]
+        if role == "tag":
             continue
-        attributes[f"prefect.related.{role}.id"] = related["prefect.resource.id"]
-        if related.get("prefect.resource.name"):
-            attributes[f"prefect.related.{role}.name"] = related["prefect.resource.name"]
+        if role == "flow" and flow is None:
+            flow = labels
+        elif role == FLOW_RUN and flow_run is None:
+            flow_run = labels
+        if f"prefect.related.{role}.id" in attributes:
+            continue
+        attributes[f"prefect.related.{role}.id"] = labels["prefect.resource.id"]
+        if labels.get("prefect.resource.name"):
+            attributes[f"prefect.related.{role}.name"] = labels["prefect.resource.name"]
 
-    flow = last.related_in_role("flow")
-    if key.kind == TASK_RUN:
+    if task:
         attributes.update(_task_run_metadata(events))
         task_key = attributes.get("prefect.task.key")
         if isinstance(task_key, str):
             # task_key is "<function name>-<hash of its source>".
-            attributes["cicd.pipeline.task.name"] = re.sub(r"-[0-9a-f]{8}$", "", task_key)
+            attributes["cicd.pipeline.task.name"] = _TASK_KEY_HASH.sub("", task_key)
         attributes["cicd.pipeline.task.run.id"] = run_id
         if result:
             attributes["cicd.pipeline.task.run.result"] = result
-        flow_run = last.related_in_role(FLOW_RUN)
         if flow_run:
             attributes["cicd.pipeline.run.id"] = flow_run["prefect.resource.id"].removeprefix(
                 f"prefect.{FLOW_RUN}."
@@ -365,6 +389,9 @@ def _run_attributes(
     if error_type:
         attributes["error.type"] = error_type
     return attributes
+
+
+_TASK_KEY_HASH = re.compile(r"-[0-9a-f]{8}$")
 
 
 def _task_run_metadata(events: Sequence[Event]) -> dict[str, AttributeValue]:

@@ -72,7 +72,8 @@ from otel_bridge.translate.forward import (
     run_key,
     run_span,
 )
-from otel_bridge.translate.ids import span_id_for, trace_id_for
+from otel_bridge.translate.forward import _span_id_for, _trace_id_for
+from otel_bridge.translate.ids import span_id_for
 from otel_bridge.translate.task_run_events import _related_ok
 
 from ._span import ordered_run_span
@@ -158,7 +159,8 @@ class _Bridge:
             span = self._open.pop(resource_id, None)
             self._events.pop(resource_id, None)
         if span is not None:  # else: a run that never started here
-            self._record(span, _span_of(key, seen))
+            # its span id: made from the same resource id at the start
+            self._record(span, _span_of(key, seen, span.get_span_context().span_id))
 
     def _record(self, started: TaskRunSpan, final: Span) -> None:
         found = bridge_tracer(self.provider)
@@ -209,13 +211,13 @@ class _Bridge:
             return [span.task_run_id for span in self._open.values()]
 
 
-def _span_of(key: RunKey, seen: list[tuple[Event, bytes, bytes]]) -> Span:
+def _span_of(key: RunKey, seen: list[tuple[Event, bytes, bytes]], span_id: int) -> Span:
     """`run_span` of the run's events; cheaper when they came in order, as
     Prefect's events worker sends them."""
     events = [event for event, _, _ in seen]
     trace_id, parent_span_id = placement(key, events)
     return ordered_run_span(events, [p for _, p, _ in seen], [r for _, _, r in seen], key,
-                            trace_id, parent_span_id, span_id_for(key.resource_id)
+                            trace_id, parent_span_id, span_id
                             ) or run_span(events)
 
 
@@ -249,8 +251,10 @@ def _from_prefect(prefect_event: Any) -> tuple[Event, bytes, bytes]:
     payload = prefect_event.payload
     name = prefect_event.event
     payload_json, related_json = to_json(payload), to_json(related)
+    # JSON escapes a character in at most 6
     bound = (len(payload_json) + len(related_json) + 2048
-             + 6 * (len(name) + sum(len(k) + len(v) + 1 for k, v in resource.items())))
+             + 6 * (len(name) + sum(map(len, resource)) + sum(map(len, resource.values()))
+                    + len(resource)))
     fields = {"occurred": occurred, "event": name, "resource": resource, "related": related,
               "payload": payload, "id": prefect_event.id, "follows": prefect_event.follows}
     if (bound <= MAX_EVENT_SIZE_BYTES and type(name) is str
@@ -294,7 +298,8 @@ def _placement(run: Any) -> tuple[int, Optional[int]]:
     own = f"prefect.{TASK_RUN}.{run.id}"
     root = flow_run or parent_task or own
     parent = parent_task or flow_run
-    return trace_id_for(root), span_id_for(parent) if parent else None
+    # (forward's cached ids: the flow run's come again for each of its tasks)
+    return _trace_id_for(root), _span_id_for(parent) if parent else None
 
 
 _bridge: Optional[_Bridge] = None

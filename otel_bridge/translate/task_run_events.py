@@ -7,6 +7,7 @@ that is not Prefect: spans (reverse direction) and engines (dual emission).
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -62,7 +63,7 @@ class TaskRunRecord:
     # flow-run, flow, deployment, ..., the enclosing task-run.
     context: Sequence[Labels] = ()
 
-    @property
+    @functools.cached_property
     def resource_id(self) -> str:
         return f"prefect.task-run.{self.id}"
 

@@ -406,10 +406,21 @@ def converted_spans(server: LocalPrefectServer, since: datetime, resource_ids: s
     """`otel-bridge convert` of the server's stored events of these runs: the
     spans the batch path makes from the complete record (less the events
     `leave_out`, by id), by span id."""
-    events = [e for e in read_events(server.api_url, since - timedelta(seconds=5),
-                                     datetime.now(timezone.utc) + timedelta(seconds=5),
-                                     event_prefixes=["prefect.task-run.", "prefect.flow-run."])
-              if e["resource"]["prefect.resource.id"] in resource_ids and e["id"] not in leave_out]
+
+    def stored():
+        # Once each run's final state event is stored (the server's persister
+        # trails its API by seconds).
+        events = [e for e in read_events(server.api_url, since - timedelta(seconds=5),
+                                         datetime.now(timezone.utc) + timedelta(seconds=5),
+                                         event_prefixes=["prefect.task-run.", "prefect.flow-run."])
+                  if e["resource"]["prefect.resource.id"] in resource_ids]
+        final = {e["resource"]["prefect.resource.id"] for e in events
+                 if e["resource"].get("prefect.state-type") in FINAL_STATES}
+        return events if final >= resource_ids else None
+
+    events = [e for e in backends.wait_until(stored, 90, interval=1.0,
+                                             what="the server to store every run's final event")
+              if e["id"] not in leave_out]
     events_path = tmp_path / f"{name}.events.jsonl"
     events_path.write_text("".join(json.dumps(e) + "\n" for e in events))
     out_path = tmp_path / f"{name}.converted.jsonl"

@@ -4,11 +4,13 @@ otel-bridge's deterministic ids, and a TracerProvider from the OTEL_* variables.
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import weakref
 from typing import Optional
 
+from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.attributes import BoundedAttributes
 from opentelemetry.sdk.trace import Event as SdkEvent
@@ -126,6 +128,21 @@ def tracer_provider_from_env(
     return provider
 
 
+_EMPTY_CONTEXT = otel_context.Context()
+_SAMPLED = TraceFlags(TraceFlags.SAMPLED)
+
+
+@functools.lru_cache(maxsize=1024)
+def parent_context(trace_id: int, parent_span_id: Optional[int]) -> otel_context.Context:
+    """The context to start a run's span in: its parent's span context (not
+    whatever is current), or none for a root. Cached: the tasks of a flow run
+    all sit under it (contexts and span contexts are immutable)."""
+    if parent_span_id is None:
+        return _EMPTY_CONTEXT
+    parent = SpanContext(trace_id, parent_span_id, is_remote=False, trace_flags=_SAMPLED)
+    return trace.set_span_in_context(trace.NonRecordingSpan(parent), _EMPTY_CONTEXT)
+
+
 # The SDK's own samplers whose decision (and the attributes they hand back)
 # does not depend on the attributes they are given: they pass them through
 # unchanged when sampling, drop them otherwise. By exact type, since a
@@ -215,8 +232,9 @@ def _fill_directly(span: trace.Span, final: Span, with_attributes: bool) -> bool
             return False  # the public API warns about an ended span
         span._name = final.name
         if with_attributes:
-            for key, value in final.attributes.items():
-                stored[key] = tuple(value) if type(value) is list else value
+            stored.update(final.attributes)  # empty before: the order is final's
+            for key in [k for k, v in stored.items() if type(v) is list]:
+                stored[key] = tuple(stored[key])
         events = span._events
         for event in final.events:
             frozen = BoundedAttributes(max_event_attributes, immutable=True)

@@ -32,10 +32,9 @@ from otel_bridge.translate.task_run_events import (
 
 from ._sinks import EventSink, as_callable
 from ._span import built_run_span
-from ._tracing import bridge_tracer, finish_live_span
+from ._tracing import bridge_tracer, finish_live_span, parent_context
 
 log = logging.getLogger("otel_bridge.engine")
-_EMPTY_CONTEXT = otel_context.Context()
 
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 _current: contextvars.ContextVar[Optional["TaskRunTracker"]] = contextvars.ContextVar(
@@ -286,11 +285,7 @@ class TaskRunTracker:
             return
         tracer, ids = self._tracer
         trace_id, parent_span_id, span_id = self._placement()
-        if parent_span_id is not None:
-            parent = SpanContext(trace_id, parent_span_id, is_remote=False, trace_flags=_SAMPLED)
-            ctx = trace.set_span_in_context(NonRecordingSpan(parent), _EMPTY_CONTEXT)
-        else:
-            ctx = _EMPTY_CONTEXT  # a root, whatever is current
+        ctx = parent_context(trace_id, parent_span_id)  # a root, whatever is current, if None
         ids.set_next(trace_id, span_id)
         try:
             self._span = tracer.start_span(self.name, context=ctx, start_time=start_ns,

@@ -49,7 +49,6 @@ from typing import Any, Optional
 from uuid import UUID
 from zoneinfo import ZoneInfo
 
-from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 
@@ -80,6 +79,7 @@ from ._span import ordered_run_span
 from ._tracing import (
     bridge_tracer,
     finish_live_span,
+    parent_context,
     sampler_ignores_attributes,
     tracer_provider_from_env,
 )
@@ -89,7 +89,6 @@ __all__ = ["TaskRunSpan", "aflush", "disable", "enable", "flush", "is_enabled"]
 log = logging.getLogger("otel_bridge.engine.prefect")
 
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
-_EMPTY_CONTEXT = otel_context.Context()
 _TASK_RUN_PREFIX = f"prefect.{TASK_RUN}."
 
 
@@ -129,7 +128,7 @@ class _Bridge:
         if bridge_tracer(self.provider) is None:
             return None
         resource_id = f"prefect.{TASK_RUN}.{run.id}"
-        trace_id, parent_span_id = _placement(run)
+        trace_id, parent_span_id = _placement(run, resource_id)
         span = TaskRunSpan(
             SpanContext(trace_id, span_id_for(resource_id), is_remote=False,
                         trace_flags=_SAMPLED),
@@ -175,12 +174,7 @@ class _Bridge:
                         "its events place it at %032x/%s", started.task_run_id,
                         context.trace_id, started.parent_span_id, final.trace_id,
                         final.parent_span_id)
-        if final.parent_span_id is not None:
-            parent = SpanContext(final.trace_id, final.parent_span_id, is_remote=False,
-                                 trace_flags=_SAMPLED)
-            ctx = trace.set_span_in_context(NonRecordingSpan(parent), _EMPTY_CONTEXT)
-        else:
-            ctx = _EMPTY_CONTEXT
+        ctx = parent_context(final.trace_id, final.parent_span_id)
         # The span starts with its attributes, which a sampler may look at;
         # unless the sampler is one of the SDK's that do not (the default
         # ParentBased(ALWAYS_ON) among them): then they are set right after,
@@ -281,10 +275,10 @@ def _labels_ok(labels: dict) -> bool:
     return True
 
 
-def _placement(run: Any) -> tuple[int, Optional[int]]:
-    """`forward.placement` from the task run itself (its events name the same
-    flow run and parents): under the parent task run if nested, else under the
-    flow run; the trace is the flow run's."""
+def _placement(run: Any, own: str) -> tuple[int, Optional[int]]:
+    """`forward.placement` from the task run itself, `own` its resource id
+    (its events name the same flow run and parents): under the parent task
+    run if nested, else under the flow run; the trace is the flow run's."""
     flow_run = f"prefect.flow-run.{run.flow_run_id}" if run.flow_run_id else None
     parent_task = None
     for parent in (run.task_inputs or {}).get("__parents__", ()):
@@ -295,7 +289,6 @@ def _placement(run: Any) -> tuple[int, Optional[int]]:
         if input_type == "task_run" and parent_id:
             parent_task = f"prefect.{TASK_RUN}.{parent_id}"
             break
-    own = f"prefect.{TASK_RUN}.{run.id}"
     root = flow_run or parent_task or own
     parent = parent_task or flow_run
     # (forward's cached ids: the flow run's come again for each of its tasks)

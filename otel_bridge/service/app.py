@@ -58,8 +58,6 @@ class Service:
         self._last_tick = time.monotonic()
         self._pending: list = []  # events from the subscription, not yet taken
         self._subscription: Any = None
-        self._following_since: Optional[datetime] = None  # when this process began to follow
-        self._caught_up_seen = False
         self._runners: list[web.AppRunner] = []
         self._grpc: Any = None
         self._tasks: list[asyncio.Task] = []
@@ -235,7 +233,6 @@ class Service:
         logger.info("following Prefect", extra={"api_url": s.prefect_api_url, "since": since.isoformat(),
                                                 "resumed": bool(stored)})
         key = s.prefect_api_key.get_secret_value() if s.prefect_api_key else None
-        self._following_since = datetime.now(timezone.utc)
         try:
             async with PrefectSubscription(s.prefect_api_url, key, event_prefixes=s.event_prefixes,
                                            since=since) as subscription:
@@ -268,29 +265,23 @@ class Service:
             try:
                 with self.store.transaction():
                     self._take_pending()
-                    if self._caught_up():
-                        self.pipeline.tick()
+                    self.pipeline.tick(self._watermark())
                     self._save_resume_point()
                 self._last_tick = time.monotonic()  # /healthz fails while ticks fail
             except Exception:  # a full disk, a store error: keep trying, loudly
                 logger.exception("tick failed")
             await asyncio.sleep(TICK_SECONDS)
 
-    def _caught_up(self) -> bool:
-        """Whether runs may be emitted: not before the subscription has read
-        back from REST every event that occurred before this process began
-        to follow Prefect. The live stream misses what happened while no
-        bridge ran; a run emitted before those events arrive would lose
-        them (set aside as late). Seen at one tick,
-        true from the next: by then the events of that pass have been taken."""
-        if not self.settings.follows_prefect or self._caught_up_seen:
-            return True
-        self._caught_up_seen = (self._subscription is not None
-                                and self._subscription.fresh_watermark >= self._following_since)
-        if self._caught_up_seen:
-            logger.info("caught up with Prefect: emitting runs", extra={
-                "following_since": self._following_since.isoformat()})
-        return False
+    def _watermark(self) -> Optional[datetime]:
+        """Runs leave once their final state is behind this: every event that
+        occurred before it has been read from Prefect, the ones the live
+        stream dropped (under load, while connecting, before a restart)
+        recovered from REST. None when not following Prefect."""
+        if not self.settings.follows_prefect:
+            return None
+        if self._subscription is None:
+            return datetime.min.replace(tzinfo=timezone.utc)
+        return self._subscription.fresh_watermark
 
     def _save_resume_point(self) -> None:
         # Everything before it was taken (what is pending was taken just
@@ -317,7 +308,7 @@ class Service:
         # 2. what has finished leaves; what is open stays in the store
         with self.store.transaction():
             self._take_pending()
-            self.pipeline.flush_finished()
+            self.pipeline.flush_finished(self._watermark())
             self._save_resume_point()
         # 3. deliver what the grace period allows
         drained = await asyncio.gather(*(d.drain(deadline) for d in self.deliveries.values()))

@@ -79,12 +79,25 @@ class SubscriptionStats:
 
 
 class _Pass:
-    """One reconciliation pass: reads [watermark, now - lag) every ``every`` s."""
+    """One reconciliation pass: reads [watermark, now - lag) every ``every`` s.
+
+    ``delivered`` trails ``watermark``: it moves when the consumer has taken
+    every event the pass queued before moving the watermark (a marker in the
+    queue says so), so it is what a consumer may act on."""
 
     def __init__(self, name: str, lag: float, every: float, start: datetime) -> None:
         self.name, self.lag, self.every = name, lag, every
         self.watermark = start
+        self.delivered = start
         self.due = 0.0  # loop time; 0 = at the first tick
+
+
+@dataclass(frozen=True)
+class _Delivered:
+    """Queued after a pass's events: once taken, they all were."""
+
+    pass_: _Pass
+    watermark: datetime
 
 
 class PrefectSubscription:
@@ -154,12 +167,17 @@ class PrefectSubscription:
 
     @property
     def resume_point(self) -> datetime:
-        """Everything that occurred before this has been yielded (or is a straggler)."""
-        return self._late.watermark
+        """Everything that occurred before this has been yielded (or is a
+        straggler), and taken by the consumer."""
+        return self._late.delivered
 
     @property
     def fresh_watermark(self) -> datetime:
-        return self._fresh.watermark
+        """Everything that occurred before this, and was persisted by the
+        server within ``settle_delay``, has been yielded and taken by the
+        consumer: the point up to which what the live stream missed has been
+        recovered."""
+        return self._fresh.delivered
 
     async def start(self) -> "PrefectSubscription":
         self._http = httpx.AsyncClient(timeout=self.http_timeout)
@@ -209,6 +227,9 @@ class PrefectSubscription:
                 return
             if isinstance(item, BaseException):
                 raise item
+            if isinstance(item, _Delivered):
+                item.pass_.delivered = item.watermark
+                continue
             yield item
 
     # -- internals --------------------------------------------------------------
@@ -309,6 +330,7 @@ class PrefectSubscription:
             await self._queue.put(event)
         # Only a complete read moves the watermark: a failed one is redone.
         p.watermark = upper
+        await self._queue.put(_Delivered(p, upper))
         self._stats.reconcile_passes += 1
         if p is self._late:
             self._forget_old_ids()

@@ -29,9 +29,19 @@ cost is counted in line and no I/O is):
                    (which then hold otel-bridge's span context instead of
                    making Prefect's span), plus what the events worker hook
                    does with the three events Prefect sent (made beforehand,
-                   not timed, as Prefect makes them anyway): reading them and
-                   recording the span. What dual emission costs a Prefect
-                   flow instead of Prefect's own task spans.
+                   not timed, as Prefect makes them anyway): reading and
+                   checking them and recording the span (with the SDK's
+                   default sampler, which ignores attributes, the span's
+                   attributes are set right after its start instead of being
+                   handed to the sampler). What dual emission costs a Prefect
+                   flow instead of Prefect's own task spans: the span side
+                   only, since the events are Prefect's either way.
+
+Lines set side by side: prefect-otel against prefect-dual is like for like
+(span telemetry of a Prefect task run, with and without otel-bridge);
+prefect-otel against dual is not, since dual also builds the three events,
+which Prefect's engine builds outside what prefect-otel times; dual-span is
+the part of dual to set against prefect-otel.
 
 Prints the median of ROUNDS rounds of RUNS task runs each (the lines take
 turns round by round); asserts nothing.

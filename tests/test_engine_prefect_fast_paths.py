@@ -15,7 +15,7 @@ import pytest
 pytest.importorskip("prefect")
 
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans  # noqa: E402
-from opentelemetry.sdk.trace import SpanProcessor, TracerProvider  # noqa: E402
+from opentelemetry.sdk.trace import SpanLimits, SpanProcessor, TracerProvider  # noqa: E402
 from opentelemetry.sdk.trace import sampling  # noqa: E402
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor  # noqa: E402
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import (  # noqa: E402
@@ -121,9 +121,10 @@ class _TagsOnStart(SpanProcessor):
         span.set_attribute("prefect.run.type", "overridden")
 
 
-def _record(sampler=None, on_start=False):
+def _record(sampler=None, on_start=False, limits=None):
     exporter = InMemorySpanExporter()
-    provider = TracerProvider(sampler=sampler) if sampler else TracerProvider()
+    provider = TracerProvider(**{k: v for k, v in (("sampler", sampler),
+                                                   ("span_limits", limits)) if v})
     if on_start:
         provider.add_span_processor(_TagsOnStart())
     provider.add_span_processor(SimpleSpanProcessor(exporter))
@@ -146,19 +147,25 @@ def _otlp(spans):
     return [encode_spans([s]).resource_spans[0].scope_spans[0].spans[0] for s in spans]
 
 
-@pytest.mark.parametrize("on_start", [False, True])
-def test_attributes_set_after_the_start_give_the_span_a_sampler_would_see(on_start):
+@pytest.mark.parametrize("on_start,limits", [
+    (False, None), (True, None),
+    (True, SpanLimits(max_span_attributes=20)), (False, SpanLimits(max_attribute_length=50)),
+])
+def test_attributes_set_after_the_start_give_the_span_a_sampler_would_see(on_start, limits):
     assert _tracing.sampler_ignores_attributes(TracerProvider().sampler)
-    late = _record(on_start=on_start)
+    late = _record(on_start=on_start, limits=limits)
     looking = _LooksAtAttributes()
     assert not _tracing.sampler_ignores_attributes(looking)
-    early = _record(looking, on_start=on_start)
+    early = _record(looking, on_start=on_start, limits=limits)
     assert len(looking.seen) == 2 and all(len(seen) > 20 for seen in looking.seen)
     assert _otlp(late) == _otlp(early)
     for a, b in zip(late, early):
         assert list(a.attributes.items()) == list(b.attributes.items())
+        assert a.dropped_attributes == b.dropped_attributes
     if on_start:
         assert all(s.attributes["prefect.run.type"] == "overridden" for s in late)
+    if limits is not None and limits.max_span_attributes == 20:
+        assert all(s.dropped_attributes > 0 for s in late)
 
 
 def test_which_samplers_are_known_to_ignore_attributes():

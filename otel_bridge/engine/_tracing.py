@@ -8,7 +8,7 @@ import functools
 import os
 import threading
 import weakref
-from typing import Optional
+from typing import Any, Mapping, Optional
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
@@ -174,6 +174,23 @@ def sampler_ignores_attributes(sampler: object, _depth: int = 0) -> bool:
     except AttributeError:  # another SDK version's internals
         return False
     return False
+
+
+def set_attributes_first(span: trace.Span, attributes: Mapping[str, Any]) -> None:
+    """Give a span just started without `attributes` what it would have had
+    if they had been passed to `start_span`, when a span processor's
+    `on_start` has set attributes meanwhile: the run's first, then the
+    processor's again (what it set, set anew), with the SDK's limits applied
+    and dropped attributes counted in that order. Exact for a processor that
+    sets attributes without reading them."""
+    added = dict(span.attributes)
+    stored = getattr(span, "_attributes", None)
+    if isinstance(stored, BoundedAttributes) and isinstance(getattr(stored, "_dict", None), dict):
+        with stored._lock:
+            stored._dict.clear()
+            stored.dropped = 0
+    span.set_attributes(attributes)
+    span.set_attributes(added)
 
 
 def finish_live_span(span: trace.Span, final: Span, *, attributes: bool = True) -> None:

@@ -81,6 +81,7 @@ from ._tracing import (
     finish_live_span,
     parent_context,
     sampler_ignores_attributes,
+    set_attributes_first,
     tracer_provider_from_env,
 )
 
@@ -190,12 +191,8 @@ class _Bridge:
             ids.clear()
         if not span.is_recording():
             return
-        if late and span.attributes:
-            # A span processor set attributes when the span started: they
-            # come after the run's, as if those had been given at the start.
-            added = dict(span.attributes)
-            span.set_attributes(final.attributes)
-            span.set_attributes(added)
+        if late and span.attributes:  # a span processor set some in on_start
+            set_attributes_first(span, final.attributes)
             late = False
         finish_live_span(span, final, attributes=late)
         self.spans_recorded += 1

@@ -581,16 +581,21 @@ def test_500_tasks_and_scenarios_through_kill9_and_collector_outage(
     fleet.bridges.append(bridge)
     bridge.start()
     assert bridge.get("/healthz")[0] == 200
-    # A bridge emits runs once REST has given it every event from before it
-    # started (settle 8 s): so that the flows run while it is in full swing,
-    # they start then.
-    backends.wait_until(lambda: bridge.log_records("caught up with Prefect: emitting runs"), 60,
-                        what="the bridge to catch up", proc=bridge.proc, log_path=bridge.log_path)
+    # A bridge emits a run once REST has given it every event from before the
+    # run's end (its watermark, settle 8 s behind): so that the flows run
+    # while it is in full swing, they start once the watermark passed its start.
+    backends.wait_until(
+        lambda: bridge.metric("otel_bridge_prefect_watermark_seconds") >= since.timestamp(), 60,
+        what="the bridge to catch up", proc=bridge.proc, log_path=bridge.log_path)
 
     # Everything starts at once: the 500-task flow and the scenarios.
     flow_env = server.env()
+    # Spans leave ~10 s after their run ends (the watermark), and the outage
+    # and the kill must land mid-flow: each task sleeps 0.3 s, 8 at a time
+    # (unbounded threads by default), so the flow takes about 20 s.
     big = fleet.run("big_map", [sys.executable, "-m", "tests.prefect_flows.big_map", str(N_TASKS),
-                                "serve-big-map"], flow_env, tmp_path)
+                                "serve-big-map", "0.3"],
+                    {**flow_env, "PREFECT_TASKS_RUNNER_THREAD_POOL_MAX_WORKERS": "8"}, tmp_path)
     for name in SCENARIOS:
         fleet.run(name, [sys.executable, "-m", "tests.prefect_flows.scenarios", name], flow_env,
                   tmp_path)

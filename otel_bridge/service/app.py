@@ -131,6 +131,14 @@ class Service:
                 return {}
             return {(k,): v for k, v in self._subscription.stats.as_dict().items() if k != "remembered_ids"}
 
+        def watermark() -> dict[tuple[str, ...], float]:
+            mark = self._watermark()
+            return {} if mark is None or self._subscription is None else {(): mark.timestamp()}
+
+        self.metrics.watch("otel_bridge_prefect_watermark_seconds",
+                           "Unix time before which every Prefect event has been read, the ones "
+                           "the live stream missed included; finished runs leave once behind it",
+                           watermark)
         self.metrics.watch("otel_bridge_prefect_subscription",
                            "The Prefect subscription's counters: live, reconciled (missed by the "
                            "live stream, read back from REST), reconnects, rest_errors...",

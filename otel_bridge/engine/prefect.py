@@ -66,12 +66,13 @@ from otel_bridge.model.spans import Span
 from otel_bridge.translate.forward import (
     TASK_RUN,
     RunKey,
+    _span_id_for,
+    _trace_id_for,
     is_final,
     placement,
     run_key,
     run_span,
 )
-from otel_bridge.translate.forward import _span_id_for, _trace_id_for
 from otel_bridge.translate.ids import span_id_for
 from otel_bridge.translate.task_run_events import _related_ok
 

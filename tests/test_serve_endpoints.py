@@ -54,6 +54,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcess
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import Status, StatusCode
 from prometheus_client.parser import text_string_to_metric_families
+from support import backends
 
 from otel_bridge.model.events import Event
 from otel_bridge.model.otlp import _span_json as span_json
@@ -810,49 +811,14 @@ def test_kill_9_before_the_linger_loses_nothing_acknowledged(tmp_path):
     assert_same_spans(spans_in(out), want)
 
 
-COLLECTOR_CONFIG = """\
-extensions:
-  health_check:
-    endpoint: 127.0.0.1:${env:OTELCOL_HEALTH_PORT}
-receivers:
-  otlp:
-    protocols:
-      grpc:
-        endpoint: 127.0.0.1:${env:OTELCOL_OTLP_GRPC_PORT}
-      http:
-        endpoint: 127.0.0.1:${env:OTELCOL_OTLP_HTTP_PORT}
-exporters:
-  file:
-    path: ${env:COPY_FILE}
-    flush_interval: 100ms
-service:
-  extensions: [health_check]
-  telemetry:
-    metrics:
-      level: none
-  pipelines:
-    traces:
-      receivers: [otlp]
-      exporters: [file]
-"""
-
-
-def unused_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize("protocol", ["grpc", "http/protobuf"])
 def test_kill_9_with_undelivered_spans_then_a_real_collector_gets_them_once(tmp_path, protocol):
-    from support import backends
-
     flags = ("--push-token", TOKEN, "--linger-seconds", "0.2", "--retry-max-seconds", "1")
     scenarios = FINISHING
     want = expected_spans(d for s in scenarios for d in fixture(s))
-    nowhere = unused_port()
+    nowhere = backends.free_port()
     down = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{nowhere}",
             "OTEL_EXPORTER_OTLP_PROTOCOL": protocol, "OTEL_EXPORTER_OTLP_TIMEOUT": "1"}
     with serving(tmp_path, *flags, env=down, stop=False) as svc:
@@ -864,10 +830,8 @@ def test_kill_9_with_undelivered_spans_then_a_real_collector_gets_them_once(tmp_
                  "failed exports")
         assert svc.metric("otel_bridge_exported_total", sink="otlp") == 0
         svc.kill9()
-    config = tmp_path / "collector.yaml"
-    config.write_text(COLLECTOR_CONFIG)
     copy = tmp_path / "collector-copy.jsonl"
-    with backends.collector(config, {"COPY_FILE": str(copy)}) as collector:
+    with backends.file_collector(copy) as collector:
         endpoint = (f"http://{collector.otlp_grpc_endpoint}" if protocol == "grpc"
                     else collector.otlp_http_endpoint)
         up = {"OTEL_EXPORTER_OTLP_ENDPOINT": endpoint, "OTEL_EXPORTER_OTLP_PROTOCOL": protocol}
@@ -888,7 +852,7 @@ def test_what_the_outbox_cannot_hold_is_counted_and_logged_and_readyz_warns(tmp_
     everything = convert(first + more)
     held = sum(len(encode_span(s)) for s in convert(first))
     bound = held + 100  # about the first run's spans: the rest cannot fit
-    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{unused_port()}",
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{backends.free_port()}",
            "OTEL_EXPORTER_OTLP_TIMEOUT": "1"}
     with serving(tmp_path, "--push-token", TOKEN, "--linger-seconds", "0.2", "--retry-max-seconds", "1",
                  "--outbox-max-bytes", str(bound), "--shutdown-grace-seconds", "1", env=env) as svc:

@@ -44,37 +44,6 @@ LINGER = 1.0
 
 pytestmark = pytest.mark.prefect_server
 
-COLLECTOR_CONFIG = """\
-extensions:
-  health_check:
-    endpoint: 127.0.0.1:${env:OTELCOL_HEALTH_PORT}
-receivers:
-  otlp:
-    protocols:
-      grpc:
-        endpoint: 127.0.0.1:${env:OTELCOL_OTLP_GRPC_PORT}
-      http:
-        endpoint: 127.0.0.1:${env:OTELCOL_OTLP_HTTP_PORT}
-processors:
-  memory_limiter:
-    check_interval: 1s
-    limit_mib: 256
-  batch:
-    timeout: 200ms
-exporters:
-  file:
-    path: ${env:COPY_FILE}
-service:
-  extensions: [health_check]
-  telemetry:
-    metrics:
-      level: none
-  pipelines:
-    traces:
-      receivers: [otlp]
-      processors: [memory_limiter, batch]
-      exporters: [file]
-"""
 
 # A flow with one quick task and one slow one, to stop the bridge while a run is open.
 SLOW_FLOW = """\
@@ -113,19 +82,12 @@ def server():
         yield srv
 
 
-@pytest.fixture(scope="module")
-def collector_config(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("collector") / "collector.yaml"
-    path.write_text(COLLECTOR_CONFIG)
-    return path
-
-
 class ManagedCollector:
     """A Collector that a test can stop and start again on the same ports,
     each run writing its own file."""
 
-    def __init__(self, config: Path, tmp_path: Path, ports: Optional[dict[str, str]] = None):
-        self.config, self.tmp_path = config, tmp_path
+    def __init__(self, tmp_path: Path, ports: Optional[dict[str, str]] = None):
+        self.tmp_path = tmp_path
         self.ports = dict(ports or {})
         self.files: list[Path] = []
         self._cm = None
@@ -134,7 +96,7 @@ class ManagedCollector:
     def start(self) -> "ManagedCollector":
         path = self.tmp_path / f"collector-{len(self.files)}.jsonl"
         self.files.append(path)
-        self._cm = backends.collector(self.config, {**self.ports, "COPY_FILE": str(path)})
+        self._cm = backends.file_collector(path, self.ports)
         self.current = self._cm.__enter__()
         self.ports = {k: str(v) for k, v in self.current.ports.items()}
         return self
@@ -563,7 +525,7 @@ def subscription_counters(metrics: dict) -> dict[str, float]:
 @pytest.mark.timeout(480)
 @explained
 def test_500_tasks_and_scenarios_through_kill9_and_collector_outage(
-        server, collector_config, tmp_path, fleet):
+        server, tmp_path, fleet):
     """A 500-task flow and four scenario flows (a failure, retries, two
     crashes), all at once. In the middle of the big flow the Collector stops;
     exports fail; the bridge is killed -9, with undelivered spans and open
@@ -573,7 +535,7 @@ def test_500_tasks_and_scenarios_through_kill9_and_collector_outage(
     contents; nothing dropped."""
     since = datetime.now(timezone.utc)
     started = time.monotonic()
-    collector = ManagedCollector(collector_config, tmp_path).start()
+    collector = ManagedCollector(tmp_path).start()
     fleet.collectors.append(collector)
     bridge = Bridge(tmp_path, "bridge", bridge_env(server, "http/protobuf", collector.http_traces_url),
                     ["--backfill-seconds", "5", "--retry-max-seconds", "2",
@@ -745,13 +707,13 @@ def test_500_tasks_and_scenarios_through_kill9_and_collector_outage(
 @pytest.mark.timeout(240)
 @explained
 def test_sigterm_keeps_open_runs_and_exports_them_after_restart(
-        server, collector_config, tmp_path, fleet):
+        server, tmp_path, fleet):
     """SIGTERM while a task runs: exit 0 well within the grace period, the
     open runs kept in the store; the flow finishes while the bridge is down;
     after a restart their spans arrive, each once, complete (OTLP over gRPC)."""
     since = datetime.now(timezone.utc)
     grace = 8.0
-    collector = ManagedCollector(collector_config, tmp_path).start()
+    collector = ManagedCollector(tmp_path).start()
     fleet.collectors.append(collector)
     bridge = Bridge(tmp_path, "bridge", bridge_env(server, "grpc", collector.grpc_url),
                     ["--backfill-seconds", "2", "--shutdown-grace-seconds", str(grace)])
@@ -827,13 +789,13 @@ def test_sigterm_keeps_open_runs_and_exports_them_after_restart(
 
 @pytest.mark.timeout(180)
 @explained
-def test_probes_and_undelivered_spans_survive_sigterm(server, collector_config, tmp_path, fleet):
+def test_probes_and_undelivered_spans_survive_sigterm(server, tmp_path, fleet):
     """/healthz and /readyz say 200 while serving; /readyz says 503 once
     SIGTERM begins (the bridge is still draining: the Collector is not there
     yet, so the spans cannot leave); the undelivered spans stay in the store
     and leave after a restart, once the Collector is up."""
     ports = dict(zip(backends.COLLECTOR_PORT_VARS, map(str, backends.free_ports(4))))
-    collector = ManagedCollector(collector_config, tmp_path, ports)
+    collector = ManagedCollector(tmp_path, ports)
     fleet.collectors.append(collector)
     grace = 4.0
     bridge = Bridge(tmp_path, "bridge", bridge_env(server, "http/protobuf", collector.http_traces_url),

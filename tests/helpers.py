@@ -62,3 +62,30 @@ def convert_to_otlp(inputs, receiver, protocol: str, service: str) -> None:
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 0, result.stderr
+
+
+def engine_trace(exporters=()) -> list:
+    """Spans from an engine that knows nothing of Prefect, made by the real
+    SDK: a run with a tagged step and a failing step that retried. The tracer
+    also sends them through `exporters`; returned as the SDK made them."""
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from opentelemetry.trace import Status, StatusCode
+
+    memory = InMemorySpanExporter()
+    provider = TracerProvider(resource=Resource({"service.name": "some-engine"}))
+    provider.add_span_processor(SimpleSpanProcessor(memory))
+    for exporter in exporters:
+        provider.add_span_processor(BatchSpanProcessor(exporter, schedule_delay_millis=100))
+    tracer = provider.get_tracer("some-engine")
+    with tracer.start_as_current_span("nightly-etl"):
+        with tracer.start_as_current_span("extract") as span:
+            span.set_attribute("tags", ["etl", "nightly"])
+        with tracer.start_as_current_span("load") as span:
+            span.add_event("Retrying")
+            span.record_exception(ConnectionError("warehouse gone"))
+            span.set_status(Status(StatusCode.ERROR, "warehouse gone"))
+    provider.shutdown()
+    return list(memory.get_finished_spans())

@@ -109,50 +109,19 @@ def assert_otlp_span(doc: dict, service: str, name: str, trace_id: str) -> None:
 # ---------------------------------------------------------------- fixtures
 
 
-COLLECTOR_CONFIG = """\
-extensions:
-  health_check:
-    endpoint: 127.0.0.1:${env:OTELCOL_HEALTH_PORT}
-receivers:
-  otlp:
-    protocols:
-      grpc:
-        endpoint: 127.0.0.1:${env:OTELCOL_OTLP_GRPC_PORT}
-      http:
-        endpoint: 127.0.0.1:${env:OTELCOL_OTLP_HTTP_PORT}
-processors:
-  memory_limiter:
-    check_interval: 1s
-    limit_mib: 256
-  batch:
-    timeout: 200ms
-exporters:
-  otlp_grpc:
-    endpoint: ${env:BACKEND_OTLP_GRPC}
-    tls:
-      insecure: true
-  otlp_http:
-    endpoint: ${env:BACKEND_OTLP_HTTP}
-  file:
-    path: ${env:COPY_FILE}
-  debug:
-    verbosity: basic
-service:
-  extensions: [health_check]
-  telemetry:
-    metrics:
-      level: none
-  pipelines:
-    traces:
-      receivers: [otlp]
-      processors: [memory_limiter, batch]
-      exporters: [EXPORTER, file, debug]
-"""
+# The backend's exporters, the file one (a copy to compare with) and debug.
+EXPORTERS = {
+    "otlp_grpc": {"endpoint": "${env:BACKEND_OTLP_GRPC}", "tls": {"insecure": True}},
+    "otlp_http": {"endpoint": "${env:BACKEND_OTLP_HTTP}"},
+    "file": {"path": "${env:COPY_FILE}"},
+    "debug": {"verbosity": "basic"},
+}
 
 
 def write_collector_config(tmp_path: Path, exporter: str) -> Path:
     path = tmp_path / f"collector-{exporter}.yaml"
-    path.write_text(COLLECTOR_CONFIG.replace("EXPORTER", exporter))
+    config = backends.test_collector_config(EXPORTERS, [exporter, "file", "debug"])
+    path.write_text(json.dumps(config, indent=2))  # JSON is YAML
     return path
 
 

@@ -13,12 +13,8 @@ from datetime import datetime, timedelta, timezone
 
 import httpx
 import pytest
-from helpers import FIXTURES, load_jsonl
+from helpers import FIXTURES, engine_trace, load_jsonl
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.trace import Status, StatusCode
 
 from otel_bridge.demo.server import LocalPrefectServer
 from otel_bridge.model.otlp import request_to_json
@@ -44,20 +40,8 @@ def cli(*args, env=None):
 
 
 def engine_spans(path):
-    """Spans from an engine that knows nothing of Prefect, made by the real SDK."""
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    tracer = provider.get_tracer("some-engine")
-    with tracer.start_as_current_span("nightly-etl"):
-        with tracer.start_as_current_span("extract") as span:
-            span.set_attribute("tags", ["etl", "nightly"])
-        with tracer.start_as_current_span("load") as span:
-            span.add_event("Retrying")
-            span.record_exception(ConnectionError("warehouse gone"))
-            span.set_status(Status(StatusCode.ERROR, "warehouse gone"))
-    provider.shutdown()
-    path.write_text(json.dumps(request_to_json(encode_spans(exporter.get_finished_spans()))) + "\n")
+    """OTLP/JSON of spans from an engine that knows nothing of Prefect."""
+    path.write_text(json.dumps(request_to_json(encode_spans(engine_trace()))) + "\n")
 
 
 def occurred(event):

@@ -40,7 +40,7 @@ import httpx
 import pytest
 from google.protobuf import json_format
 from google.rpc import code_pb2, status_pb2
-from helpers import FIXTURES, convert, load_jsonl
+from helpers import FIXTURES, convert, engine_trace, load_jsonl
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
@@ -49,10 +49,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceResponse,
 )
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor, SpanExportResult
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.trace import Status, StatusCode
+from opentelemetry.sdk.trace.export import SpanExportResult
 from prometheus_client.parser import text_string_to_metric_families
 from support import backends
 
@@ -545,26 +542,6 @@ def test_bad_pushes_are_refused_clearly_and_cost_no_good_event(tmp_path):
     assert_same_spans(spans_in(out), want)
     assert counted == {frozenset({("endpoint", e), ("reason", r)}): float(n)
                        for (e, r), n in refused.items()}
-
-
-def engine_trace(exporters=()) -> list:
-    """Spans from an engine that knows nothing of Prefect, made by the real
-    SDK: the tracer sends them through `exporters`; returned as the SDK made them."""
-    memory = InMemorySpanExporter()
-    provider = TracerProvider(resource=Resource({"service.name": "some-engine"}))
-    provider.add_span_processor(SimpleSpanProcessor(memory))
-    for exporter in exporters:
-        provider.add_span_processor(BatchSpanProcessor(exporter, schedule_delay_millis=100))
-    tracer = provider.get_tracer("some-engine")
-    with tracer.start_as_current_span("nightly-etl"):
-        with tracer.start_as_current_span("extract") as span:
-            span.set_attribute("tags", ["etl", "nightly"])
-        with tracer.start_as_current_span("load") as span:
-            span.add_event("Retrying")
-            span.record_exception(ConnectionError("warehouse gone"))
-            span.set_status(Status(StatusCode.ERROR, "warehouse gone"))
-    provider.shutdown()
-    return list(memory.get_finished_spans())
 
 
 def plain(readable_spans) -> list[Span]:

@@ -14,11 +14,10 @@ import sys
 import pytest
 from helpers import FIXTURES, convert, events, load_jsonl
 
-from otel_bridge.model.events import Event
 from otel_bridge.service.config import ConfigError, load_settings
 from otel_bridge.service.delivery import Delivery
 from otel_bridge.service.metrics import Metrics
-from otel_bridge.service.pipeline import EVENT, SPAN, Pipeline, decode, encode_span
+from otel_bridge.service.pipeline import SPAN, Pipeline, decode, encode_span
 from otel_bridge.service.store import Store, StoreError
 from otel_bridge.translate.assembler import AssemblerOptions
 

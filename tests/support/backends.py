@@ -59,7 +59,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -621,48 +621,39 @@ def collector(config_path: str | os.PathLike, env: Mapping[str, str] | None = No
         yield Collector(bp, run_env)
 
 
-# A Collector that writes every span it receives to $COPY_FILE, as OTLP/JSON
-# lines (the file exporter's format): the receiving end a test reads back.
-FILE_COLLECTOR_CONFIG = """\
-extensions:
-  health_check:
-    endpoint: 127.0.0.1:${env:OTELCOL_HEALTH_PORT}
-receivers:
-  otlp:
-    protocols:
-      grpc:
-        endpoint: 127.0.0.1:${env:OTELCOL_OTLP_GRPC_PORT}
-      http:
-        endpoint: 127.0.0.1:${env:OTELCOL_OTLP_HTTP_PORT}
-processors:
-  memory_limiter:
-    check_interval: 1s
-    limit_mib: 256
-  batch:
-    timeout: 200ms
-exporters:
-  file:
-    path: ${env:COPY_FILE}
-    flush_interval: 100ms
-service:
-  extensions: [health_check]
-  telemetry:
-    metrics:
-      level: none
-  pipelines:
-    traces:
-      receivers: [otlp]
-      processors: [memory_limiter, batch]
-      exporters: [file]
-"""
+def test_collector_config(exporters: Mapping[str, Any], pipeline: Sequence[str]) -> dict:
+    """A Collector config for tests: OTLP receivers, memory_limiter and batch,
+    health_check, on the ports of ``COLLECTOR_PORT_VARS``; `exporters` as
+    given, the traces pipeline through those named in `pipeline`."""
+    return {
+        "extensions": {"health_check": {"endpoint": "127.0.0.1:${env:OTELCOL_HEALTH_PORT}"}},
+        "receivers": {"otlp": {"protocols": {
+            "grpc": {"endpoint": "127.0.0.1:${env:OTELCOL_OTLP_GRPC_PORT}"},
+            "http": {"endpoint": "127.0.0.1:${env:OTELCOL_OTLP_HTTP_PORT}"},
+        }}},
+        "processors": {"memory_limiter": {"check_interval": "1s", "limit_mib": 256},
+                       "batch": {"timeout": "200ms"}},
+        "exporters": dict(exporters),
+        "service": {
+            "extensions": ["health_check"],
+            "telemetry": {"metrics": {"level": "none"}},
+            "pipelines": {"traces": {"receivers": ["otlp"], "processors": ["memory_limiter", "batch"],
+                                     "exporters": list(pipeline)}},
+        },
+    }
+
+
+# Writes every span it receives to $COPY_FILE, as OTLP/JSON lines (the file
+# exporter's format): the receiving end a test reads back.
+FILE_EXPORTER = {"file": {"path": "${env:COPY_FILE}", "flush_interval": "100ms"}}
 
 
 def file_collector(copy_file: Path, env: Mapping[str, str] | None = None,
                    **options: Any) -> contextlib.AbstractContextManager[Collector]:
-    """:func:`collector` running :data:`FILE_COLLECTOR_CONFIG`, writing to
+    """:func:`collector` exporting only to a file (:data:`FILE_EXPORTER`), writing to
     ``copy_file``; ``env`` may preset its ports (to come back on the same ones)."""
-    config = copy_file.with_name(copy_file.name + ".collector.yaml")
-    config.write_text(FILE_COLLECTOR_CONFIG)
+    config = _write_config(copy_file.with_name(copy_file.name + ".collector.yaml"),
+                           test_collector_config(FILE_EXPORTER, ["file"]))
     return collector(config, {**(env or {}), "COPY_FILE": str(copy_file)}, **options)
 
 

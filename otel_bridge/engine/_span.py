@@ -17,26 +17,21 @@ from typing import Optional, Sequence
 
 from otel_bridge.model.events import PREFECT_TRACEPARENT_LABEL, Event
 from otel_bridge.model.spans import Span, SpanEvent, SpanLink
-from otel_bridge.model.states import StateType
 from otel_bridge.translate.forward import (
     ATTR_EVENT_FOLLOWS,
     ATTR_EVENT_ID,
     ATTR_EVENT_PAYLOAD,
     ATTR_LINK_SOURCE,
     ATTR_RELATED,
-    ATTR_SYNTHETIC_END,
-    ATTR_SYNTHETIC_START,
     RunKey,
-    SyntheticEnd,
     _outcome,
     _prefect_traceparent,
     _run_attributes,
-    is_final,
+    span_bounds,
     to_unix_nano,
 )
 from otel_bridge.translate.task_run_events import TaskRunEventBuilder
 
-_RUNNING = StateType.RUNNING.value
 
 
 def built_run_span(
@@ -73,19 +68,7 @@ def ordered_run_span(
     if len(set(ids)) != len(ids):
         return None
 
-    running = [i for i, e in enumerate(events) if e.resource["prefect.state-type"] == _RUNNING]
-    synthetic = {}
-    if running:
-        start = events[running[0]]
-        after = events[running[-1]:]
-    else:
-        start = events[0]
-        after = events
-        synthetic[ATTR_SYNTHETIC_START] = "no_running_state"
-    end = next((e for e in after if is_final(e)), None)
-    if end is None:
-        synthetic[ATTR_SYNTHETIC_END] = SyntheticEnd.END_OF_INPUT.value
-    last = end or events[-1]
+    start, end, last, synthetic = span_bounds(events)
     start_ns = to_unix_nano(start.occurred)
     end_ns = max(start_ns, to_unix_nano(last.occurred))
 

@@ -166,22 +166,7 @@ def run_span(
     key = run_key(ordered[0])
     assert key is not None, "run_span takes run-state events only"
 
-    running = [i for i, e in enumerate(ordered) if state_type(e) is StateType.RUNNING]
-    synthetic: dict[str, AttributeValue] = {}
-    if running:
-        start = ordered[running[0]]
-        after = ordered[running[-1]:]
-    else:
-        start = ordered[0]
-        after = ordered
-        synthetic[ATTR_SYNTHETIC_START] = "no_running_state"
-    end = next((e for e in after if is_final(e)), None)
-    if end is None:
-        synthetic[ATTR_SYNTHETIC_END] = (synthetic_end or SyntheticEnd.END_OF_INPUT).value
-    # The span describes the run as of its final state; states after it
-    # (RolledBack) are kept as events only, so the span's attributes do not
-    # depend on whether they arrived before the span was exported.
-    last = end or ordered[-1]
+    start, end, last, synthetic = span_bounds(ordered, synthetic_end)
     start_ns = to_unix_nano(start.occurred)
     end_ns = max(start_ns, to_unix_nano(last.occurred))
 
@@ -221,6 +206,31 @@ def run_span(
         status_code=status_code,
         status_message=status_message,
     )
+
+
+def span_bounds(
+    ordered: Sequence[Event], synthetic_end: Optional[SyntheticEnd] = None
+) -> tuple[Event, Optional[Event], Event, dict[str, AttributeValue]]:
+    """(start, final state or None, last, synthetic marks) of a run's span,
+    from its events in `order_events` order: it starts at the first RUNNING
+    state (else the first event, marked) and ends at the final state after
+    the last RUNNING one (else the last event, marked)."""
+    running = [i for i, e in enumerate(ordered) if state_type(e) is StateType.RUNNING]
+    synthetic: dict[str, AttributeValue] = {}
+    if running:
+        start = ordered[running[0]]
+        after = ordered[running[-1]:]
+    else:
+        start = ordered[0]
+        after = ordered
+        synthetic[ATTR_SYNTHETIC_START] = "no_running_state"
+    end = next((e for e in after if is_final(e)), None)
+    if end is None:
+        synthetic[ATTR_SYNTHETIC_END] = (synthetic_end or SyntheticEnd.END_OF_INPUT).value
+    # The span describes the run as of its final state; states after it
+    # (RolledBack) are kept as events only, so the span's attributes do not
+    # depend on whether they arrived before the span was exported.
+    return start, end, end or ordered[-1], synthetic
 
 
 def to_unix_nano(moment: datetime) -> int:

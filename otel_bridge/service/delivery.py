@@ -75,7 +75,13 @@ class Delivery:
     async def run(self, stop: asyncio.Event) -> None:
         """Deliver until `stop` is set and then, to `drain`, until empty."""
         while not stop.is_set():
-            if not await self.deliver_once():
+            try:
+                delivered = await self.deliver_once()
+            except Exception:  # the store failing (disk full...): keep trying, loudly
+                logger.exception("delivery failed", extra={"sink": self.sink_name})
+                self.failures += 1
+                delivered = False
+            if not delivered:
                 await self._sleep(self._pause(), stop)
 
     async def drain(self, deadline: float) -> bool:

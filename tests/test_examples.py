@@ -18,3 +18,14 @@ def test_bridge_a_file_prints_the_trees_without_an_endpoint(tmp_path):
     assert result.returncode == 1
     assert "4 spans, 1 lines skipped" in result.stderr
     assert "task flaky_delayed" in result.stdout and "AwaitingRetry" in result.stdout
+
+
+def test_the_serve_config_example_is_valid_settings(monkeypatch):
+    from otel_bridge.service.config import ServeSettings, load_settings
+
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:4200/api")
+    for name in ServeSettings.model_fields:  # the file alone, not this machine's env
+        monkeypatch.delenv("OTEL_BRIDGE_" + name.upper(), raising=False)
+    settings = load_settings({}, str(ROOT / "examples" / "otel-bridge-serve.yaml"))
+    assert settings.follows_prefect and settings.http_port == 8686
+    assert str(settings.store_path) == "/var/lib/otel-bridge/store.sqlite3"

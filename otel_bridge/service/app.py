@@ -109,7 +109,6 @@ class Service:
                 self._tasks.append(asyncio.create_task(self._follow_prefect(), name="prefect"))
             self._tasks.append(asyncio.create_task(self._tick(), name="tick"))
             self._started = True
-            self.metrics.ready.set(1)
             logger.info("serving", extra={"listen_host": s.listen_host, **self.bound,
                                           "follows_prefect": s.follows_prefect})
             await self._stop.wait()
@@ -119,6 +118,8 @@ class Service:
 
     def _watch(self) -> None:
         store, pipeline = self.store, self.pipeline
+        self.metrics.watch("otel_bridge_ready", "1 when /readyz says ready",
+                           lambda: {(): float(self.readiness()[0])})
         self.metrics.watch("otel_bridge_open_runs", "Runs waiting for their final state",
                            lambda: {(): pipeline.assembler.open_runs})
         self.metrics.watch("otel_bridge_outbox_items", "Output waiting for its sink",
@@ -303,7 +304,6 @@ class Service:
         s = self.settings
         deadline = time.monotonic() + s.shutdown_grace_seconds
         self._stopping = True
-        self.metrics.ready.set(0)
         logger.info("stopping", extra={"grace_seconds": s.shutdown_grace_seconds})
         # 1. stop intake
         if self._subscription is not None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from typing import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 __all__ = ["Metrics", "event_label"]
@@ -70,7 +70,6 @@ class Metrics:
             "otel_bridge_export_lag_seconds",
             "End to end: from a span's end (an event's occurred time) to a sink accepting it",
             ["kind"], buckets=_LAG_BUCKETS, registry=r)
-        self.ready = Gauge("otel_bridge_ready", "1 when /readyz says ready", registry=r)
 
     def watch(self, name: str, doc: str, read: Callable[[], dict[tuple[str, ...], float]],
               labels: tuple[str, ...] = (), counter: bool = False) -> None:

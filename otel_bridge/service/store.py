@@ -165,9 +165,6 @@ class Store:
         for run_id, ids in self._db.execute("SELECT run_id, event_ids FROM finished_runs ORDER BY seq"):
             yield run_id, [UUID(i) for i in json.loads(ids)]
 
-    def open_run_count(self) -> int:
-        return self._db.execute("SELECT COUNT(DISTINCT run_id) FROM run_events").fetchone()[0]
-
     # -- outbox -----------------------------------------------------------------
 
     def outbox_bytes(self, kind: str) -> int:

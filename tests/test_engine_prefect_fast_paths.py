@@ -14,14 +14,22 @@ import pytest
 
 pytest.importorskip("prefect")
 
+from opentelemetry import baggage, propagate  # noqa: E402
+from opentelemetry import context as otel_context  # noqa: E402
+from opentelemetry.baggage.propagation import W3CBaggagePropagator  # noqa: E402
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans  # noqa: E402
+from opentelemetry.propagators.composite import CompositePropagator  # noqa: E402
+from opentelemetry.propagators.textmap import TextMapPropagator  # noqa: E402
 from opentelemetry.sdk.trace import SpanLimits, SpanProcessor, TracerProvider  # noqa: E402
 from opentelemetry.sdk.trace import sampling  # noqa: E402
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor  # noqa: E402
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import (  # noqa: E402
     InMemorySpanExporter,
 )
-from opentelemetry.trace import NoOpTracerProvider  # noqa: E402
+from opentelemetry.trace import NoOpTracerProvider, SpanContext, TraceFlags  # noqa: E402
+from opentelemetry.trace.propagation.tracecontext import (  # noqa: E402
+    TraceContextTextMapPropagator,
+)
 from prefect.client.schemas.objects import TaskRun  # noqa: E402
 from prefect.events.schemas.events import Event as PrefectEvent  # noqa: E402
 from prefect.states import Completed, Failed, Pending, Running  # noqa: E402
@@ -182,3 +190,44 @@ def test_which_samplers_are_known_to_ignore_attributes():
         pass
 
     assert not ignores(Sub(sampling.Decision.RECORD_AND_SAMPLE))
+
+
+class _OwnTraceparent(TextMapPropagator):
+    """A propagator that writes a `traceparent` of its own."""
+
+    def extract(self, carrier, context=None, getter=None):
+        return context
+
+    def inject(self, carrier, context=None, setter=None):
+        carrier["traceparent"] = "00-" + "1" * 32 + "-" + "2" * 16 + "-00"
+
+    @property
+    def fields(self):
+        return {"traceparent"}
+
+
+@pytest.mark.parametrize("make", [
+    lambda default: default,
+    lambda default: TraceContextTextMapPropagator(),
+    lambda default: CompositePropagator([W3CBaggagePropagator()]),
+    lambda default: CompositePropagator([]),
+    lambda default: CompositePropagator([TraceContextTextMapPropagator(), _OwnTraceparent()]),
+    lambda default: _OwnTraceparent(),
+    lambda default: CompositePropagator([default]),
+])
+def test_the_traceparent_written_directly_is_what_prefect_writes(make):
+    default = propagate.get_global_textmap()
+    propagate.set_global_textmap(make(default))
+    token = otel_context.attach(baggage.set_baggage("team", "data"))
+    try:
+        (task_run, _, _), _ = _runs()
+        for flags in (TraceFlags.SAMPLED, TraceFlags.DEFAULT):
+            span = bridge.TaskRunSpan(SpanContext(0xabc << 64, 0xdef, is_remote=False,
+                                                  trace_flags=TraceFlags(flags)),
+                                      task_run.id, None)
+            assert bridge._traceparent(span) == RunTelemetry.traceparent_from_span(span)
+        invalid = bridge.TaskRunSpan(SpanContext(0, 0xdef, is_remote=False), task_run.id, None)
+        assert bridge._traceparent(invalid) == RunTelemetry.traceparent_from_span(invalid)
+    finally:
+        otel_context.detach(token)
+        propagate.set_global_textmap(default)

@@ -49,8 +49,11 @@ from typing import Any, Optional
 from uuid import UUID
 from zoneinfo import ZoneInfo
 
-from opentelemetry import trace
+from opentelemetry import propagate, trace
+from opentelemetry.baggage.propagation import W3CBaggagePropagator
+from opentelemetry.propagators.composite import CompositePropagator
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from pydantic_core import to_json
 
@@ -293,6 +296,53 @@ def _placement(run: Any, own: str) -> tuple[int, Optional[int]]:
     return _trace_id_for(root), _span_id_for(parent) if parent else None
 
 
+def _traceparent(span: TaskRunSpan) -> Optional[str]:
+    """What Prefect's `RunTelemetry.traceparent_from_span(span)` gives: the
+    `traceparent` the global propagator writes for the span. Written here
+    directly, as `TraceContextTextMapPropagator.inject` writes it, when the
+    global propagator is the API's default (W3C trace context, then W3C
+    baggage, which writes only `baggage`) or made only of those two, by exact
+    type; otherwise (another propagator could write its own `traceparent`)
+    Prefect's function, propagator and all. Tested against it."""
+    propagator = propagate.get_global_textmap()
+    known = _known_propagator
+    if known[0] is not propagator or (known[1] is not None and tuple(known[1]) != known[2]):
+        known = _know(propagator)
+    writes = known[3]
+    context = span.get_span_context()
+    if writes is not None and context.is_valid:
+        if not writes:
+            return None  # nothing writes a traceparent
+        return f"00-{context.trace_id:032x}-{context.span_id:016x}-{context.trace_flags:02x}"
+    from prefect.telemetry.run_telemetry import RunTelemetry
+
+    return RunTelemetry.traceparent_from_span(span)
+
+
+def _know(propagator: Any) -> tuple:
+    """(propagator, its list of propagators or None, a copy of that list,
+    whether it writes W3C trace context's `traceparent` and no other: True,
+    False when nothing writes one, None when unknown)."""
+    global _known_propagator
+    kind = type(propagator)
+    parts = getattr(propagator, "_propagators", None) if kind is CompositePropagator else None
+    if kind is TraceContextTextMapPropagator:
+        writes = True
+    elif kind is CompositePropagator and type(parts) in (list, tuple) and all(
+            type(p) in _W3C_PROPAGATORS for p in parts):
+        writes = any(type(p) is TraceContextTextMapPropagator for p in parts)
+    else:
+        writes = None
+    known = (propagator, parts if type(parts) is list else None,
+             tuple(parts) if type(parts) is list else None, writes)
+    _known_propagator = known
+    return known
+
+
+_W3C_PROPAGATORS = frozenset({TraceContextTextMapPropagator, W3CBaggagePropagator})
+_known_propagator: tuple = (None, None, None, None)
+
+
 _bridge: Optional[_Bridge] = None
 _originals: dict[str, Any] = {}
 _install_lock = threading.Lock()
@@ -321,7 +371,7 @@ def _install() -> None:
                 span = None
             if span is not None:
                 self.span = span
-                traceparent = RunTelemetry.traceparent_from_span(span)
+                traceparent = _traceparent(span)
                 if traceparent:
                     run.labels["__OTEL_TRACEPARENT"] = traceparent
                 return traceparent, span

@@ -231,3 +231,53 @@ def test_the_traceparent_written_directly_is_what_prefect_writes(make):
     finally:
         otel_context.detach(token)
         propagate.set_global_textmap(default)
+
+
+def _related_as(event, related):
+    return event.model_copy(update={"related": [type(event.related[0]).model_construct(r)
+                                                for r in related]})
+
+
+def test_related_resources_known_from_the_previous_event_give_what_reading_them_gives():
+    for _, sent, _ in _runs():
+        previous = bridge._read_prefect(sent[0])
+        assert previous[3] is previous[0].related  # passed the checks as given
+        for prefect_event in sent[1:]:
+            known = (previous[3], previous[2])
+            reordered = [dict(reversed(list(r.root.items()))) for r in prefect_event.related]
+            fewer = [r.root for r in prefect_event.related][:-1]
+            other = [dict(r.root, **{"prefect.resource.name": "other"})
+                     for r in prefect_event.related]
+            no_role = [{"prefect.resource.id": "prefect.flow-run.x"}]
+            for candidate, reused in ((prefect_event, True),
+                                      (_related_as(prefect_event, reordered), False),
+                                      (_related_as(prefect_event, fewer), False),
+                                      (_related_as(prefect_event, other), False)):
+                read = bridge._read_prefect(candidate, known)
+                assert (read[2] is known[1]) == reused
+                assert read[0].related is not known[0]  # fresh copies
+                assert all(a is not b for a, b in zip(read[0].related, known[0]))
+                expected = parse_wire_event(candidate.model_dump(mode="json"))
+                assert read[0] == expected
+                assert read[0].model_dump_json() == expected.model_dump_json()
+                assert read[1:3] == bridge._from_prefect(candidate)[1:]
+                assert read[2] == _json(expected.related).encode()
+            with pytest.raises(EventRejected):
+                bridge._read_prefect(_related_as(prefect_event, no_role), known)
+            previous = bridge._read_prefect(prefect_event, known)
+
+
+def test_the_bridge_reads_a_runs_repeated_related_resources_once():
+    (task_run, sent, _), _ = _runs()
+    bridge.enable(TracerProvider())
+    try:
+        RunTelemetry().start_span(run=task_run, client=None)
+        for event in sent[:-1]:
+            bridge._bridge.sent(event)
+        seen = bridge._bridge._events[f"prefect.task-run.{task_run.id}"]
+        assert len(seen) == len(sent) - 1
+        assert all(read[2] is seen[0][2] for read in seen)
+        bridge._bridge.sent(sent[-1])
+        assert bridge._bridge.spans_recorded == 1
+    finally:
+        bridge.disable()

@@ -120,9 +120,8 @@ class _Bridge:
         self.provider = provider
         self._lock = threading.Lock()
         self._open: dict[str, TaskRunSpan] = {}  # resource id -> span context
-        # resource id -> the events so far, each with its payload and related
-        # resources as JSON
-        self._events: dict[str, list[tuple[Event, bytes, bytes]]] = {}
+        # resource id -> the events so far, each as `_read_prefect` gives it
+        self._events: dict[str, list[_Read]] = {}
         self.spans_recorded = 0
         self.errors = 0
 
@@ -151,14 +150,19 @@ class _Bridge:
         resource_id = prefect_event.resource.root.get("prefect.resource.id", "")
         if not resource_id.startswith(_TASK_RUN_PREFIX):
             return
-        event, payload_json, related_json = _from_prefect(prefect_event)
-        key = run_key(event)
+        seen = self._events.get(resource_id)
+        # the related resources of the run's previous event, as checked: a
+        # task run's states mostly name the same ones
+        last = seen[-1] if seen else None
+        read = _read_prefect(prefect_event, None if last is None or last[3] is None
+                             else (last[3], last[2]))
+        key = run_key(read[0])
         if key is None:
             return
         with self._lock:
             seen = self._events.setdefault(resource_id, [])
-            seen.append((event, payload_json, related_json))
-            if not is_final(event):
+            seen.append(read)
+            if not is_final(read[0]):
                 return
             span = self._open.pop(resource_id, None)
             self._events.pop(resource_id, None)
@@ -206,14 +210,19 @@ class _Bridge:
             return [span.task_run_id for span in self._open.values()]
 
 
-def _span_of(key: RunKey, seen: list[tuple[Event, bytes, bytes]], span_id: int) -> Span:
+def _span_of(key: RunKey, seen: list[_Read], span_id: int) -> Span:
     """`run_span` of the run's events; cheaper when they came in order, as
     Prefect's events worker sends them."""
-    events = [event for event, _, _ in seen]
+    events = [read[0] for read in seen]
     trace_id, parent_span_id = placement(key, events)
-    return ordered_run_span(events, [p for _, p, _ in seen], [r for _, _, r in seen], key,
+    return ordered_run_span(events, [read[1] for read in seen], [read[2] for read in seen], key,
                             trace_id, parent_span_id, span_id
                             ) or run_span(events)
+
+
+# (event, its payload as JSON, its related resources as JSON, and those
+# related resources as checked when they passed the checks as given, else None)
+_Read = tuple[Event, bytes, bytes, Optional[list]]
 
 
 def _from_prefect(prefect_event: Any) -> tuple[Event, bytes, bytes]:
@@ -222,14 +231,25 @@ def _from_prefect(prefect_event: Any) -> tuple[Event, bytes, bytes]:
     mode="json"))` gives (tested), without the round trip through JSON.
     Prefect's engine builds the payload of a task run's state event in JSON
     form already, and the JSON the span events get is the same either way
-    (both serialise with pydantic).
+    (both serialise with pydantic)."""
+    return _read_prefect(prefect_event)[:3]
+
+
+def _read_prefect(prefect_event: Any, known: Optional[tuple[list, bytes]] = None) -> _Read:
+    """`_from_prefect`, and the event's related resources when they passed
+    the checks as given.
 
     The event is checked as `validate_event` checks it, by hand: every value
     of the type it must be, the labels and related resources within Prefect's
     limits, an upper bound of the event's JSON within its size limit; the
     event is then made as validation would make it (`_checked_event`).
     Anything else goes to `validate_event`, which rejects it or says exactly
-    how large it is."""
+    how large it is.
+
+    `known`: (related resources that passed the checks, their JSON), from the
+    run's previous event; when this event's are the same, label for label in
+    the same order, they are not checked or serialised again (fresh copies of
+    the known ones: equal values, so the same JSON)."""
     occurred = prefect_event.occurred
     zone = occurred.tzinfo
     if zone is None:  # as `Event` takes a naive time: UTC
@@ -242,10 +262,15 @@ def _from_prefect(prefect_event: Any) -> tuple[Event, bytes, bytes]:
                             occurred.minute, occurred.second, occurred.microsecond,
                             tzinfo=timezone.utc)
     resource = dict(prefect_event.resource.root)
-    related = [dict(r.root) for r in prefect_event.related]
+    given = [r.root for r in prefect_event.related]
+    if known is not None and _same_labels(given, known[0]):
+        related, related_json, related_ok = [dict(r) for r in known[0]], known[1], True
+    else:
+        related = [dict(r) for r in given]
+        related_json, related_ok = to_json(related), None
     payload = prefect_event.payload
     name = prefect_event.event
-    payload_json, related_json = to_json(payload), to_json(related)
+    payload_json = to_json(payload)
     # JSON escapes a character in at most 6
     bound = (len(payload_json) + len(related_json) + 2048
              + 6 * (len(name) + sum(map(len, resource)) + sum(map(len, resource.values()))
@@ -256,11 +281,17 @@ def _from_prefect(prefect_event: Any) -> tuple[Event, bytes, bytes]:
             and 0 < len(name) <= MAX_EVENT_NAME_LENGTH and type(payload) is dict
             and type(fields["id"]) is UUID
             and (fields["follows"] is None or type(fields["follows"]) is UUID)
-            and _labels_ok(resource) and _related_ok(related)
+            and _labels_ok(resource) and (related_ok or _related_ok(related))
             and all(type(k) is str for k in payload)):
         fields["payload"] = dict(payload)
-        return _checked_event(fields), payload_json, related_json
-    return validate_event(fields, bound), payload_json, related_json
+        return _checked_event(fields), payload_json, related_json, related
+    return validate_event(fields, bound), payload_json, related_json, None
+
+
+def _same_labels(given: list, known: list) -> bool:
+    """Whether `given` label sets are `known`'s: equal, with their labels in
+    the same order (so the same JSON)."""
+    return given == known and [list(r) for r in given] == [list(r) for r in known]
 
 
 _UTC_KEYS = frozenset({"UTC", "Etc/UTC", "Etc/Universal", "Universal", "Zulu", "Etc/Zulu"})

@@ -281,3 +281,31 @@ def test_the_bridge_reads_a_runs_repeated_related_resources_once():
         assert bridge._bridge.spans_recorded == 1
     finally:
         bridge.disable()
+
+
+def test_what_the_bridge_knows_to_be_a_task_runs_state_event_is_what_run_key_says():
+    from otel_bridge.translate.forward import TASK_RUN, RunKey, run_key
+
+    (_, sent, _), (_, more, _) = _runs()
+    checked = 0
+    for prefect_event in sent + more:
+        event = bridge._from_prefect(prefect_event)[0]
+        resource = dict(event.resource)
+        variants = [event,
+                    event.model_copy(update={"event": "prefect.task-run.heartbeat"}),
+                    event.model_copy(update={"event": "prefect.flow-run.Running"}),
+                    event.model_copy(update={"resource": {k: v for k, v in resource.items()
+                                                          if k != "prefect.state-type"}}),
+                    event.model_copy(update={"resource": dict(resource, **{
+                        "prefect.state-type": "running"})})]
+        for variant in variants:
+            if bridge._is_state_event(variant):
+                checked += 1
+                assert run_key(variant) == RunKey(TASK_RUN, variant.resource_id)
+            else:
+                try:
+                    key = run_key(variant)
+                except EventRejected:
+                    continue
+                assert key is None or variant is not event
+    assert checked > len(sent + more)

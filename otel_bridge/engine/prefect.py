@@ -67,6 +67,7 @@ from otel_bridge.model.events import (
 )
 from otel_bridge.model.spans import Span
 from otel_bridge.translate.forward import (
+    _STATE_TYPES,
     TASK_RUN,
     RunKey,
     _span_id_for,
@@ -156,19 +157,24 @@ class _Bridge:
         last = seen[-1] if seen else None
         read = _read_prefect(prefect_event, None if last is None or last[3] is None
                              else (last[3], last[2]))
-        key = run_key(read[0])
-        if key is None:
+        event = read[0]
+        # run_key(event), made once, at the final state, when it is known to
+        # be this task run's
+        state_event = _is_state_event(event)
+        key = None if state_event else run_key(event)
+        if key is None and not state_event:
             return
         with self._lock:
             seen = self._events.setdefault(resource_id, [])
             seen.append(read)
-            if not is_final(read[0]):
+            if not is_final(event):
                 return
             span = self._open.pop(resource_id, None)
             self._events.pop(resource_id, None)
         if span is not None:  # else: a run that never started here
             # its span id: made from the same resource id at the start
-            self._record(span, _span_of(key, seen, span.get_span_context().span_id))
+            self._record(span, _span_of(key or run_key(event), seen,
+                                        span.get_span_context().span_id))
 
     def _record(self, started: TaskRunSpan, final: Span) -> None:
         found = bridge_tracer(self.provider)
@@ -286,6 +292,15 @@ def _read_prefect(prefect_event: Any, known: Optional[tuple[list, bytes]] = None
         fields["payload"] = dict(payload)
         return _checked_event(fields), payload_json, related_json, related
     return validate_event(fields, bound), payload_json, related_json, None
+
+
+def _is_state_event(event: Event) -> bool:
+    """Whether `run_key(event)` is `RunKey(TASK_RUN, event.resource_id)`,
+    known without making it: the event of a task run resource (as `sent`
+    keeps only those) is named for a task run and has a known state type.
+    False: ask `run_key`."""
+    return (event.event.startswith(_TASK_RUN_PREFIX)
+            and event.resource.get("prefect.state-type") in _STATE_TYPES)
 
 
 def _same_labels(given: list, known: list) -> bool:

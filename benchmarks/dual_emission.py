@@ -51,6 +51,7 @@ a sink that counts), so neither pays to keep it.
 
 from __future__ import annotations
 
+import gc
 import statistics
 import sys
 import time
@@ -199,6 +200,11 @@ def medians_us(benches: dict[str, Callable[[], None]], runs: int,
     a busy moment of the machine falls on every line alike."""
     for go in benches.values():
         go()  # warm up
+    # The inputs made beforehand stay alive throughout; frozen, the garbage
+    # collector does not walk them again and again, which would charge each
+    # line for the size of the others' inputs.
+    gc.collect()
+    gc.freeze()
     times: dict[str, list[float]] = {name: [] for name in benches}
     for _ in range(rounds):
         for name, go in benches.items():

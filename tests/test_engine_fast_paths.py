@@ -12,8 +12,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
-from opentelemetry.sdk.trace import SpanLimits, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry import trace
+from opentelemetry.sdk.trace import SpanLimits, TracerProvider, sampling
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from otel_bridge.engine import FlowRunRef, StateType, TaskRunTracker
@@ -165,6 +166,127 @@ def test_limits_that_would_cut_anything_take_the_public_api(monkeypatch):
     _workload(provider)
     assert used == [False, False]
     assert all(len(s.attributes) == 5 for s in exporter.get_finished_spans())
+
+
+def _finished_spans():
+    """Spans of every shape the bridge makes: nested with a link (Prefect's
+    own traceparent), failed with a long message, a root with no flow run,
+    and one with no Running state (marked synthetic)."""
+    counter = iter(range(1, 1000))
+    ids = lambda: UUID(int=next(counter))  # noqa: E731
+    ticks = iter(range(1000))
+    clock = lambda: T0 + timedelta(milliseconds=next(ticks))  # noqa: E731
+    out = []
+    for flow_run, steps, labels in (
+        (FLOW_RUN, [("PENDING", "Pending", ""), ("RUNNING", "Running", ""),
+                    ("COMPLETED", "Completed", "")],
+         {"__OTEL_TRACEPARENT": "00-5b8efff798038103d269b633813fc60c-eee19b7ec3c1b174-01"}),
+        (FLOW_RUN, [("PENDING", "Pending", ""), ("RUNNING", "Running", ""),
+                    ("FAILED", "Failed", "Task run encountered an exception E: " + "é" * 2000)],
+         {}),
+        (None, [("RUNNING", "Running", ""), ("COMPLETED", "Completed", "")], {}),
+        (FLOW_RUN, [("PENDING", "NotReady", "")], {}),
+    ):
+        tracker = TaskRunTracker("load", flow_run=flow_run, tags=["b", "a"], clock=clock,
+                                 id_factory=ids, labels=labels,
+                                 tracer_provider=trace.NoOpTracerProvider())
+        for kind, name, message in steps:
+            tracker.set_state(kind, name, message)
+        out.append(run_span(tracker.events))
+    assert out[0].links and out[1].status_message and out[2].parent_span_id is None
+    assert "otel_bridge.synthetic.start" in out[3].attributes
+    return out
+
+
+def _sdk_fields(span):
+    """Everything a ReadableSpan tells its exporters."""
+    return (span.name, span.context, span.parent, span.resource, span.kind,
+            list(span.attributes.items()), span.dropped_attributes,
+            [(e.name, e.timestamp, list(e.attributes.items()), e.dropped_attributes)
+             for e in span.events], span.dropped_events,
+            [(link.context, list(link.attributes.items()), link.dropped_attributes)
+             for link in span.links], span.dropped_links,
+            span.status.status_code, span.status.description, span.start_time, span.end_time,
+            span.instrumentation_scope)
+
+
+_RECORD_ONLY = sampling.StaticSampler(sampling.Decision.RECORD_ONLY)
+
+
+@pytest.mark.parametrize("sampler", [
+    sampling.ALWAYS_ON, sampling.ParentBased(sampling.ALWAYS_ON),
+    sampling.TraceIdRatioBased(0.5), _RECORD_ONLY, sampling.ALWAYS_OFF,
+])
+def test_a_span_recorded_directly_is_the_one_the_public_api_records(monkeypatch, sampler):
+    spans = _finished_spans()
+
+    def record(direct):
+        provider = TracerProvider(sampler=sampler)
+        exporter = InMemorySpanExporter()
+        provider.add_span_processor(SimpleSpanProcessor(exporter))
+        seen = []  # every ReadableSpan the processors get, sampled or not
+        provider.add_span_processor(BatchSpanProcessor(InMemorySpanExporter()))
+        provider._active_span_processor._span_processors[-1].on_end = seen.append
+        used = []
+        original = _tracing._record_directly
+        monkeypatch.setattr(_tracing, "_record_directly", lambda *args: used.append(
+            original(*args) if direct else None) or used[-1])
+        recorded = [_tracing.record_span(_tracing.bridge_tracer(provider), s) for s in spans]
+        return recorded, used, exporter.get_finished_spans(), seen
+
+    recorded, used, exported, seen = record(direct=True)
+    assert used == recorded and None not in used  # every span took the direct path
+    public_recorded, _, public_exported, public_seen = record(direct=False)
+    assert recorded == public_recorded
+    assert [_sdk_fields(s) for s in seen] == [_sdk_fields(s) for s in public_seen]
+    assert _otlp(exported) == _otlp(public_exported)
+    if sampler is sampling.ALWAYS_OFF:
+        expected = [False] * 4
+    elif isinstance(sampler, sampling.TraceIdRatioBased):  # by each trace id
+        expected = [s.trace_id & sampler.TRACE_ID_LIMIT < sampler.bound for s in spans]
+        assert True in expected and False in expected
+    else:
+        expected = [True] * 4
+    assert recorded == expected and len(seen) == sum(expected)
+    sampled = sampler is not _RECORD_ONLY
+    assert [s.context.trace_flags.sampled for s in seen] == [sampled] * len(seen)
+    assert len(exported) == (len(seen) if sampled else 0)
+
+
+def test_what_the_direct_recording_cannot_vouch_for_takes_the_public_api(monkeypatch):
+    span = _finished_spans()[1]
+    used = []
+    original = _tracing._record_directly
+    monkeypatch.setattr(_tracing, "_record_directly",
+                        lambda *args: used.append(original(*args)) or used[-1])
+
+    class OnStart(SimpleSpanProcessor):
+        def on_start(self, span, parent_context=None):
+            span.set_attribute("seen", True)
+
+    cases = [TracerProvider(span_limits=SpanLimits(max_span_attributes=5)),
+             TracerProvider(span_limits=SpanLimits(max_attribute_length=40)),
+             TracerProvider(span_limits=SpanLimits(max_event_attributes=3)),
+             TracerProvider(sampler=sampling.ParentBased(_AttributeSampler()))]
+    for provider in cases:
+        provider.add_span_processor(SimpleSpanProcessor(InMemorySpanExporter()))
+    exporter = InMemorySpanExporter()
+    with_on_start = TracerProvider()
+    with_on_start.add_span_processor(OnStart(exporter))
+    cases.append(with_on_start)
+    for provider in cases:
+        assert _tracing.record_span(_tracing.bridge_tracer(provider), span)
+    assert used == [None] * len(cases)
+    assert exporter.get_finished_spans()[0].attributes["seen"] is True
+
+
+class _AttributeSampler(sampling.Sampler):
+    def should_sample(self, parent_context, trace_id, name, kind=None, attributes=None,
+                      links=None, trace_state=None):
+        return sampling.SamplingResult(sampling.Decision.RECORD_AND_SAMPLE, attributes)
+
+    def get_description(self):
+        return "looks"
 
 
 # forward._run_attributes as it was before it was made faster, kept as the

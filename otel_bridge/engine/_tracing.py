@@ -14,12 +14,15 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.attributes import BoundedAttributes
 from opentelemetry.sdk.trace import Event as SdkEvent
+from opentelemetry.sdk.trace import ReadableSpan, SynchronousMultiSpanProcessor
 from opentelemetry.sdk.trace import Tracer as SdkTracer
 from opentelemetry.sdk.trace import _Span as _SdkSpan
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace import sampling as _sampling
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
 from opentelemetry.sdk.trace.id_generator import IdGenerator
-from opentelemetry.trace import SpanContext, Status, TraceFlags
+from opentelemetry.sdk.util import BoundedList
+from opentelemetry.trace import Link, SpanContext, Status, StatusCode, TraceFlags
 
 from otel_bridge.model.spans import Span
 from otel_bridge.sinks.sdk import SCOPE, resource_from_env
@@ -258,3 +261,131 @@ def _fill_directly(span: trace.Span, final: Span, with_attributes: bool) -> bool
             frozen._dict = dict(event.attributes)
             events.append(SdkEvent(event.name, frozen, event.time_unix_nano))
     return True
+
+
+def record_span(found: tuple[SdkTracer, _DeterministicIds], final: Span) -> bool:
+    """Record `final`, a span that is over (all its content known), through
+    the tracer's provider, as the SDK records a span started at `final`'s
+    start with its attributes, given its events, links and status, and ended
+    at its end. True when the sampler kept it.
+
+    Directly (`_readable_span`) where the SDK's result is known without
+    running it; else through the public API, the attributes set right after
+    the start when the sampler does not look at them (the same span without
+    the SDK checking every value twice)."""
+    tracer, ids = found
+    recorded = _record_directly(tracer, final)
+    if recorded is not None:
+        return recorded
+    ctx = parent_context(final.trace_id, final.parent_span_id)
+    late = sampler_ignores_attributes(tracer.sampler)
+    ids.set_next(final.trace_id, final.span_id)
+    try:
+        span = tracer.start_span(final.name, context=ctx, kind=final.kind,
+                                 start_time=final.start_time_unix_nano,
+                                 attributes=None if late else final.attributes,
+                                 record_exception=False, set_status_on_exception=False)
+    finally:
+        ids.clear()
+    if not span.is_recording():
+        return False
+    if late and span.attributes:  # a span processor set some in on_start
+        set_attributes_first(span, final.attributes)
+        late = False
+    finish_live_span(span, final, attributes=late)
+    return True
+
+
+# Span processors whose `on_start` and `_on_ending` do nothing (they act in
+# `on_end` only), by exact type.
+_END_ONLY_PROCESSORS = frozenset({SimpleSpanProcessor, BatchSpanProcessor})
+
+
+def _record_directly(tracer: SdkTracer, final: Span) -> Optional[bool]:
+    """`record_span` without a live span: the `ReadableSpan` the SDK would
+    hand its span processors, made from `final` and handed to them, when
+    nothing between the start and the end could tell: the tracer is enabled
+    and records no metrics of its own, its sampler does not look at the
+    span's attributes, its processors are the SDK's exporting ones (nothing
+    in `on_start`), and its limits cut nothing. None otherwise (the caller
+    goes through the public API). Uses the SDK's private fields
+    (opentelemetry-sdk 1.x), falling back when they change. Tested against
+    the public API's result, field by field and in OTLP
+    (tests/test_engine_fast_paths.py)."""
+    try:
+        processor = tracer.span_processor
+        limits = tracer._span_limits
+        if (type(tracer) is not SdkTracer or not tracer._is_enabled()
+                or type(tracer._tracer_metrics).__name__ != "NoOpTracerMetrics"
+                or type(processor) is not SynchronousMultiSpanProcessor
+                or not all(type(p) in _END_ONLY_PROCESSORS for p in processor._span_processors)
+                or not sampler_ignores_attributes(tracer.sampler)
+                or not _within_limits(final, limits)):
+            return None
+        scope = tracer._instrumentation_scope
+        info = tracer.instrumentation_info
+    except AttributeError:  # another SDK version's internals
+        return None
+    parent = None
+    context = _EMPTY_CONTEXT
+    if final.parent_span_id is not None:
+        context = parent_context(final.trace_id, final.parent_span_id)
+        parent = trace.get_current_span(context).get_span_context()
+    sampling = tracer.sampler.should_sample(context, final.trace_id, final.name, final.kind,
+                                            None, ())
+    decision = sampling.decision
+    if not decision.is_recording():
+        return False
+    if sampling.attributes:  # (the SDK's samplers that ignore attributes add none)
+        return None
+    attributes = BoundedAttributes(limits.max_span_attributes, immutable=True)
+    stored = attributes._dict
+    stored.update(final.attributes)
+    for key in [k for k, v in stored.items() if type(v) is list]:
+        stored[key] = tuple(stored[key])
+    events = BoundedList(limits.max_events)
+    for event in final.events:
+        frozen = BoundedAttributes(limits.max_event_attributes, immutable=True)
+        frozen._dict = dict(event.attributes)
+        events.append(SdkEvent(event.name, frozen, event.time_unix_nano))
+    links = BoundedList(limits.max_links)
+    for link in final.links:
+        frozen = BoundedAttributes(limits.max_link_attributes, immutable=True)
+        frozen._dict = dict(link.attributes)
+        links.append(Link(SpanContext(link.trace_id, link.span_id, is_remote=True,
+                                      trace_flags=TraceFlags(link.trace_flags)), frozen))
+    flags = _SAMPLED if decision.is_sampled() else _NOT_SAMPLED
+    status = (Status(final.status_code, final.status_message or None)
+              if final.status_code is not StatusCode.UNSET else _UNSET)
+    processor.on_end(ReadableSpan(
+        name=final.name,
+        context=SpanContext(final.trace_id, final.span_id, is_remote=False,
+                            trace_flags=flags, trace_state=sampling.trace_state),
+        parent=parent, resource=tracer.resource, attributes=attributes, events=events,
+        links=links, kind=final.kind, instrumentation_info=info, status=status,
+        start_time=final.start_time_unix_nano, end_time=final.end_time_unix_nano,
+        instrumentation_scope=scope))
+    return True
+
+
+def _within_limits(final: Span, limits: Any) -> bool:
+    """Whether the SDK would keep every attribute, event and link of `final`
+    as it is: no length limit, room for all, no empty key."""
+    if limits.max_span_attribute_length is not None or limits.max_attribute_length is not None:
+        return False
+    counts = ((limits.max_span_attributes, len(final.attributes)),
+              (limits.max_events, len(final.events)), (limits.max_links, len(final.links)))
+    if any(most is not None and n > most for most, n in counts):
+        return False
+    if "" in final.attributes:
+        return False
+    for group, most in ((final.events, limits.max_event_attributes),
+                        (final.links, limits.max_link_attributes)):
+        for item in group:
+            if "" in item.attributes or (most is not None and len(item.attributes) > most):
+                return False
+    return True
+
+
+_NOT_SAMPLED = TraceFlags(TraceFlags.DEFAULT)
+_UNSET = Status(StatusCode.UNSET)

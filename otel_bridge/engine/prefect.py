@@ -81,14 +81,7 @@ from otel_bridge.translate.ids import span_id_for
 from otel_bridge.translate.task_run_events import _related_ok
 
 from ._span import ordered_run_span
-from ._tracing import (
-    bridge_tracer,
-    finish_live_span,
-    parent_context,
-    sampler_ignores_attributes,
-    set_attributes_first,
-    tracer_provider_from_env,
-)
+from ._tracing import bridge_tracer, record_span, tracer_provider_from_env
 
 __all__ = ["TaskRunSpan", "aflush", "disable", "enable", "flush", "is_enabled"]
 
@@ -180,7 +173,6 @@ class _Bridge:
         found = bridge_tracer(self.provider)
         if found is None:
             return
-        tracer, ids = found
         context = started.get_span_context()
         if (final.trace_id, final.span_id, final.parent_span_id) != (
             context.trace_id, context.span_id, started.parent_span_id
@@ -189,27 +181,8 @@ class _Bridge:
                         "its events place it at %032x/%s", started.task_run_id,
                         context.trace_id, started.parent_span_id, final.trace_id,
                         final.parent_span_id)
-        ctx = parent_context(final.trace_id, final.parent_span_id)
-        # The span starts with its attributes, which a sampler may look at;
-        # unless the sampler is one of the SDK's that do not (the default
-        # ParentBased(ALWAYS_ON) among them): then they are set right after,
-        # which gives the same span without the SDK checking every value.
-        late = sampler_ignores_attributes(tracer.sampler)
-        ids.set_next(final.trace_id, final.span_id)
-        try:
-            span = tracer.start_span(final.name, context=ctx,
-                                     start_time=final.start_time_unix_nano,
-                                     attributes=None if late else final.attributes,
-                                     record_exception=False, set_status_on_exception=False)
-        finally:
-            ids.clear()
-        if not span.is_recording():
-            return
-        if late and span.attributes:  # a span processor set some in on_start
-            set_attributes_first(span, final.attributes)
-            late = False
-        finish_live_span(span, final, attributes=late)
-        self.spans_recorded += 1
+        if record_span(found, final):
+            self.spans_recorded += 1
 
     def open_runs(self) -> list[UUID]:
         with self._lock:

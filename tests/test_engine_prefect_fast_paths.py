@@ -37,7 +37,7 @@ from prefect.telemetry.run_telemetry import RunTelemetry  # noqa: E402
 
 import otel_bridge.engine.prefect as bridge  # noqa: E402
 from otel_bridge.engine import FlowRunRef, TaskRunTracker  # noqa: E402
-from otel_bridge.engine import _tracing  # noqa: E402
+from otel_bridge.engine import _prefect_events, _tracing  # noqa: E402
 from otel_bridge.model.events import EventRejected, parse_wire_event  # noqa: E402
 from otel_bridge.translate.forward import _json  # noqa: E402
 
@@ -80,7 +80,7 @@ def test_prefect_events_read_directly_are_what_parsing_their_json_gives():
             zoned = prefect_event.model_copy(update={
                 "occurred": prefect_event.occurred.astimezone(timezone(timedelta(hours=5)))})
             for candidate in (prefect_event, zoned):
-                event, payload_json, related_json = bridge._from_prefect(candidate)
+                event, payload_json, related_json = _prefect_events.from_prefect(candidate)
                 expected = parse_wire_event(candidate.model_dump(mode="json"))
                 assert event == expected
                 assert event.model_dump_json() == expected.model_dump_json()
@@ -94,14 +94,14 @@ def test_prefect_events_the_bridge_cannot_vouch_for_are_validated():
     good = sent[0]
     too_long = good.model_copy(update={"event": "prefect.task-run." + "x" * 1100})
     with pytest.raises(EventRejected):
-        bridge._from_prefect(too_long)
+        _prefect_events.from_prefect(too_long)
     huge = good.model_copy(update={"payload": {"blob": "y" * 1_600_000}})
     with pytest.raises(EventRejected, match="too_large"):
-        bridge._from_prefect(huge)
+        _prefect_events.from_prefect(huge)
     no_role = good.model_copy(update={"related": [type(good.related[0]).model_construct(
         {"prefect.resource.id": "prefect.flow-run.x"})]})
     with pytest.raises(EventRejected):
-        bridge._from_prefect(no_role)
+        _prefect_events.from_prefect(no_role)
 
 
 class _LooksAtAttributes(sampling.Sampler):
@@ -240,7 +240,7 @@ def _related_as(event, related):
 
 def test_related_resources_known_from_the_previous_event_give_what_reading_them_gives():
     for _, sent, _ in _runs():
-        previous = bridge._read_prefect(sent[0])
+        previous = _prefect_events.read_prefect(sent[0])
         assert previous[3] is previous[0].related  # passed the checks as given
         for prefect_event in sent[1:]:
             known = (previous[3], previous[2])
@@ -253,18 +253,18 @@ def test_related_resources_known_from_the_previous_event_give_what_reading_them_
                                       (_related_as(prefect_event, reordered), False),
                                       (_related_as(prefect_event, fewer), False),
                                       (_related_as(prefect_event, other), False)):
-                read = bridge._read_prefect(candidate, known)
+                read = _prefect_events.read_prefect(candidate, known)
                 assert (read[2] is known[1]) == reused
                 assert read[0].related is not known[0]  # fresh copies
                 assert all(a is not b for a, b in zip(read[0].related, known[0]))
                 expected = parse_wire_event(candidate.model_dump(mode="json"))
                 assert read[0] == expected
                 assert read[0].model_dump_json() == expected.model_dump_json()
-                assert read[1:3] == bridge._from_prefect(candidate)[1:]
+                assert read[1:3] == _prefect_events.from_prefect(candidate)[1:]
                 assert read[2] == _json(expected.related).encode()
             with pytest.raises(EventRejected):
-                bridge._read_prefect(_related_as(prefect_event, no_role), known)
-            previous = bridge._read_prefect(prefect_event, known)
+                _prefect_events.read_prefect(_related_as(prefect_event, no_role), known)
+            previous = _prefect_events.read_prefect(prefect_event, known)
 
 
 def test_the_bridge_reads_a_runs_repeated_related_resources_once():
@@ -289,7 +289,7 @@ def test_what_the_bridge_knows_to_be_a_task_runs_state_event_is_what_run_key_say
     (_, sent, _), (_, more, _) = _runs()
     checked = 0
     for prefect_event in sent + more:
-        event = bridge._from_prefect(prefect_event)[0]
+        event = _prefect_events.from_prefect(prefect_event)[0]
         resource = dict(event.resource)
         variants = [event,
                     event.model_copy(update={"event": "prefect.task-run.heartbeat"}),
@@ -299,7 +299,7 @@ def test_what_the_bridge_knows_to_be_a_task_runs_state_event_is_what_run_key_say
                     event.model_copy(update={"resource": dict(resource, **{
                         "prefect.state-type": "running"})})]
         for variant in variants:
-            if bridge._is_state_event(variant):
+            if _prefect_events.is_state_event(variant):
                 checked += 1
                 assert run_key(variant) == RunKey(TASK_RUN, variant.resource_id)
             else:

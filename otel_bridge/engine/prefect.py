@@ -44,10 +44,8 @@ import functools
 import inspect
 import logging
 import threading
-from datetime import datetime, timezone
 from typing import Any, Optional
 from uuid import UUID
-from zoneinfo import ZoneInfo
 
 from opentelemetry import propagate, trace
 from opentelemetry.baggage.propagation import W3CBaggagePropagator
@@ -55,32 +53,11 @@ from opentelemetry.propagators.composite import CompositePropagator
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from pydantic_core import to_json
-
-from otel_bridge.model.events import (
-    MAX_EVENT_NAME_LENGTH,
-    MAX_EVENT_SIZE_BYTES,
-    MAX_LABELS_PER_RESOURCE,
-    Event,
-    _checked_event,
-    validate_event,
-)
 from otel_bridge.model.spans import Span
-from otel_bridge.translate.forward import (
-    _STATE_TYPES,
-    TASK_RUN,
-    RunKey,
-    _span_id_for,
-    _trace_id_for,
-    is_final,
-    placement,
-    run_key,
-    run_span,
-)
+from otel_bridge.translate.forward import TASK_RUN, _span_id_for, _trace_id_for, is_final, run_key
 from otel_bridge.translate.ids import span_id_for
-from otel_bridge.translate.task_run_events import _related_ok
 
-from ._span import ordered_run_span
+from ._prefect_events import TASK_RUN_PREFIX, Read, is_state_event, read_prefect, span_of
 from ._tracing import bridge_tracer, record_span, tracer_provider_from_env
 
 __all__ = ["TaskRunSpan", "aflush", "disable", "enable", "flush", "is_enabled"]
@@ -88,7 +65,6 @@ __all__ = ["TaskRunSpan", "aflush", "disable", "enable", "flush", "is_enabled"]
 log = logging.getLogger("otel_bridge.engine.prefect")
 
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
-_TASK_RUN_PREFIX = f"prefect.{TASK_RUN}."
 
 
 class TaskRunSpan(NonRecordingSpan):
@@ -115,7 +91,7 @@ class _Bridge:
         self._lock = threading.Lock()
         self._open: dict[str, TaskRunSpan] = {}  # resource id -> span context
         # resource id -> the events so far, each as `_read_prefect` gives it
-        self._events: dict[str, list[_Read]] = {}
+        self._events: dict[str, list[Read]] = {}
         self.spans_recorded = 0
         self.errors = 0
 
@@ -142,18 +118,18 @@ class _Bridge:
         """A Prefect event has been sent: keep it if it is a task run's state
         event, and record the run's span at its final state."""
         resource_id = prefect_event.resource.root.get("prefect.resource.id", "")
-        if not resource_id.startswith(_TASK_RUN_PREFIX):
+        if not resource_id.startswith(TASK_RUN_PREFIX):
             return
         seen = self._events.get(resource_id)
         # the related resources of the run's previous event, as checked: a
         # task run's states mostly name the same ones
         last = seen[-1] if seen else None
-        read = _read_prefect(prefect_event, None if last is None or last[3] is None
+        read = read_prefect(prefect_event, None if last is None or last[3] is None
                              else (last[3], last[2]))
         event = read[0]
         # run_key(event), made once, at the final state, when it is known to
         # be this task run's
-        state_event = _is_state_event(event)
+        state_event = is_state_event(event)
         key = None if state_event else run_key(event)
         if key is None and not state_event:
             return
@@ -166,7 +142,7 @@ class _Bridge:
             self._events.pop(resource_id, None)
         if span is not None:  # else: a run that never started here
             # its span id: made from the same resource id at the start
-            self._record(span, _span_of(key or run_key(event), seen,
+            self._record(span, span_of(key or run_key(event), seen,
                                         span.get_span_context().span_id))
 
     def _record(self, started: TaskRunSpan, final: Span) -> None:
@@ -187,112 +163,6 @@ class _Bridge:
     def open_runs(self) -> list[UUID]:
         with self._lock:
             return [span.task_run_id for span in self._open.values()]
-
-
-def _span_of(key: RunKey, seen: list[_Read], span_id: int) -> Span:
-    """`run_span` of the run's events; cheaper when they came in order, as
-    Prefect's events worker sends them."""
-    events = [read[0] for read in seen]
-    trace_id, parent_span_id = placement(key, events)
-    return ordered_run_span(events, [read[1] for read in seen], [read[2] for read in seen], key,
-                            trace_id, parent_span_id, span_id
-                            ) or run_span(events)
-
-
-# (event, its payload as JSON, its related resources as JSON, and those
-# related resources as checked when they passed the checks as given, else None)
-_Read = tuple[Event, bytes, bytes, Optional[list]]
-
-
-def _from_prefect(prefect_event: Any) -> tuple[Event, bytes, bytes]:
-    """Prefect's `Event` as otel-bridge's, with its payload and related
-    resources as JSON: exactly what `parse_wire_event(prefect_event.model_dump(
-    mode="json"))` gives (tested), without the round trip through JSON.
-    Prefect's engine builds the payload of a task run's state event in JSON
-    form already, and the JSON the span events get is the same either way
-    (both serialise with pydantic)."""
-    return _read_prefect(prefect_event)[:3]
-
-
-def _read_prefect(prefect_event: Any, known: Optional[tuple[list, bytes]] = None) -> _Read:
-    """`_from_prefect`, and the event's related resources when they passed
-    the checks as given.
-
-    The event is checked as `validate_event` checks it, by hand: every value
-    of the type it must be, the labels and related resources within Prefect's
-    limits, an upper bound of the event's JSON within its size limit; the
-    event is then made as validation would make it (`_checked_event`).
-    Anything else goes to `validate_event`, which rejects it or says exactly
-    how large it is.
-
-    `known`: (related resources that passed the checks, their JSON), from the
-    run's previous event; when this event's are the same, label for label in
-    the same order, they are not checked or serialised again (fresh copies of
-    the known ones: equal values, so the same JSON)."""
-    occurred = prefect_event.occurred
-    zone = occurred.tzinfo
-    if zone is None:  # as `Event` takes a naive time: UTC
-        occurred = occurred.replace(tzinfo=timezone.utc)
-    elif zone is not timezone.utc and not (isinstance(zone, ZoneInfo)
-                                           and zone.key in _UTC_KEYS):
-        occurred = occurred.astimezone(timezone.utc)  # (slow for Prefect's DateTime)
-    if type(occurred) is not datetime:  # Prefect's DateTime subclass: as parsed from JSON
-        occurred = datetime(occurred.year, occurred.month, occurred.day, occurred.hour,
-                            occurred.minute, occurred.second, occurred.microsecond,
-                            tzinfo=timezone.utc)
-    resource = dict(prefect_event.resource.root)
-    given = [r.root for r in prefect_event.related]
-    if known is not None and _same_labels(given, known[0]):
-        related, related_json, related_ok = [dict(r) for r in known[0]], known[1], True
-    else:
-        related = [dict(r) for r in given]
-        related_json, related_ok = to_json(related), None
-    payload = prefect_event.payload
-    name = prefect_event.event
-    payload_json = to_json(payload)
-    # JSON escapes a character in at most 6
-    bound = (len(payload_json) + len(related_json) + 2048
-             + 6 * (len(name) + sum(map(len, resource)) + sum(map(len, resource.values()))
-                    + len(resource)))
-    fields = {"occurred": occurred, "event": name, "resource": resource, "related": related,
-              "payload": payload, "id": prefect_event.id, "follows": prefect_event.follows}
-    if (bound <= MAX_EVENT_SIZE_BYTES and type(name) is str
-            and 0 < len(name) <= MAX_EVENT_NAME_LENGTH and type(payload) is dict
-            and type(fields["id"]) is UUID
-            and (fields["follows"] is None or type(fields["follows"]) is UUID)
-            and _labels_ok(resource) and (related_ok or _related_ok(related))
-            and all(type(k) is str for k in payload)):
-        fields["payload"] = dict(payload)
-        return _checked_event(fields), payload_json, related_json, related
-    return validate_event(fields, bound), payload_json, related_json, None
-
-
-def _is_state_event(event: Event) -> bool:
-    """Whether `run_key(event)` is `RunKey(TASK_RUN, event.resource_id)`,
-    known without making it: the event of a task run resource (as `sent`
-    keeps only those) is named for a task run and has a known state type.
-    False: ask `run_key`."""
-    return (event.event.startswith(_TASK_RUN_PREFIX)
-            and event.resource.get("prefect.state-type") in _STATE_TYPES)
-
-
-def _same_labels(given: list, known: list) -> bool:
-    """Whether `given` label sets are `known`'s: equal, with their labels in
-    the same order (so the same JSON)."""
-    return given == known and [list(r) for r in given] == [list(r) for r in known]
-
-
-_UTC_KEYS = frozenset({"UTC", "Etc/UTC", "Etc/Universal", "Universal", "Zulu", "Etc/Zulu"})
-
-
-def _labels_ok(labels: dict) -> bool:
-    """Whether a resource passes `Event`'s checks as it is."""
-    if len(labels) > MAX_LABELS_PER_RESOURCE or not labels.get("prefect.resource.id"):
-        return False
-    for key, value in labels.items():
-        if type(key) is not str or type(value) is not str:
-            return False
-    return True
 
 
 def _placement(run: Any, own: str) -> tuple[int, Optional[int]]:

@@ -279,6 +279,16 @@ def test_what_the_direct_recording_cannot_vouch_for_takes_the_public_api(monkeyp
     assert used == [None] * len(cases)
     assert exporter.get_finished_spans()[0].attributes["seen"] is True
 
+    # a processor added after the first span: the next one sees it start
+    used.clear()
+    later = TracerProvider()
+    later.add_span_processor(SimpleSpanProcessor(InMemorySpanExporter()))
+    assert _tracing.record_span(_tracing.bridge_tracer(later), span)
+    later.add_span_processor(OnStart(exporter))
+    assert _tracing.record_span(_tracing.bridge_tracer(later), span)
+    assert used == [True, None]
+    assert exporter.get_finished_spans()[-1].attributes["seen"] is True
+
 
 class _AttributeSampler(sampling.Sampler):
     def should_sample(self, parent_context, trace_id, name, kind=None, attributes=None,

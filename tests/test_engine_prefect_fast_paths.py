@@ -8,9 +8,11 @@ hook hands them."""
 from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
-from uuid import UUID
+from uuid import UUID, uuid4
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 pytest.importorskip("prefect")
 
@@ -39,7 +41,8 @@ import otel_bridge.engine.prefect as bridge  # noqa: E402
 from otel_bridge.engine import FlowRunRef, TaskRunTracker  # noqa: E402
 from otel_bridge.engine import _prefect_events, _tracing  # noqa: E402
 from otel_bridge.model.events import EventRejected, parse_wire_event  # noqa: E402
-from otel_bridge.translate.forward import _json  # noqa: E402
+from otel_bridge.translate.forward import TASK_RUN, RunKey, _json, run_span  # noqa: E402
+from otel_bridge.translate.ids import span_id_for  # noqa: E402
 
 FLOW_RUN = FlowRunRef(id=UUID("0f0e0d0c-0b0a-4908-8706-050403020100"), name="brave-otter",
                       flow_name="etl", flow_id=UUID("11111111-2222-4333-8444-555555555555"))
@@ -80,7 +83,7 @@ def test_prefect_events_read_directly_are_what_parsing_their_json_gives():
             zoned = prefect_event.model_copy(update={
                 "occurred": prefect_event.occurred.astimezone(timezone(timedelta(hours=5)))})
             for candidate in (prefect_event, zoned):
-                event, payload_json, related_json = _prefect_events.from_prefect(candidate)
+                event, payload_json, related_json = _prefect_events.read_prefect(candidate)
                 expected = parse_wire_event(candidate.model_dump(mode="json"))
                 assert event == expected
                 assert event.model_dump_json() == expected.model_dump_json()
@@ -94,14 +97,14 @@ def test_prefect_events_the_bridge_cannot_vouch_for_are_validated():
     good = sent[0]
     too_long = good.model_copy(update={"event": "prefect.task-run." + "x" * 1100})
     with pytest.raises(EventRejected):
-        _prefect_events.from_prefect(too_long)
+        _prefect_events.read_prefect(too_long)
     huge = good.model_copy(update={"payload": {"blob": "y" * 1_600_000}})
     with pytest.raises(EventRejected, match="too_large"):
-        _prefect_events.from_prefect(huge)
+        _prefect_events.read_prefect(huge)
     no_role = good.model_copy(update={"related": [type(good.related[0]).model_construct(
         {"prefect.resource.id": "prefect.flow-run.x"})]})
     with pytest.raises(EventRejected):
-        _prefect_events.from_prefect(no_role)
+        _prefect_events.read_prefect(no_role)
 
 
 class _LooksAtAttributes(sampling.Sampler):
@@ -233,52 +236,114 @@ def test_the_traceparent_written_directly_is_what_prefect_writes(make):
         propagate.set_global_textmap(default)
 
 
+_STATES = [("PENDING", "Pending"), ("RUNNING", "Running"), ("RUNNING", "Retrying"),
+           ("SCHEDULED", "AwaitingRetry"), ("COMPLETED", "Completed"), ("FAILED", "Failed"),
+           ("CRASHED", "Crashed"), ("PENDING", "NotReady"), ("COMPLETED", "RolledBack")]
+_TWISTS = ["none", "related", "zone", "naive", "swap", "repeat", "invalid", "foreign label"]
+
+
+@given(st.lists(st.tuples(st.sampled_from(_STATES), st.integers(0, 3_000_000),
+                          st.text(max_size=12)), min_size=1, max_size=6),
+       st.booleans(), st.sampled_from(["own", "other", None]), st.sampled_from(_TWISTS),
+       st.integers(0, 5))
+@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_the_span_straight_from_prefects_events_is_the_sidecars(steps, nested, traceparent,
+                                                                 twist, where):
+    """task_run_span: None, or exactly the span the general way and the
+    sidecar (run_span of the events as the server stores them) give."""
+    run_id = uuid4()
+    resource_id = f"prefect.task-run.{run_id}"
+    span_id = span_id_for(resource_id)
+    own = f"00-{'ab' * 16}-{span_id:016x}-01"
+    label = {"own": own, "other": "00-" + "12" * 16 + "-" + "34" * 8 + "-01"}.get(traceparent)
+    now = [T0]
+    tracker = TaskRunTracker(
+        "load", id=run_id, flow_run=FLOW_RUN, parent=uuid4() if nested else None,
+        tags=["etl", "daily"], labels={"__OTEL_TRACEPARENT": label} if label else None,
+        clock=lambda: now[0],
+        tracer_provider=NoOpTracerProvider())
+    for (kind, name), micros, message in steps:
+        now[0] += timedelta(microseconds=micros)  # 0: at the same time as the one before
+        tracker.set_state(kind, name, message)
+    sent = [PrefectEvent.model_validate(e.to_json_dict()) for e in tracker.events]
+    at = where % len(sent)
+    if twist == "related":  # one event names its related resources in another order
+        sent[at] = _related_as(sent[at], [dict(reversed(list(r.root.items())))
+                                          for r in sent[at].related])
+    elif twist == "zone":
+        sent[at] = sent[at].model_copy(update={
+            "occurred": sent[at].occurred.astimezone(timezone(timedelta(hours=5)))})
+    elif twist == "naive":
+        sent[at] = sent[at].model_copy(update={"occurred": datetime(
+            *sent[at].occurred.timetuple()[:6], sent[at].occurred.microsecond)})
+    elif twist == "swap" and len(sent) > 1:
+        sent[at - 1], sent[at] = sent[at], sent[at - 1]
+    elif twist == "repeat":
+        sent.insert(at, sent[at])
+    elif twist == "invalid":  # a related resource with no role: Prefect's server refuses it
+        sent[at] = _related_as(sent[at], [{"prefect.resource.id": "prefect.flow-run.x"}])
+    elif twist == "foreign label":  # the label names another span than the bridge wrote
+        own = own.replace("-01", "-00")
+    key = RunKey(TASK_RUN, resource_id)
+
+    short = _prefect_events.task_run_span(sent, key, span_id, own)
+    server = []
+    for event in sent:  # what the sidecar gets: the events the server accepts
+        try:
+            server.append(parse_wire_event(event.model_dump(mode="json")))
+        except EventRejected:
+            continue
+    if not server:
+        assert short is None
+        return
+    sidecar = run_span(server)
+    reads = []
+    for event in sent:
+        try:
+            reads.append(_prefect_events.read_prefect(event))
+        except EventRejected:
+            continue
+    assert _prefect_events.span_of(key, reads, span_id) == sidecar
+    if twist in ("none", "related", "naive", "foreign label"):
+        assert short is not None  # the short way is taken where it holds
+    if twist in ("invalid", "repeat") or (twist == "zone"):
+        assert short is None
+    if short is not None:
+        assert short == sidecar
+
+
 def _related_as(event, related):
     return event.model_copy(update={"related": [type(event.related[0]).model_construct(r)
                                                 for r in related]})
 
 
-def test_related_resources_known_from_the_previous_event_give_what_reading_them_gives():
-    for _, sent, _ in _runs():
-        previous = _prefect_events.read_prefect(sent[0])
-        assert previous[3] is previous[0].related  # passed the checks as given
-        for prefect_event in sent[1:]:
-            known = (previous[3], previous[2])
-            reordered = [dict(reversed(list(r.root.items()))) for r in prefect_event.related]
-            fewer = [r.root for r in prefect_event.related][:-1]
-            other = [dict(r.root, **{"prefect.resource.name": "other"})
-                     for r in prefect_event.related]
-            no_role = [{"prefect.resource.id": "prefect.flow-run.x"}]
-            for candidate, reused in ((prefect_event, True),
-                                      (_related_as(prefect_event, reordered), False),
-                                      (_related_as(prefect_event, fewer), False),
-                                      (_related_as(prefect_event, other), False)):
-                read = _prefect_events.read_prefect(candidate, known)
-                assert (read[2] is known[1]) == reused
-                assert read[0].related is not known[0]  # fresh copies
-                assert all(a is not b for a, b in zip(read[0].related, known[0]))
-                expected = parse_wire_event(candidate.model_dump(mode="json"))
-                assert read[0] == expected
-                assert read[0].model_dump_json() == expected.model_dump_json()
-                assert read[1:3] == _prefect_events.from_prefect(candidate)[1:]
-                assert read[2] == _json(expected.related).encode()
-            with pytest.raises(EventRejected):
-                _prefect_events.read_prefect(_related_as(prefect_event, no_role), known)
-            previous = _prefect_events.read_prefect(prefect_event, known)
-
-
-def test_the_bridge_reads_a_runs_repeated_related_resources_once():
-    (task_run, sent, _), _ = _runs()
-    bridge.enable(TracerProvider())
+def test_the_bridge_keeps_what_the_server_keeps_and_waits_for_a_final_state_it_accepts():
+    """An event Prefect's server would refuse is set aside (counted), the
+    span made from the rest; a refused final state leaves the run open."""
+    (task_run, sent, _), (other_run, other_sent, _) = _runs()
+    refused = [{"prefect.resource.id": "prefect.flow-run.x"}]  # no role
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    bridge.enable(provider)
     try:
-        RunTelemetry().start_span(run=task_run, client=None)
-        for event in sent[:-1]:
+        for run in (task_run, other_run):
+            RunTelemetry().start_span(run=run, client=None)
+        middle = _related_as(sent[1], refused)
+        for event in (sent[0], middle, sent[2]):
             bridge._bridge.sent(event)
-        seen = bridge._bridge._events[f"prefect.task-run.{task_run.id}"]
-        assert len(seen) == len(sent) - 1
-        assert all(read[2] is seen[0][2] for read in seen)
-        bridge._bridge.sent(sent[-1])
-        assert bridge._bridge.spans_recorded == 1
+        assert bridge._bridge.errors == 1 and bridge._bridge.spans_recorded == 1
+        (span,) = exporter.get_finished_spans()
+        assert [e.attributes["prefect.event.id"] for e in span.events] == [
+            str(sent[0].id), str(sent[2].id)]
+
+        for event in other_sent[:-1] + [_related_as(other_sent[-1], refused)]:
+            bridge._bridge.sent(event)
+        assert bridge._bridge.errors == 2 and bridge._bridge.spans_recorded == 1
+        assert bridge.flush() == [other_run.id]  # still open, with its accepted events
+        bridge._bridge.sent(other_sent[-1])  # (Prefect sends a state again)
+        assert bridge._bridge.spans_recorded == 2
+        assert len(exporter.get_finished_spans()[1].events) == len(other_sent)
     finally:
         bridge.disable()
 
@@ -289,7 +354,7 @@ def test_what_the_bridge_knows_to_be_a_task_runs_state_event_is_what_run_key_say
     (_, sent, _), (_, more, _) = _runs()
     checked = 0
     for prefect_event in sent + more:
-        event = _prefect_events.from_prefect(prefect_event)[0]
+        event = _prefect_events.read_prefect(prefect_event)[0]
         resource = dict(event.resource)
         variants = [event,
                     event.model_copy(update={"event": "prefect.task-run.heartbeat"}),
@@ -299,7 +364,7 @@ def test_what_the_bridge_knows_to_be_a_task_runs_state_event_is_what_run_key_say
                     event.model_copy(update={"resource": dict(resource, **{
                         "prefect.state-type": "running"})})]
         for variant in variants:
-            if _prefect_events.is_state_event(variant):
+            if _prefect_events.is_task_run_state(variant.event, variant.resource):
                 checked += 1
                 assert run_key(variant) == RunKey(TASK_RUN, variant.resource_id)
             else:

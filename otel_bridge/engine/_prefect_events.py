@@ -1,13 +1,21 @@
 """The events Prefect's events worker sent, read for the span of their task
-run: each as otel-bridge's `Event` (`read_prefect`: what parsing its JSON
-gives, checked by hand where it can be), and the span from those
-(`span_of`), as the sidecar would make it from the same events.
+run, as the sidecar would make it from the same events.
+
+Two ways, one answer. `task_run_span` goes straight from Prefect's `Event`
+objects to the span: it takes the run's events in the order they were sent
+and does each thing once (the related resources, which repeat from state to
+state, are checked and serialised once; each id is written once). Where its
+shortcuts do not hold it says so (None), and `span_of` does it the general
+way: each event read as otel-bridge's `Event` (`read_prefect`, exactly what
+parsing its JSON gives), then the forward bridge's `run_span`. Tests hold
+the two equal, and both equal to the sidecar's span of the same events.
 """
 
 from __future__ import annotations
 
+import re
 from datetime import datetime, timezone
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 from uuid import UUID
 from zoneinfo import ZoneInfo
 
@@ -17,17 +25,27 @@ from otel_bridge.model.events import (
     MAX_EVENT_NAME_LENGTH,
     MAX_EVENT_SIZE_BYTES,
     MAX_LABELS_PER_RESOURCE,
+    PREFECT_TRACEPARENT_LABEL,
     Event,
     _checked_event,
     validate_event,
 )
-from otel_bridge.model.spans import Span
+from otel_bridge.model.spans import Span, SpanEvent, SpanLink
 from otel_bridge.translate.forward import (
     _STATE_TYPES,
+    ATTR_EVENT_FOLLOWS,
+    ATTR_EVENT_ID,
+    ATTR_EVENT_PAYLOAD,
+    ATTR_LINK_SOURCE,
+    ATTR_RELATED,
     TASK_RUN,
     RunKey,
+    _outcome,
+    _prefect_traceparent,
+    _run_attributes,
     placement,
     run_span,
+    span_bounds,
 )
 from otel_bridge.translate.task_run_events import _related_ok
 
@@ -36,9 +54,125 @@ from ._span import ordered_run_span
 TASK_RUN_PREFIX = f"prefect.{TASK_RUN}."
 
 
-def span_of(key: RunKey, seen: list[Read], span_id: int) -> Span:
-    """`run_span` of the run's events; cheaper when they came in order, as
-    Prefect's events worker sends them."""
+def is_task_run_state(name: Any, resource: dict) -> bool:
+    """Whether an event of a task run resource with this name and these
+    labels is one of its state events, known without reading it (`run_key`
+    gives `RunKey(TASK_RUN, its resource id)`): named for a task run, of a
+    known state type. False: ask `run_key`."""
+    return (type(name) is str and name.startswith(TASK_RUN_PREFIX)
+            and resource.get("prefect.state-type") in _STATE_TYPES)
+
+
+class _Sent:
+    """What the forward bridge's helpers read of one sent event (the same
+    fields of `Event`), taken from Prefect's as they are."""
+
+    __slots__ = ("resource", "related", "payload", "time_unix_nano")
+
+    def __init__(self, resource: dict, related: list, payload: dict, time_unix_nano: int):
+        self.resource = resource
+        self.related = related
+        self.payload = payload
+        self.time_unix_nano = time_unix_nano
+
+    related_in_role = Event.related_in_role
+
+
+def task_run_span(sent: Sequence[Any], key: RunKey, span_id: int,
+                  own_traceparent: Optional[str] = None) -> Optional[Span]:
+    """`span_of(key, [read_prefect(e) for e in sent], span_id)`, straight
+    from Prefect's events: None unless every event passes the checks as it
+    is (see `read_prefect`), they are in `order_events`' order as sent (times
+    never go back, events at the same time follow each other, no id repeats),
+    and each time is known exactly in UTC.
+
+    `own_traceparent`: the `__OTEL_TRACEPARENT` label the bridge gave the
+    run (naming its own span, so no link), when it wrote it itself."""
+    reads: list[_Sent] = []
+    span_events: list[SpanEvent] = []
+    seen_ids: set[UUID] = set()
+    related = related_json = related_text = None
+    previous_time, previous_id, previous_text = -1, None, ""
+    for event in sent:
+        name, resource, payload = event.event, event.resource.root, event.payload
+        event_id, follows = event.id, event.follows
+        given = [r.root for r in event.related]
+        if related is None or not _same_labels(given, related):
+            if not _related_ok(given):
+                return None
+            related, related_json = given, to_json(given)
+            related_text = related_json.decode()
+        payload_json = to_json(payload)
+        time_unix_nano = _unix_nano(event.occurred)
+        if (time_unix_nano is None or time_unix_nano < previous_time
+                or (time_unix_nano == previous_time and follows != previous_id)
+                or event_id in seen_ids
+                or not _passes(name, resource, payload, event_id, follows)
+                or _size_bound(name, resource, payload_json, related_json)
+                > MAX_EVENT_SIZE_BYTES):
+            return None
+        seen_ids.add(event_id)
+        text = str(event_id)
+        attributes = {ATTR_EVENT_ID: text}
+        if follows is not None:
+            attributes[ATTR_EVENT_FOLLOWS] = (previous_text if follows == previous_id
+                                              else str(follows))
+        attributes.update(resource)
+        attributes[ATTR_RELATED] = related_text
+        attributes[ATTR_EVENT_PAYLOAD] = payload_json.decode()
+        span_events.append(SpanEvent(name, time_unix_nano, attributes))
+        reads.append(_Sent(resource, related, payload, time_unix_nano))
+        previous_time, previous_id, previous_text = time_unix_nano, event_id, text
+    if not reads:
+        return None
+
+    start, end, last, synthetic = span_bounds(reads)
+    trace_id, parent_span_id = placement(key, reads)
+    links = ()
+    prefect_context = (None if _names_itself(reads[-1], own_traceparent, span_id)
+                       else _prefect_traceparent(reads))
+    if prefect_context and prefect_context[1] != span_id:  # the default: a link
+        links = (SpanLink(trace_id=prefect_context[0], span_id=prefect_context[1],
+                          trace_flags=prefect_context[2],
+                          attributes={ATTR_LINK_SOURCE: f"prefect.{PREFECT_TRACEPARENT_LABEL}"}),)
+    status_code, status_message, result, error_type = _outcome(end)
+    attributes = _run_attributes(key, last, reads, result, error_type)
+    attributes.update(synthetic)
+    return Span(
+        trace_id=trace_id,
+        span_id=span_id,
+        parent_span_id=parent_span_id,
+        name=last.resource.get("prefect.resource.name") or key.resource_id,
+        start_time_unix_nano=start.time_unix_nano,
+        end_time_unix_nano=max(start.time_unix_nano, last.time_unix_nano),
+        attributes=attributes,
+        events=tuple(span_events),
+        links=links,
+        status_code=status_code,
+        status_message=status_message,
+    )
+
+
+def _names_itself(latest: _Sent, own_traceparent: Optional[str], span_id: int) -> bool:
+    """Whether the run's latest event carries the bridge's own traceparent
+    for this span (what `_prefect_traceparent` would find first, naming this
+    span: neither link nor parent)."""
+    if own_traceparent is None:
+        return False
+    task_run = latest.payload.get("task_run")
+    labels = task_run.get("labels") if type(task_run) is dict else None
+    return (type(labels) is dict and labels.get(PREFECT_TRACEPARENT_LABEL) == own_traceparent
+            and _OWN_TRACEPARENT.match(own_traceparent) is not None
+            and int(own_traceparent[36:52], 16) == span_id
+            and int(own_traceparent[3:35], 16) != 0)
+
+
+_OWN_TRACEPARENT = re.compile(r"^00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")
+
+
+def span_of(key: RunKey, seen: Sequence[Read], span_id: int) -> Span:
+    """`run_span` of the run's events as `read_prefect` gives them; cheaper
+    when they came in order, as Prefect's events worker sends them."""
     events = [read[0] for read in seen]
     trace_id, parent_span_id = placement(key, events)
     return ordered_run_span(events, [read[1] for read in seen], [read[2] for read in seen], key,
@@ -46,81 +180,67 @@ def span_of(key: RunKey, seen: list[Read], span_id: int) -> Span:
                             ) or run_span(events)
 
 
-# (event, its payload as JSON, its related resources as JSON, and those
-# related resources as checked when they passed the checks as given, else None)
-Read = tuple[Event, bytes, bytes, Optional[list]]
+# (event, its payload as JSON, its related resources as JSON)
+Read = tuple[Event, bytes, bytes]
 
 
-def from_prefect(prefect_event: Any) -> tuple[Event, bytes, bytes]:
+def read_prefect(prefect_event: Any) -> Read:
     """Prefect's `Event` as otel-bridge's, with its payload and related
     resources as JSON: exactly what `parse_wire_event(prefect_event.model_dump(
-    mode="json"))` gives (tested), without the round trip through JSON.
-    Prefect's engine builds the payload of a task run's state event in JSON
-    form already, and the JSON the span events get is the same either way
-    (both serialise with pydantic)."""
-    return read_prefect(prefect_event)[:3]
-
-
-def read_prefect(prefect_event: Any, known: Optional[tuple[list, bytes]] = None) -> Read:
-    """`_from_prefect`, and the event's related resources when they passed
-    the checks as given.
+    mode="json"))` gives (tested), without the round trip through JSON (the
+    JSON the span events get is the same either way: both serialise with
+    pydantic).
 
     The event is checked as `validate_event` checks it, by hand: every value
     of the type it must be, the labels and related resources within Prefect's
     limits, an upper bound of the event's JSON within its size limit; the
     event is then made as validation would make it (`_checked_event`).
     Anything else goes to `validate_event`, which rejects it or says exactly
-    how large it is.
-
-    `known`: (related resources that passed the checks, their JSON), from the
-    run's previous event; when this event's are the same, label for label in
-    the same order, they are not checked or serialised again (fresh copies of
-    the known ones: equal values, so the same JSON)."""
+    how large it is."""
     occurred = prefect_event.occurred
     zone = occurred.tzinfo
     if zone is None:  # as `Event` takes a naive time: UTC
         occurred = occurred.replace(tzinfo=timezone.utc)
-    elif zone is not timezone.utc and not (isinstance(zone, ZoneInfo)
-                                           and zone.key in _UTC_KEYS):
+    elif not _is_utc(zone):
         occurred = occurred.astimezone(timezone.utc)  # (slow for Prefect's DateTime)
     if type(occurred) is not datetime:  # Prefect's DateTime subclass: as parsed from JSON
         occurred = datetime(occurred.year, occurred.month, occurred.day, occurred.hour,
                             occurred.minute, occurred.second, occurred.microsecond,
                             tzinfo=timezone.utc)
     resource = dict(prefect_event.resource.root)
-    given = [r.root for r in prefect_event.related]
-    if known is not None and _same_labels(given, known[0]):
-        related, related_json, related_ok = [dict(r) for r in known[0]], known[1], True
-    else:
-        related = [dict(r) for r in given]
-        related_json, related_ok = to_json(related), None
+    related = [dict(r.root) for r in prefect_event.related]
+    related_json = to_json(related)
     payload = prefect_event.payload
     name = prefect_event.event
     payload_json = to_json(payload)
-    # JSON escapes a character in at most 6
-    bound = (len(payload_json) + len(related_json) + 2048
-             + 6 * (len(name) + sum(map(len, resource)) + sum(map(len, resource.values()))
-                    + len(resource)))
     fields = {"occurred": occurred, "event": name, "resource": resource, "related": related,
               "payload": payload, "id": prefect_event.id, "follows": prefect_event.follows}
-    if (bound <= MAX_EVENT_SIZE_BYTES and type(name) is str
-            and 0 < len(name) <= MAX_EVENT_NAME_LENGTH and type(payload) is dict
-            and type(fields["id"]) is UUID
-            and (fields["follows"] is None or type(fields["follows"]) is UUID)
-            and _labels_ok(resource) and (related_ok or _related_ok(related))
-            and all(type(k) is str for k in payload)):
-        fields["payload"] = dict(payload)
-        return _checked_event(fields), payload_json, related_json, related
-    return validate_event(fields, bound), payload_json, related_json, None
+    if not (_passes(name, resource, payload, fields["id"], fields["follows"])
+            and _related_ok(related)):
+        return validate_event(fields), payload_json, related_json
+    bound = _size_bound(name, resource, payload_json, related_json)
+    if bound > MAX_EVENT_SIZE_BYTES:
+        return validate_event(fields, bound), payload_json, related_json
+    fields["payload"] = dict(payload)
+    return _checked_event(fields), payload_json, related_json
 
 
-def is_state_event(event: Event) -> bool:
-    """Whether `run_key(event)` is `RunKey(TASK_RUN, event.resource_id)`,
-    known without making it: the event of a task run resource (as `sent`
-    keeps only those) is named for a task run and has a known state type.
-    False: ask `run_key`."""
-    return (event.event.startswith(TASK_RUN_PREFIX)
-            and event.resource.get("prefect.state-type") in _STATE_TYPES)
+def _passes(name: Any, resource: Any, payload: Any, event_id: Any, follows: Any) -> bool:
+    """Whether these fields of an event pass `Event`'s checks as they are
+    (its related resources and size aside)."""
+    return (type(name) is str and 0 < len(name) <= MAX_EVENT_NAME_LENGTH
+            and type(payload) is dict and type(event_id) is UUID
+            and (follows is None or type(follows) is UUID)
+            and type(resource) is dict and _labels_ok(resource)
+            and {*map(type, payload)} <= _STR)
+
+
+def _size_bound(name: str, resource: dict, payload_json: bytes, related_json: bytes) -> int:
+    """An upper bound of the event's JSON size: JSON escapes a character in at
+    most 6, and the rest of the event takes well under 2 kB."""
+    return (len(payload_json) + len(related_json) + 2048
+            + 6 * (len(name) + sum(map(len, resource)) + sum(map(len, resource.values()))
+                   + len(resource)))
 
 
 def _same_labels(given: list, known: list) -> bool:
@@ -129,14 +249,28 @@ def _same_labels(given: list, known: list) -> bool:
     return given == known and [list(r) for r in given] == [list(r) for r in known]
 
 
-_UTC_KEYS = frozenset({"UTC", "Etc/UTC", "Etc/Universal", "Universal", "Zulu", "Etc/Zulu"})
-
-
 def _labels_ok(labels: dict) -> bool:
     """Whether a resource passes `Event`'s checks as it is."""
-    if len(labels) > MAX_LABELS_PER_RESOURCE or not labels.get("prefect.resource.id"):
-        return False
-    for key, value in labels.items():
-        if type(key) is not str or type(value) is not str:
-            return False
-    return True
+    return (len(labels) <= MAX_LABELS_PER_RESOURCE and bool(labels.get("prefect.resource.id"))
+            and {*map(type, labels), *map(type, labels.values())} == _STR)
+
+
+_STR = {str}
+
+
+def _is_utc(zone: Any) -> bool:
+    return zone is timezone.utc or (isinstance(zone, ZoneInfo) and zone.key in _UTC_KEYS)
+
+
+_UTC_KEYS = frozenset({"UTC", "Etc/UTC", "Etc/Universal", "Universal", "Zulu", "Etc/Zulu"})
+_EPOCH_DAY = datetime(1970, 1, 1).toordinal()
+
+
+def _unix_nano(moment: Any) -> Optional[int]:
+    """`to_unix_nano` of the time as `Event` takes it (naive: UTC), read from
+    its fields when it is in UTC (Prefect's own DateTime included, whose
+    arithmetic is slow); None for any other zone."""
+    if not isinstance(moment, datetime) or not (moment.tzinfo is None or _is_utc(moment.tzinfo)):
+        return None
+    return (((datetime.toordinal(moment) - _EPOCH_DAY) * 86_400 + moment.hour * 3_600
+             + moment.minute * 60 + moment.second) * 1_000_000_000 + moment.microsecond * 1_000)

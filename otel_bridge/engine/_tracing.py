@@ -315,16 +315,16 @@ def _record_directly(tracer: SdkTracer, final: Span) -> Optional[bool]:
     try:
         processor = tracer.span_processor
         limits = tracer._span_limits
-        if (type(tracer) is not SdkTracer or not tracer._is_enabled()
-                or type(tracer._tracer_metrics).__name__ != "NoOpTracerMetrics"
-                or type(processor) is not SynchronousMultiSpanProcessor
-                or not all(type(p) in _END_ONLY_PROCESSORS for p in processor._span_processors)
-                or not sampler_ignores_attributes(tracer.sampler)
-                or not _within_limits(final, limits)):
+        setup = (tracer.sampler, processor, processor._span_processors, limits,
+                 tracer._tracer_config, tracer._tracer_metrics)
+        known = _direct_setups.get(tracer)
+        if known is None or known[0] != setup:
+            known = _direct_setups[tracer] = (setup, _can_record_directly(tracer))
+        if not known[1] or not _within_limits(final, limits):
             return None
         scope = tracer._instrumentation_scope
         info = tracer.instrumentation_info
-    except AttributeError:  # another SDK version's internals
+    except (AttributeError, TypeError):  # another SDK version's internals
         return None
     parent = None
     context = _EMPTY_CONTEXT
@@ -366,6 +366,22 @@ def _record_directly(tracer: SdkTracer, final: Span) -> Optional[bool]:
         start_time=final.start_time_unix_nano, end_time=final.end_time_unix_nano,
         instrumentation_scope=scope))
     return True
+
+
+def _can_record_directly(tracer: SdkTracer) -> bool:
+    """Whether the tracer's set-up lets `_record_directly` make its spans."""
+    processor = tracer.span_processor
+    return (type(tracer) is SdkTracer and tracer._is_enabled()
+            and type(tracer._tracer_metrics).__name__ == "NoOpTracerMetrics"
+            and type(processor) is SynchronousMultiSpanProcessor
+            and all(type(p) in _END_ONLY_PROCESSORS for p in processor._span_processors)
+            and sampler_ignores_attributes(tracer.sampler))
+
+
+# tracer -> (what its verdict was made from, the verdict); made again when any
+# of it changes (a processor added, another sampler or limits)
+_direct_setups: "weakref.WeakKeyDictionary[SdkTracer, tuple[tuple, bool]]" = (
+    weakref.WeakKeyDictionary())
 
 
 def _within_limits(final: Span, limits: Any) -> bool:

@@ -54,10 +54,19 @@ from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from otel_bridge.model.spans import Span
-from otel_bridge.translate.forward import TASK_RUN, _span_id_for, _trace_id_for, is_final, run_key
+from otel_bridge.model.events import EventRejected
+from otel_bridge.translate.forward import (
+    TASK_RUN,
+    RunKey,
+    _span_id_for,
+    _trace_id_for,
+    is_final,
+    is_final_state,
+    run_key,
+)
 from otel_bridge.translate.ids import span_id_for
 
-from ._prefect_events import TASK_RUN_PREFIX, Read, is_state_event, read_prefect, span_of
+from ._prefect_events import TASK_RUN_PREFIX, is_task_run_state, read_prefect, span_of, task_run_span
 from ._tracing import bridge_tracer, record_span, tracer_provider_from_env
 
 __all__ = ["TaskRunSpan", "aflush", "disable", "enable", "flush", "is_enabled"]
@@ -77,6 +86,8 @@ class TaskRunSpan(NonRecordingSpan):
         super().__init__(context)
         self.task_run_id = task_run_id
         self.parent_span_id = parent_span_id
+        # the `__OTEL_TRACEPARENT` label given to the run for this span
+        self.traceparent: Optional[str] = None
 
     def __repr__(self) -> str:
         return f"TaskRunSpan({self.task_run_id})"
@@ -90,8 +101,8 @@ class _Bridge:
         self.provider = provider
         self._lock = threading.Lock()
         self._open: dict[str, TaskRunSpan] = {}  # resource id -> span context
-        # resource id -> the events so far, each as `_read_prefect` gives it
-        self._events: dict[str, list[Read]] = {}
+        # resource id -> the events sent so far (Prefect's `Event` objects)
+        self._events: dict[str, list[Any]] = {}
         self.spans_recorded = 0
         self.errors = 0
 
@@ -117,33 +128,47 @@ class _Bridge:
     def sent(self, prefect_event: Any) -> None:
         """A Prefect event has been sent: keep it if it is a task run's state
         event, and record the run's span at its final state."""
-        resource_id = prefect_event.resource.root.get("prefect.resource.id", "")
+        resource = prefect_event.resource.root
+        resource_id = resource.get("prefect.resource.id", "")
         if not resource_id.startswith(TASK_RUN_PREFIX):
             return
-        seen = self._events.get(resource_id)
-        # the related resources of the run's previous event, as checked: a
-        # task run's states mostly name the same ones
-        last = seen[-1] if seen else None
-        read = read_prefect(prefect_event, None if last is None or last[3] is None
-                             else (last[3], last[2]))
-        event = read[0]
-        # run_key(event), made once, at the final state, when it is known to
-        # be this task run's
-        state_event = is_state_event(event)
-        key = None if state_event else run_key(event)
-        if key is None and not state_event:
+        # Kept as Prefect made it, read once the run is over (`_finish`); an
+        # event not known to be a state event is read now, to ask run_key.
+        if (not is_task_run_state(prefect_event.event, resource)
+                and run_key(read_prefect(prefect_event)[0]) is None):
             return
         with self._lock:
             seen = self._events.setdefault(resource_id, [])
-            seen.append(read)
-            if not is_final(event):
+            seen.append(prefect_event)
+            if not is_final_state(resource):
                 return
             span = self._open.pop(resource_id, None)
             self._events.pop(resource_id, None)
         if span is not None:  # else: a run that never started here
-            # its span id: made from the same resource id at the start
-            self._record(span, span_of(key or run_key(event), seen,
-                                        span.get_span_context().span_id))
+            self._finish(span, RunKey(TASK_RUN, resource_id), seen)
+
+    def _finish(self, span: TaskRunSpan, key: RunKey, sent: list[Any]) -> None:
+        """Record the span of a run whose final state has been sent."""
+        # its span id: made from the same resource id at the start
+        span_id = span.get_span_context().span_id
+        final = task_run_span(sent, key, span_id, span.traceparent)
+        if final is None:  # the general way, which drops what Prefect's server would
+            reads, kept = [], []
+            for event in sent:
+                try:
+                    reads.append(read_prefect(event))
+                    kept.append(event)
+                except EventRejected as exc:
+                    self.errors += 1
+                    log.warning("otel-bridge: event %s of %s set aside: %s", event.id,
+                                key.resource_id, exc)
+            if not reads or not is_final(reads[-1][0]):  # the final state was set aside
+                with self._lock:
+                    self._open[key.resource_id] = span
+                    self._events.setdefault(key.resource_id, [])[:0] = kept
+                return
+            final = span_of(key, reads, span_id)
+        self._record(span, final)
 
     def _record(self, started: TaskRunSpan, final: Span) -> None:
         found = bridge_tracer(self.provider)
@@ -260,7 +285,7 @@ def _install() -> None:
                 span = None
             if span is not None:
                 self.span = span
-                traceparent = _traceparent(span)
+                traceparent = span.traceparent = _traceparent(span)
                 if traceparent:
                     run.labels["__OTEL_TRACEPARENT"] = traceparent
                 return traceparent, span

@@ -14,7 +14,7 @@ import functools
 import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Iterable, Literal, Optional, Sequence
+from typing import Iterable, Literal, Mapping, Optional, Sequence
 from uuid import UUID
 
 import pydantic_core
@@ -110,7 +110,20 @@ def state_type(event: Event) -> StateType:
 def is_final(event: Event) -> bool:
     """Whether this state ends the run: a terminal type, or NotReady (an
     upstream failed, so the run will never start)."""
-    return state_type(event).is_terminal or _is_not_ready(event)
+    return is_final_state(event.resource)
+
+
+def is_final_state(resource: Mapping[str, str]) -> bool:
+    """`is_final` of the event with these resource labels."""
+    value = resource["prefect.state-type"]
+    if value in _FINAL_TYPES:
+        return True
+    if value not in _STATE_TYPES:
+        StateType(value)  # raises as the enum does
+    return value == "PENDING" and resource.get("prefect.state-name") == "NotReady"
+
+
+_FINAL_TYPES = frozenset(kind.value for kind in StateType if kind.is_terminal)
 
 
 def _is_not_ready(event: Event) -> bool:

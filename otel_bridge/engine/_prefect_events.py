@@ -91,17 +91,19 @@ def task_run_span(sent: Sequence[Any], key: RunKey, span_id: int,
     reads: list[_Sent] = []
     span_events: list[SpanEvent] = []
     seen_ids: set[UUID] = set()
-    related = related_json = related_text = None
+    related = related_json = related_text = related_items = None
     previous_time, previous_id, previous_text = -1, None, ""
     for event in sent:
         name, resource, payload = event.event, event.resource.root, event.payload
         event_id, follows = event.id, event.follows
         given = [r.root for r in event.related]
-        if related is None or not _same_labels(given, related):
+        # the same labels in the same order as the event before's (so the
+        # same JSON), as a task run's states mostly name them
+        if related is None or [list(r.items()) for r in given] != related_items:
             if not _related_ok(given):
                 return None
             related, related_json = given, to_json(given)
-            related_text = related_json.decode()
+            related_text, related_items = related_json.decode(), [list(r.items()) for r in given]
         payload_json = to_json(payload)
         time_unix_nano = _unix_nano(event.occurred)
         if (time_unix_nano is None or time_unix_nano < previous_time
@@ -241,12 +243,6 @@ def _size_bound(name: str, resource: dict, payload_json: bytes, related_json: by
     return (len(payload_json) + len(related_json) + 2048
             + 6 * (len(name) + sum(map(len, resource)) + sum(map(len, resource.values()))
                    + len(resource)))
-
-
-def _same_labels(given: list, known: list) -> bool:
-    """Whether `given` label sets are `known`'s: equal, with their labels in
-    the same order (so the same JSON)."""
-    return given == known and [list(r) for r in given] == [list(r) for r in known]
 
 
 def _labels_ok(labels: dict) -> bool:

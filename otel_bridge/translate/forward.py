@@ -228,7 +228,13 @@ def span_bounds(
     from its events in `order_events` order: it starts at the first RUNNING
     state (else the first event, marked) and ends at the final state after
     the last RUNNING one (else the last event, marked)."""
-    running = [i for i, e in enumerate(ordered) if state_type(e) is StateType.RUNNING]
+    running = []
+    for i, event in enumerate(ordered):
+        kind = event.resource["prefect.state-type"]
+        if kind == "RUNNING":
+            running.append(i)
+        elif kind not in _STATE_TYPES:
+            StateType(kind)  # raises as the enum does
     synthetic: dict[str, AttributeValue] = {}
     if running:
         start = ordered[running[0]]
@@ -262,8 +268,14 @@ def placement(key: RunKey, events: Sequence[Event]) -> tuple[int, Optional[int]]
         # A subflow's events name its parent only through a placeholder task
         # run that never emits events, so a subflow is the root of its own trace.
         return _trace_id_for(own), None
-    flow_run = _first(e.related_in_role(FLOW_RUN) for e in events)
-    parent_task = _first(_parent_task_run(e) for e in events)
+    flow_run = parent_task = None
+    for event in events:  # the first of each that any event names
+        if flow_run is None:
+            flow_run = event.related_in_role(FLOW_RUN) or None
+        if parent_task is None:
+            parent_task = _parent_task_run(event)
+        if flow_run is not None and parent_task is not None:
+            break
     if flow_run is not None:
         root = flow_run["prefect.resource.id"]
     else:

@@ -30,13 +30,12 @@ from otel_bridge.model.events import (
     _checked_event,
     validate_event,
 )
-from otel_bridge.model.spans import Span, SpanEvent, SpanLink
+from otel_bridge.model.spans import Span, SpanEvent
 from otel_bridge.translate.forward import (
     _STATE_TYPES,
     ATTR_EVENT_FOLLOWS,
     ATTR_EVENT_ID,
     ATTR_EVENT_PAYLOAD,
-    ATTR_LINK_SOURCE,
     ATTR_RELATED,
     TASK_RUN,
     RunKey,
@@ -44,6 +43,7 @@ from otel_bridge.translate.forward import (
     _prefect_traceparent,
     _run_attributes,
     placement,
+    prefect_links,
     run_span,
     span_bounds,
 )
@@ -130,13 +130,9 @@ def task_run_span(sent: Sequence[Any], key: RunKey, span_id: int,
 
     start, end, last, synthetic = span_bounds(reads)
     trace_id, parent_span_id = placement(key, reads)
-    links = ()
     prefect_context = (None if _names_itself(reads[-1], own_traceparent, span_id)
                        else _prefect_traceparent(reads))
-    if prefect_context and prefect_context[1] != span_id:  # the default: a link
-        links = (SpanLink(trace_id=prefect_context[0], span_id=prefect_context[1],
-                          trace_flags=prefect_context[2],
-                          attributes={ATTR_LINK_SOURCE: f"prefect.{PREFECT_TRACEPARENT_LABEL}"}),)
+    links = prefect_links(prefect_context, span_id)
     status_code, status_message, result, error_type = _outcome(end)
     attributes = _run_attributes(key, last, reads, result, error_type)
     attributes.update(synthetic)

@@ -15,18 +15,18 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-from otel_bridge.model.events import PREFECT_TRACEPARENT_LABEL, Event
-from otel_bridge.model.spans import Span, SpanEvent, SpanLink
+from otel_bridge.model.events import Event
+from otel_bridge.model.spans import Span, SpanEvent
 from otel_bridge.translate.forward import (
     ATTR_EVENT_FOLLOWS,
     ATTR_EVENT_ID,
     ATTR_EVENT_PAYLOAD,
-    ATTR_LINK_SOURCE,
     ATTR_RELATED,
     RunKey,
     _outcome,
     _prefect_traceparent,
     _run_attributes,
+    prefect_links,
     span_bounds,
     to_unix_nano,
 )
@@ -72,12 +72,8 @@ def ordered_run_span(
     start_ns = to_unix_nano(start.occurred)
     end_ns = max(start_ns, to_unix_nano(last.occurred))
 
-    links = ()
     prefect_context = _prefect_traceparent(events)
-    if prefect_context and prefect_context[1] != span_id:  # the default: a link
-        links = (SpanLink(trace_id=prefect_context[0], span_id=prefect_context[1],
-                          trace_flags=prefect_context[2],
-                          attributes={ATTR_LINK_SOURCE: f"prefect.{PREFECT_TRACEPARENT_LABEL}"}),)
+    links = prefect_links(prefect_context, span_id)
 
     status_code, status_message, result, error_type = _outcome(end)
     attributes = _run_attributes(key, last, events, result, error_type)

@@ -341,8 +341,9 @@ def _record_directly(tracer: SdkTracer, final: Span) -> Optional[bool]:
     attributes = BoundedAttributes(limits.max_span_attributes, immutable=True)
     stored = attributes._dict
     stored.update(final.attributes)
-    for key in [k for k, v in stored.items() if type(v) is list]:
-        stored[key] = tuple(stored[key])
+    for key, value in stored.items():  # (values replaced, none added: safe)
+        if type(value) is list:
+            stored[key] = tuple(value)
     events = BoundedList(limits.max_events)
     for event in final.events:
         frozen = BoundedAttributes(limits.max_event_attributes, immutable=True)
@@ -389,18 +390,23 @@ def _within_limits(final: Span, limits: Any) -> bool:
     as it is: no length limit, room for all, no empty key."""
     if limits.max_span_attribute_length is not None or limits.max_attribute_length is not None:
         return False
-    counts = ((limits.max_span_attributes, len(final.attributes)),
-              (limits.max_events, len(final.events)), (limits.max_links, len(final.links)))
-    if any(most is not None and n > most for most, n in counts):
+    if not (_room(limits.max_span_attributes, len(final.attributes))
+            and _room(limits.max_events, len(final.events))
+            and _room(limits.max_links, len(final.links))) or "" in final.attributes:
         return False
-    if "" in final.attributes:
-        return False
-    for group, most in ((final.events, limits.max_event_attributes),
-                        (final.links, limits.max_link_attributes)):
-        for item in group:
-            if "" in item.attributes or (most is not None and len(item.attributes) > most):
-                return False
+    most = limits.max_event_attributes
+    for event in final.events:
+        if "" in event.attributes or not _room(most, len(event.attributes)):
+            return False
+    most = limits.max_link_attributes
+    for link in final.links:
+        if "" in link.attributes or not _room(most, len(link.attributes)):
+            return False
     return True
+
+
+def _room(most: Optional[int], count: int) -> bool:
+    return most is None or count <= most
 
 
 _NOT_SAMPLED = TraceFlags(TraceFlags.DEFAULT)

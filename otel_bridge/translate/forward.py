@@ -184,7 +184,7 @@ def run_span(
     end_ns = max(start_ns, to_unix_nano(last.occurred))
 
     trace_id, parent_span_id = placement(key, ordered)
-    links: list[SpanLink] = []
+    links: tuple[SpanLink, ...] = ()
     prefect_context = _prefect_traceparent(ordered)
     if prefect_context and prefect_context[1] == span_id_for(key.resource_id):
         # The label names this very span (an engine that dual-emits set it,
@@ -192,15 +192,8 @@ def run_span(
         prefect_context = None
     if prefect_context and options.prefect_trace_context == "adopt":
         trace_id, parent_span_id = prefect_context[0], prefect_context[1]
-    elif prefect_context and options.prefect_trace_context == "link":
-        links.append(
-            SpanLink(
-                trace_id=prefect_context[0],
-                span_id=prefect_context[1],
-                trace_flags=prefect_context[2],
-                attributes={ATTR_LINK_SOURCE: f"prefect.{PREFECT_TRACEPARENT_LABEL}"},
-            )
-        )
+    elif options.prefect_trace_context == "link":
+        links = prefect_links(prefect_context, span_id_for(key.resource_id))
 
     status_code, status_message, result, error_type = _outcome(end)
     attributes = _run_attributes(key, last, ordered, result, error_type)
@@ -215,7 +208,7 @@ def run_span(
         end_time_unix_nano=end_ns,
         attributes=attributes,
         events=tuple(_span_event(e) for e in ordered),
-        links=tuple(links),
+        links=links,
         status_code=status_code,
         status_message=status_message,
     )
@@ -308,6 +301,18 @@ def _parent_task_run(event: Event) -> Optional[str]:
         if isinstance(parent, dict) and parent.get("input_type") == "task_run" and parent.get("id"):
             return f"prefect.{TASK_RUN}.{parent['id']}"
     return None
+
+
+def prefect_links(prefect_context: Optional[tuple[int, int, int]],
+                  span_id: int) -> tuple[SpanLink, ...]:
+    """The link (default `ForwardOptions`) to the span Prefect's own trace
+    context names (`_prefect_traceparent`), unless there is none or it names
+    this very span."""
+    if not prefect_context or prefect_context[1] == span_id:
+        return ()
+    return (SpanLink(trace_id=prefect_context[0], span_id=prefect_context[1],
+                     trace_flags=prefect_context[2],
+                     attributes={ATTR_LINK_SOURCE: f"prefect.{PREFECT_TRACEPARENT_LABEL}"}),)
 
 
 _TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")

@@ -12,41 +12,47 @@ cost is counted in line and no I/O is):
   prefect-otel     Prefect 3.9.1's own telemetry (`RunTelemetry`, what its
                    task engine calls: start_span, the span made current
                    around the body (`trace.use_span`), update_state per
-                   state, end_span_on_success) with that SDK installed;
-                   Prefect objects (TaskRun, states) built beforehand, not
-                   timed. Spans only: Prefect's engine builds and sends the
-                   three events on top of this, always.
+                   state, end_span_on_success) with that SDK installed,
+                   inside a flow run whose span Prefect made (so, as in a
+                   real flow, it reads the flow's traceparent); Prefect
+                   objects (TaskRun, states) built beforehand, not timed.
+                   Spans only: Prefect's engine builds and sends the three
+                   events on top of this, always.
   dual             otel_bridge.engine.TaskRunTracker, the whole of dual
                    emission for an engine that is not Prefect's: the three
                    Prefect events (built as Prefect's engine builds them,
                    checked) handed to a sink that counts them, and the live
-                   span with the bridge's ids, attributes and events. This
-                   is the figure to set against prefect-otel.
+                   span with the bridge's ids, attributes and events.
   dual-events      the same with no SDK installed: events only
   dual-span        dual minus dual-events: what the span adds
   prefect-dual     inside real Prefect with `otel_bridge.engine.prefect`
-                   enabled: the same RunTelemetry calls as prefect-otel
-                   (which then hold otel-bridge's span context instead of
-                   making Prefect's span), plus what the events worker hook
-                   does with the three events Prefect sent (made beforehand,
-                   not timed, as Prefect makes them anyway): reading and
-                   checking them and recording the span (with the SDK's
-                   default sampler, which ignores attributes, the span's
-                   attributes are set right after its start instead of being
-                   handed to the sampler). What dual emission costs a Prefect
-                   flow instead of Prefect's own task spans: the span side
-                   only, since the events are Prefect's either way.
+                   enabled, in the same flow run: the same RunTelemetry
+                   calls as prefect-otel (which then hold otel-bridge's span
+                   context instead of making Prefect's span), plus what the
+                   events worker hook does with the three events Prefect
+                   sent (made beforehand, not timed, as Prefect makes them
+                   anyway): reading and checking them, making the span and
+                   handing it to the SDK's span processors. What dual
+                   emission costs a Prefect flow instead of Prefect's own
+                   task spans: the span side only, since the events are
+                   Prefect's either way. Split in two:
+    task thread    what the task run itself waits for (the hooks in its
+                   thread)
+    events worker  what Prefect's events worker thread does after sending
+                   each event (the span is made there, at the final state)
 
 Lines set side by side: prefect-otel against prefect-dual is like for like
 (span telemetry of a Prefect task run, with and without otel-bridge);
 prefect-otel against dual is not, since dual also builds the three events,
 which Prefect's engine builds outside what prefect-otel times; dual-span is
-the part of dual to set against prefect-otel.
+the part of dual to set against prefect-otel. `prefect_flow.py` measures
+whole flows against a real server.
 
 Prints the median of ROUNDS rounds of RUNS task runs each (the lines take
-turns round by round); asserts nothing.
-Both pipelines drop what they make (spans: an exporter that counts; events:
-a sink that counts), so neither pays to keep it.
+turns round by round); asserts nothing. The inputs made beforehand are
+frozen out of the garbage collector's way (`gc.freeze`), so no line pays for
+walking another's. Both pipelines drop what they make (spans: an exporter
+that counts; events: a sink that counts), so neither pays to keep it.
 """
 
 from __future__ import annotations

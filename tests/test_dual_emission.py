@@ -434,6 +434,7 @@ def test_the_benchmark_prints_its_figures():
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "dual_emission.py"),
                              "30", "1"], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert result.returncode == 0, result.stderr
-    for row in ("none", "prefect-otel", "dual", "dual-events", "dual-span"):
+    for row in ("none", "prefect-otel", "dual", "dual-events", "dual-span", "prefect-dual",
+                "  task thread", "  events worker"):
         assert f"\n{row} " in result.stdout
     assert "per state change" in result.stdout

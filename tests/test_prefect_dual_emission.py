@@ -214,3 +214,15 @@ def test_enable_and_disable_wrap_and_restore_prefect():
         bridge.disable()
     assert not bridge.is_enabled()
     assert (RunTelemetry._start_span, EventsWorker._handle) == before
+
+
+def test_the_whole_flow_benchmark_prints_its_figures():
+    """benchmarks/prefect_flow.py, small: a real server, a process per mode,
+    every task run's span made (it asserts that itself)."""
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "prefect_flow.py"),
+                             "15", "1", "0"], capture_output=True, text=True, timeout=600,
+                            cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for row in ("none", "prefect-otel", "dual"):
+        assert f"\n{row} " in result.stdout
+    assert "median microseconds per task run" in result.stdout

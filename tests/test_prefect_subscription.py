@@ -308,6 +308,17 @@ async def _first_event(sub: PrefectSubscription, timeout: float):
             return event
 
 
+def test_backoff_gives_up_at_max_attempts_with_the_last_error():
+    cause = ConnectionRefusedError("nobody there")
+    Backoff(max_attempts=None).check_attempts(10_000, "on ws://x", cause)  # for ever
+    bounded = Backoff(max_attempts=3)
+    bounded.check_attempts(2, "on ws://x", cause)
+    with pytest.raises(PrefectStreamError, match=r"^gave up on ws://x after 3 failed attempts; "
+                       r"last error: ConnectionRefusedError: nobody there$") as raised:
+        bounded.check_attempts(3, "on ws://x", cause)
+    assert raised.value.__cause__ is cause
+
+
 @pytest.mark.timeout(60)
 def test_dead_server_gives_up_after_bounded_attempts():
     sub = PrefectSubscription(

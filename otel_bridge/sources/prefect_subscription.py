@@ -308,12 +308,7 @@ class PrefectSubscription:
                     f"({self.api.url}) and the key valid? {exc.response.text[:200]}"
                 ) from exc
         failures += 1
-        limit = self.backoff.max_attempts
-        if limit is not None and failures >= limit:
-            raise PrefectStreamError(
-                f"gave up reading {self.api.url}/events/filter after {failures} "
-                f"failed attempts; last error: {type(exc).__name__}: {exc}"
-            ) from exc
+        self.backoff.check_attempts(failures, f"reading {self.api.url}/events/filter", exc)
         logger.warning("event reconciliation: %s: %s; retrying", type(exc).__name__, exc)
         return failures
 

@@ -147,6 +147,15 @@ class Backoff:
         base = min(self.maximum, self.initial * self.multiplier**exponent)
         return base * (1 - self.jitter) + random.uniform(0, base * self.jitter)
 
+    def check_attempts(self, failures: int, what: str, exc: BaseException) -> None:
+        """Raise `PrefectStreamError` once `failures` consecutive failed
+        attempts at `what` reach `max_attempts`."""
+        if self.max_attempts is not None and failures >= self.max_attempts:
+            raise PrefectStreamError(
+                f"gave up {what} after {failures} failed attempts; last error: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+
     def delays(self) -> Iterator[float]:
         attempt = 1
         while self.max_attempts is None or attempt < self.max_attempts:
@@ -480,12 +489,7 @@ class ReconnectingEventStream:
             await self._wait_before_retry(failures, exc)
 
     async def _wait_before_retry(self, failures: int, exc: BaseException) -> None:
-        limit = self.backoff.max_attempts
-        if limit is not None and failures >= limit:
-            raise PrefectStreamError(
-                f"gave up on {self.url} after {failures} failed attempts; last error: "
-                f"{type(exc).__name__}: {exc}"
-            ) from exc
+        self.backoff.check_attempts(failures, f"on {self.url}", exc)
         delay = self.backoff.delay(failures)
         logger.warning(
             "event stream %s: %s: %s; reconnecting in %.1fs (attempt %d)",

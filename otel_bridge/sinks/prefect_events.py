@@ -16,20 +16,14 @@ Protocol and reliability follow `prefect.events.clients.PrefectEventsClient`
   goes through an in-memory queue first).  Prefect's client has the same
   limit.
 
-Configuration mirrors Prefect's settings, read from the environment only
-(Prefect's profiles and .env files are not read): PREFECT_API_URL,
-PREFECT_API_KEY, PREFECT_API_AUTH_STRING, PREFECT_API_TLS_INSECURE_SKIP_VERIFY,
-PREFECT_API_SSL_CERT_FILE, PREFECT_CLIENT_CUSTOM_HEADERS, PREFECT_CLOUD_API_URL.
+Configuration: Prefect's own settings, as `otel_bridge._prefect_api` reads them.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import logging
-import os
-import ssl
 from collections import deque
 from typing import Any, Optional, Sequence
 
@@ -41,6 +35,7 @@ from websockets.exceptions import (
     InvalidURI,
 )
 
+from otel_bridge._prefect_api import PrefectConfigError, resolve_api
 from otel_bridge._version import __version__
 from otel_bridge.model.events import MAX_EVENT_SIZE_BYTES, Event
 
@@ -48,23 +43,11 @@ __all__ = ["PrefectEventSink", "PrefectSendFailed", "PrefectAuthFailed", "Prefec
 
 log = logging.getLogger(__name__)
 
-# Prefect's default; its client treats any URL under it as Prefect Cloud.
-_DEFAULT_CLOUD_API_URL = "https://api.prefect.cloud/api/"
-# Headers a custom-header setting must not override (Prefect's list).
-_PROTECTED_HEADERS = {
-    "user-agent", "sec-websocket-key", "sec-websocket-version",
-    "sec-websocket-extensions", "sec-websocket-protocol", "connection",
-    "upgrade", "host",
-}
 # Network trouble worth a reconnect (Prefect's RETRYABLE_EXCEPTIONS), plus a
 # handshake the server broke off (e.g. it restarted during the upgrade).
 _RETRYABLE = (ConnectionClosed, TimeoutError, OSError, InvalidHandshake)
 # The server measures the received event, which adds a `received` timestamp.
 _MAX_FRAME = MAX_EVENT_SIZE_BYTES - 64
-
-
-class PrefectConfigError(ValueError):
-    """The sink is not configured well enough to try sending."""
 
 
 class PrefectSendFailed(RuntimeError):
@@ -84,27 +67,6 @@ class PrefectSendFailed(RuntimeError):
 
 class PrefectAuthFailed(PrefectSendFailed):
     """The server refused our credentials; retrying will not help."""
-
-
-def _env(name: str) -> Optional[str]:
-    value = os.environ.get(name)
-    return value if value else None
-
-
-def _truthy(value: Optional[str]) -> bool:
-    return (value or "").strip().lower() in {"1", "true", "yes", "on", "t", "y"}
-
-
-def events_in_url(api_url: str) -> str:
-    """Prefect's `events_in_socket_from_api_url`."""
-    url = api_url.strip().rstrip("/")
-    if url.startswith("https://"):
-        url = "wss://" + url[len("https://"):]
-    elif url.startswith("http://"):
-        url = "ws://" + url[len("http://"):]
-    else:
-        raise PrefectConfigError(f"PREFECT_API_URL must be an http(s) URL, got {api_url!r}")
-    return url + "/events/in"
 
 
 class PrefectEventSink:
@@ -131,52 +93,21 @@ class PrefectEventSink:
         tls_insecure_skip_verify: Optional[bool] = None,
         ssl_cert_file: Optional[str] = None,
     ) -> None:
-        self.api_url = api_url or _env("PREFECT_API_URL")
-        if not self.api_url:
-            raise PrefectConfigError(
-                "No Prefect API URL: pass api_url or set PREFECT_API_URL "
-                "(e.g. http://127.0.0.1:4200/api)"
-            )
-        self.url = events_in_url(self.api_url)
-        api_key = api_key or _env("PREFECT_API_KEY")
-        auth_string = auth_string or _env("PREFECT_API_AUTH_STRING")
-
-        cloud_url = _env("PREFECT_CLOUD_API_URL") or _DEFAULT_CLOUD_API_URL
+        api = resolve_api(api_url, api_key, auth_string,
+                          tls_insecure_skip_verify=tls_insecure_skip_verify,
+                          ssl_cert_file=ssl_cert_file)
+        self.api_url = api.url
+        self.url = api.events_url("in")
         # Prefect Cloud authenticates the HTTP upgrade with the API key and
-        # has no in-band handshake; a self-hosted server wants the handshake.
-        self._cloud = self.api_url.startswith(cloud_url.rstrip("/"))
-        headers: dict[str, str] = {}
-        custom = _env("PREFECT_CLIENT_CUSTOM_HEADERS")
-        if custom:
-            try:
-                parsed = json.loads(custom)
-            except ValueError:
-                raise PrefectConfigError("PREFECT_CLIENT_CUSTOM_HEADERS is not a JSON object") from None
-            if not isinstance(parsed, dict):
-                raise PrefectConfigError("PREFECT_CLIENT_CUSTOM_HEADERS is not a JSON object")
-            headers.update({k: str(v) for k, v in parsed.items() if k.lower() not in _PROTECTED_HEADERS})
-        if self._cloud:
-            if not api_key:
-                raise PrefectConfigError("Prefect Cloud needs an API key: pass api_key or set PREFECT_API_KEY")
-            headers["Authorization"] = f"bearer {api_key}"
-            self._token: Optional[str] = None
-        else:
-            # Prefect sends the auth string as the handshake token, and also
-            # as Basic auth because proxies may check the upgrade request.
-            # Prefect ignores the API key against a self-hosted server; we
-            # offer it as the token when there is no auth string, which an
-            # open server ignores and a protected one reports as invalid.
-            self._token = auth_string or api_key
-            if auth_string:
-                basic = base64.b64encode(auth_string.encode()).decode()
-                headers["Authorization"] = f"Basic {basic}"
-            elif api_key:
-                headers["Authorization"] = f"Bearer {api_key}"
-        self._headers = headers
-
-        if tls_insecure_skip_verify is None:
-            tls_insecure_skip_verify = _truthy(_env("PREFECT_API_TLS_INSECURE_SKIP_VERIFY"))
-        self._ssl = self._ssl_context(tls_insecure_skip_verify, ssl_cert_file or _env("PREFECT_API_SSL_CERT_FILE"))
+        # has no in-band handshake; a self-hosted server wants the handshake
+        # (and proxies may check the upgrade, so it carries the credentials
+        # too, as Prefect's client sends them).
+        self._cloud = api.cloud
+        if self._cloud and not api.api_key:
+            raise PrefectConfigError("Prefect Cloud needs an API key: pass api_key or set PREFECT_API_KEY")
+        self._token: Optional[str] = None if self._cloud else api.ws_token
+        self._headers = api.http_headers()
+        self._ssl = api.ssl_context()
 
         if checkpoint_every < 1 or reconnection_attempts < 0:
             raise PrefectConfigError("checkpoint_every must be >= 1 and reconnection_attempts >= 0")
@@ -195,25 +126,6 @@ class PrefectEventSink:
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._ws: Optional[ClientConnection] = None
         self._connected_once = False
-
-    def _ssl_context(self, insecure: bool, cert_file: Optional[str]) -> Optional[ssl.SSLContext]:
-        if not self.url.startswith("wss://"):
-            return None
-        if insecure:
-            ctx = ssl.create_default_context()
-            ctx.check_hostname = False
-            ctx.verify_mode = ssl.CERT_NONE
-            return ctx
-        if not cert_file:
-            try:  # Prefect verifies against certifi's bundle by default.
-                import certifi
-
-                cert_file = certifi.where()
-            except ImportError:
-                pass
-        return ssl.create_default_context(cafile=cert_file)
-
-    # -- public ---------------------------------------------------------------
 
     def export(self, events: Sequence[Event]) -> None:
         """Deliver `events` in order; returns when all are confirmed."""

@@ -16,7 +16,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import httpx
 
-from otel_bridge.sources.prefect_ws import PrefectApi
+from otel_bridge._prefect_api import resolve_api
 
 __all__ = ["build_event_filter", "page_token", "read_events", "read_all_events", "PAGE_SIZE"]
 
@@ -76,12 +76,6 @@ def build_event_filter(
     return flt
 
 
-def _headers(api_key: Optional[str]) -> dict[str, str]:
-    # The same Authorization header as the subscription's (PrefectApi), so
-    # there is one place that knows how Prefect's client authenticates.
-    return {"Accept": "application/json", **PrefectApi("", api_key=api_key).http_headers()}
-
-
 def page_token(next_page: str) -> str:
     # The server builds next_page from the URL *it* was reached at, which is
     # wrong behind a proxy; take only the token and ask our own api_url.
@@ -125,12 +119,12 @@ def read_events(
             related_resource_ids=related_resource_ids,
         )
     )
-    base = api_url.rstrip("/")
-    all_headers = _headers(api_key)
-    all_headers.update(headers or {})
+    api = resolve_api(api_url, api_key)  # with the rest of Prefect's settings
+    base = api.url
+    all_headers = {"Accept": "application/json", **api.http_headers(), **(headers or {})}
 
     own_client = client is None
-    http = client or httpx.Client(timeout=timeout)
+    http = client or httpx.Client(timeout=timeout, verify=api.ssl_context() or True)
     try:
         resp = http.post(
             f"{base}/events/filter",

@@ -180,12 +180,13 @@ class PrefectSubscription:
         return self._fresh.delivered
 
     async def start(self) -> "PrefectSubscription":
-        self._http = httpx.AsyncClient(timeout=self.http_timeout)
+        self._http = httpx.AsyncClient(timeout=self.http_timeout,
+                                       verify=self.api.ssl_context() or True)
         if self.live:
             self._stream = ReconnectingEventStream(
                 self.api.url,
                 {"event": {"prefix": list(self.event_prefixes)}},
-                api_key=self.api.ws_token,
+                api=self.api,
                 since=self.since,
                 backoff=self.backoff,
                 # Backfill only the part REST has not reconciled yet.

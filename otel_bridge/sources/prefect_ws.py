@@ -26,10 +26,8 @@ filter, a URL that is not a Prefect API) raise at once instead.
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import logging
-import os
 import random
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -44,6 +42,9 @@ from websockets.exceptions import (
     InvalidURI,
 )
 from websockets.typing import Subprotocol
+
+from otel_bridge._prefect_api import PrefectApi, events_socket_url, resolve_api
+from otel_bridge._version import __version__
 
 logger = logging.getLogger(__name__)
 
@@ -63,57 +64,6 @@ __all__ = [
 
 class PrefectStreamError(RuntimeError):
     """The server refused the subscription (auth or filter) or broke protocol."""
-
-
-@dataclass(frozen=True)
-class PrefectApi:
-    """Where the Prefect API is and how to authenticate to it."""
-
-    url: str
-    api_key: Optional[str] = None
-    auth_string: Optional[str] = None
-
-    @property
-    def ws_token(self) -> Optional[str]:
-        # The token of the websocket auth frame: the key (Cloud) or else the
-        # self-hosted auth string, in that order, as PrefectEventSubscriber does.
-        return self.api_key or self.auth_string
-
-    def http_headers(self) -> dict[str, str]:
-        # PrefectClient prefers the auth string (Basic) over the key (Bearer).
-        if self.auth_string:
-            token = base64.b64encode(self.auth_string.encode()).decode()
-            return {"Authorization": f"Basic {token}"}
-        if self.api_key:
-            return {"Authorization": f"Bearer {self.api_key}"}
-        return {}
-
-
-def resolve_api(
-    api_url: Optional[str] = None,
-    api_key: Optional[str] = None,
-    auth_string: Optional[str] = None,
-    *,
-    env: Optional[dict[str, str]] = None,
-) -> PrefectApi:
-    """Arguments first, then PREFECT_API_URL / PREFECT_API_KEY / PREFECT_API_AUTH_STRING.
-
-    Raises ValueError for a missing or non-http URL: a sidecar should fail at
-    start with a readable message, not retry a URL that can never work.
-    """
-    env = os.environ if env is None else env
-    url = api_url or env.get("PREFECT_API_URL")
-    if not url:
-        raise ValueError("no Prefect API URL: pass api_url or set PREFECT_API_URL")
-    if not url.startswith(("http://", "https://")):
-        raise ValueError(
-            f"Prefect API URL must be http(s)://host[:port]/api, got {url!r}"
-        )
-    return PrefectApi(
-        url=url.rstrip("/"),
-        api_key=api_key or env.get("PREFECT_API_KEY") or None,
-        auth_string=auth_string or env.get("PREFECT_API_AUTH_STRING") or None,
-    )
 
 
 def parse_occurred(value: str) -> datetime:
@@ -165,8 +115,7 @@ class Backoff:
 
 def events_out_url(api_url: str) -> str:
     """http(s)://host/api -> ws(s)://host/api/events/out, as Prefect does it."""
-    ws = api_url.replace("https://", "wss://").replace("http://", "ws://").rstrip("/")
-    return ws + "/events/out"
+    return events_socket_url(api_url, "out")
 
 
 def live_filter(
@@ -202,17 +151,20 @@ class PrefectEventStream:
 
     def __init__(
         self,
-        api_url: str,
+        api_url: Optional[str] = None,
         event_filter: Optional[dict[str, Any]] = None,
         *,
         backfill: bool = False,
         api_key: Optional[str] = None,
         open_timeout: float = 10.0,
+        api: Optional[PrefectApi] = None,
     ) -> None:
-        self.url = events_out_url(api_url)
+        # `api`: where and how, as `resolve_api` gives it (the URL, key and
+        # the rest of Prefect's settings from the environment otherwise)
+        self.api = api if api is not None else resolve_api(api_url, api_key)
+        self.url = self.api.events_url("out")
         self.event_filter = live_filter(event_filter)
         self.backfill = backfill
-        self.api_key = api_key
         self.open_timeout = open_timeout
         self._ws: Optional[ClientConnection] = None
 
@@ -232,6 +184,9 @@ class PrefectEventStream:
         ws = await connect(
             self.url,
             subprotocols=[Subprotocol("prefect")],
+            additional_headers=self.api.http_headers(),
+            user_agent_header=f"otel-bridge/{__version__}",
+            ssl=self.api.ssl_context(),
             open_timeout=self.open_timeout,
             # Event frames can be large (a state message alone may be 100 kB,
             # an event up to 1.5 MB); the default 1 MiB limit would kill the
@@ -247,7 +202,7 @@ class PrefectEventStream:
 
     async def _handshake(self, ws: ClientConnection) -> None:
         if ws.subprotocol == "prefect":
-            await ws.send(json.dumps({"type": "auth", "token": self.api_key}))
+            await ws.send(json.dumps({"type": "auth", "token": self.api.ws_token}))
             try:
                 reply = json.loads(await ws.recv())
             except ConnectionClosed as exc:
@@ -379,9 +334,10 @@ class ReconnectingEventStream:
         resume_margin: timedelta = timedelta(seconds=60),
         resume_floor: Optional[Callable[[], Optional[datetime]]] = None,
         open_timeout: float = 10.0,
+        api: Optional[PrefectApi] = None,
     ) -> None:
-        self.api = resolve_api(api_url, api_key)
-        self.url = events_out_url(self.api.url)
+        self.api = api if api is not None else resolve_api(api_url, api_key)
+        self.url = self.api.events_url("out")
         self.event_filter = {k: v for k, v in (event_filter or {}).items() if k != "occurred"}
         self.since = since or datetime.now(timezone.utc)
         self.backoff = backoff
@@ -419,8 +375,8 @@ class ReconnectingEventStream:
             flt,
             # The first connection starts now; later ones replay the gap.
             backfill=self.connections > 0,
-            api_key=self.api.ws_token,
             open_timeout=self.open_timeout,
+            api=self.api,
         )
         await asyncio.wait_for(stream._open(), self.open_timeout * 2)
         return stream

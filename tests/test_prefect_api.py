@@ -18,6 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 from factories import task_run_events
+from support.relay import relay
 
 from otel_bridge._prefect_api import PrefectConfigError, events_socket_url, resolve_api
 from otel_bridge.demo.server import LocalPrefectServer
@@ -111,18 +112,7 @@ class TlsGateway:
         self.passed += 1
         up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
         up_writer.write(head)
-
-        async def pipe(src, dst):
-            try:
-                while data := await src.read(65536):
-                    dst.write(data)
-                    await dst.drain()
-            except (ConnectionError, OSError):
-                pass
-            finally:
-                dst.close()
-
-        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer),
+        await asyncio.gather(relay(reader, up_writer), relay(up_reader, writer),
                              return_exceptions=True)
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from support.relay import relay
 
 from otel_bridge.demo.server import LocalPrefectServer
 from otel_bridge.sources.prefect_rest import read_all_events
@@ -78,19 +79,9 @@ class CuttableProxy:
             writer.transport.abort()
             return
         self._transports.update({writer.transport, up_writer.transport})
-
-        async def pipe(src, dst):
-            try:
-                while data := await src.read(65536):
-                    dst.write(data)
-                    await dst.drain()
-            except (ConnectionError, OSError):
-                pass
-            finally:
-                dst.transport.abort()
-
         try:
-            await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+            await asyncio.gather(relay(reader, up_writer, abort=True),
+                                 relay(up_reader, writer, abort=True))
         except asyncio.CancelledError:
             pass  # the event loop is closing under us at the end of a test
         finally:

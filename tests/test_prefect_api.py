@@ -57,8 +57,9 @@ def test_settings_come_from_arguments_then_prefects_variables():
 
 
 def test_prefect_cloud_gets_the_key():
-    api = resolve_api(env={"PREFECT_API_URL": "https://api.prefect.cloud/api/accounts/a/workspaces/w",
-                           "PREFECT_API_KEY": "pnu_x", "PREFECT_API_AUTH_STRING": "u:p"})
+    api = resolve_api(env={
+        "PREFECT_API_URL": "https://api.prefect.cloud/api/accounts/a/workspaces/w",
+        "PREFECT_API_KEY": "pnu_x", "PREFECT_API_AUTH_STRING": "u:p"})
     assert api.cloud and api.ws_token == "pnu_x"
     assert api.http_headers() == {"Authorization": "Bearer pnu_x"}
     assert resolve_api(env={"PREFECT_API_URL": "https://cloud.internal/api/x",
@@ -105,7 +106,8 @@ class TlsGateway:
             return
         if f"\r\n{GATE[0]}: {GATE[1]}\r\n".lower().encode() not in head.lower():
             self.refused += 1
-            writer.write(b"HTTP/1.1 403 Forbidden\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+            writer.write(b"HTTP/1.1 403 Forbidden\r\ncontent-length: 0\r\n"
+                         b"connection: close\r\n\r\n")
             await writer.drain()
             writer.close()
             return

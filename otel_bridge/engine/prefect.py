@@ -66,7 +66,13 @@ from otel_bridge.translate.forward import (
 )
 from otel_bridge.translate.ids import span_id_for
 
-from ._prefect_events import TASK_RUN_PREFIX, is_task_run_state, read_prefect, span_of, task_run_span
+from ._prefect_events import (
+    TASK_RUN_PREFIX,
+    is_task_run_state,
+    read_prefect,
+    span_of,
+    task_run_span,
+)
 from ._tracing import bridge_tracer, record_span, tracer_provider_from_env
 
 __all__ = ["TaskRunSpan", "aflush", "disable", "enable", "flush", "is_enabled"]

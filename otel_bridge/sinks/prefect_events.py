@@ -104,7 +104,8 @@ class PrefectEventSink:
         # too, as Prefect's client sends them).
         self._cloud = api.cloud
         if self._cloud and not api.api_key:
-            raise PrefectConfigError("Prefect Cloud needs an API key: pass api_key or set PREFECT_API_KEY")
+            raise PrefectConfigError(
+                "Prefect Cloud needs an API key: pass api_key or set PREFECT_API_KEY")
         self._token: Optional[str] = None if self._cloud else api.ws_token
         self._headers = api.http_headers()
         self._ssl = api.ssl_context()

@@ -160,6 +160,10 @@ def test_sink_subscription_and_rest_reach_prefect_behind_tls_and_a_gateway(tmp_p
                         if wanted <= got:
                             return
                 await asyncio.wait_for(collect(), 60)
+                for _ in range(120):  # and its REST passes go through the gateway too
+                    if sub.stats.rest_pages > 0:
+                        break
+                    await asyncio.sleep(0.25)
                 stats = sub.stats
             # without the gateway's header: refused, a clear HTTP error
             monkeypatch.delenv("PREFECT_CLIENT_CUSTOM_HEADERS")

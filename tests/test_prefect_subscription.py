@@ -299,6 +299,21 @@ async def _first_event(sub: PrefectSubscription, timeout: float):
             return event
 
 
+def test_a_paged_read_asks_for_each_next_page_at_our_own_url():
+    from otel_bridge.sources.prefect_rest import page_requests
+
+    flt = {"occurred": {"since": "a", "until": "b"}}
+    requests = page_requests("https://us/api", flt, 50)
+    assert next(requests) == ("POST", "https://us/api/events/filter",
+                              {"json": {"filter": flt, "limit": 50}})
+    # the server names itself as it was reached (wrong behind a proxy): only its token is used
+    page = {"events": [], "next_page": "http://internal:4200/api/events/filter/next?page-token=T1"}
+    assert requests.send(page) == ("GET", "https://us/api/events/filter/next",
+                                   {"params": {"page-token": "T1"}})
+    with pytest.raises(StopIteration):
+        requests.send({"events": [], "next_page": None})
+
+
 def test_backoff_gives_up_at_max_attempts_with_the_last_error():
     cause = ConnectionRefusedError("nobody there")
     Backoff(max_attempts=None).check_attempts(10_000, "on ws://x", cause)  # for ever

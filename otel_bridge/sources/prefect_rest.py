@@ -11,14 +11,15 @@ token, so a paged read is a consistent query even while new events arrive.
 from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import Any, Generator, Iterator, Optional, Sequence, Union
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
 
 from otel_bridge._prefect_api import resolve_api
 
-__all__ = ["build_event_filter", "page_token", "read_events", "read_all_events", "PAGE_SIZE"]
+__all__ = ["build_event_filter", "page_requests", "page_token", "read_events",
+           "read_all_events", "PAGE_SIZE"]
 
 # The server's maximum (INTERACTIVE_PAGE_SIZE); larger limits are rejected (422).
 PAGE_SIZE = 50
@@ -76,6 +77,19 @@ def build_event_filter(
     return flt
 
 
+def page_requests(api_url: str, event_filter: dict[str, Any], page_size: int = PAGE_SIZE,
+                  ) -> Generator[tuple[str, str, dict[str, Any]], dict[str, Any], None]:
+    """The requests of a paged read, as (method, URL, httpx arguments); send
+    each page's JSON back in to get the next request. The one place that
+    knows the protocol, for the sync reader below and the subscription's
+    async one."""
+    page = yield "POST", f"{api_url}/events/filter", {
+        "json": {"filter": event_filter, "limit": page_size}}
+    while page.get("next_page"):
+        page = yield "GET", f"{api_url}/events/filter/next", {
+            "params": {"page-token": page_token(page["next_page"])}}
+
+
 def page_token(next_page: str) -> str:
     # The server builds next_page from the URL *it* was reached at, which is
     # wrong behind a proxy; take only the token and ask our own api_url.
@@ -125,26 +139,19 @@ def read_events(
 
     own_client = client is None
     http = client or httpx.Client(timeout=timeout, verify=api.ssl_context() or True)
+    requests = page_requests(base, flt, page_size)
     try:
-        resp = http.post(
-            f"{base}/events/filter",
-            json={"filter": flt, "limit": page_size},
-            headers=all_headers,
-        )
-        resp.raise_for_status()
-        page = resp.json()
+        request = next(requests)
         while True:
-            yield from page["events"]
-            next_page = page.get("next_page")
-            if not next_page:
-                return
-            resp = http.get(
-                f"{base}/events/filter/next",
-                params={"page-token": page_token(next_page)},
-                headers=all_headers,
-            )
+            method, url, arguments = request
+            resp = http.request(method, url, headers=all_headers, **arguments)
             resp.raise_for_status()
             page = resp.json()
+            yield from page["events"]
+            try:
+                request = requests.send(page)
+            except StopIteration:
+                return
     finally:
         if own_client:
             http.close()

@@ -43,7 +43,7 @@ from typing import Any, AsyncIterator, Optional, Sequence
 
 import httpx
 
-from otel_bridge.sources.prefect_rest import PAGE_SIZE, page_token, build_event_filter
+from otel_bridge.sources.prefect_rest import PAGE_SIZE, build_event_filter, page_requests
 from otel_bridge.sources.prefect_ws import (
     Backoff,
     PrefectStreamError,
@@ -338,21 +338,17 @@ class PrefectSubscription:
         assert self._http is not None
         flt = build_event_filter(since, until, event_prefixes=self.event_prefixes)
         headers = {"Accept": "application/json", **self.api.http_headers()}
-        resp = await self._http.post(
-            f"{self.api.url}/events/filter",
-            json={"filter": flt, "limit": self.page_size},
-            headers=headers,
-        )
+        requests = page_requests(self.api.url, flt, self.page_size)
+        request = next(requests)
         while True:
+            method, url, arguments = request
+            resp = await self._http.request(method, url, headers=headers, **arguments)
             resp.raise_for_status()
             self._stats.rest_pages += 1
             page = resp.json()
             for event in page["events"]:
                 yield event
-            if not page.get("next_page"):
+            try:
+                request = requests.send(page)
+            except StopIteration:
                 return
-            resp = await self._http.get(
-                f"{self.api.url}/events/filter/next",
-                params={"page-token": page_token(page["next_page"])},
-                headers=headers,
-            )

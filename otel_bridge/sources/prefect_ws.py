@@ -43,7 +43,7 @@ from websockets.exceptions import (
 )
 from websockets.typing import Subprotocol
 
-from otel_bridge._prefect_api import PrefectApi, events_socket_url, resolve_api
+from otel_bridge._prefect_api import PrefectApi, resolve_api
 from otel_bridge._version import __version__
 
 logger = logging.getLogger(__name__)
@@ -56,7 +56,6 @@ __all__ = [
     "parse_occurred",
     "resolve_api",
     "PrefectStreamError",
-    "events_out_url",
     "live_filter",
     "subscribe",
 ]
@@ -111,11 +110,6 @@ class Backoff:
         while self.max_attempts is None or attempt < self.max_attempts:
             yield self.delay(attempt)
             attempt += 1
-
-
-def events_out_url(api_url: str) -> str:
-    """http(s)://host/api -> ws(s)://host/api/events/out, as Prefect does it."""
-    return events_socket_url(api_url, "out")
 
 
 def live_filter(

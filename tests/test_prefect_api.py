@@ -140,11 +140,9 @@ def test_sink_subscription_and_rest_reach_prefect_behind_tls_and_a_gateway(tmp_p
     wanted = {str(e.id) for e in events}
 
     with LocalPrefectServer(extra_env={"PREFECT_SERVER_API_AUTH_STRING": AUTH_STRING}) as server:
-        holder: dict = {}
 
         async def scenario():
             gateway = await TlsGateway(server.port, cert, key).start()
-            holder["gateway"] = gateway
             url = f"https://127.0.0.1:{gateway.port}/api"
             got: set[str] = set()
             async with PrefectSubscription(url, reconcile_interval=0.5, settle_delay=1.0,
@@ -182,10 +180,9 @@ def test_sink_subscription_and_rest_reach_prefect_behind_tls_and_a_gateway(tmp_p
                     break
                 await asyncio.sleep(0.5)
             await gateway.close()
-            return got, stats, stored
+            return gateway, got, stats, stored
 
-        got, stats, stored = asyncio.run(scenario())
-    gateway = holder["gateway"]
+        gateway, got, stats, stored = asyncio.run(scenario())
     assert wanted <= got and wanted <= stored
     assert stats.rest_pages > 0  # REST through the gateway, not only the websocket
     # the sink's socket, the subscription's socket and its REST client at least

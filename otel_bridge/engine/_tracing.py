@@ -252,15 +252,29 @@ def _fill_directly(span: trace.Span, final: Span, with_attributes: bool) -> bool
             return False  # the public API warns about an ended span
         span._name = final.name
         if with_attributes:
-            stored.update(final.attributes)  # empty before: the order is final's
-            for key in [k for k, v in stored.items() if type(v) is list]:
-                stored[key] = tuple(stored[key])
+            _store(stored, final.attributes)  # empty before: the order is final's
         events = span._events
         for event in final.events:
-            frozen = BoundedAttributes(max_event_attributes, immutable=True)
-            frozen._dict = dict(event.attributes)
-            events.append(SdkEvent(event.name, frozen, event.time_unix_nano))
+            events.append(SdkEvent(event.name, _frozen(event.attributes, max_event_attributes),
+                                   event.time_unix_nano))
     return True
+
+
+def _store(stored: dict, attributes: Mapping[str, Any]) -> None:
+    """Put attributes the SDK would keep as they are into its store, as its
+    `set_attributes` keeps them (lists become tuples)."""
+    stored.update(attributes)
+    for key, value in stored.items():  # (values replaced, none added: safe)
+        if type(value) is list:
+            stored[key] = tuple(value)
+
+
+def _frozen(attributes: Mapping[str, Any], most: Optional[int]) -> BoundedAttributes:
+    """An event's or link's attributes as the SDK freezes them, when it would
+    keep every one (span events and links carry strings only)."""
+    frozen = BoundedAttributes(most, immutable=True)
+    frozen._dict = dict(attributes)
+    return frozen
 
 
 def record_span(found: tuple[SdkTracer, _DeterministicIds], final: Span) -> bool:
@@ -339,22 +353,16 @@ def _record_directly(tracer: SdkTracer, final: Span) -> Optional[bool]:
     if sampling.attributes:  # (the SDK's samplers that ignore attributes add none)
         return None
     attributes = BoundedAttributes(limits.max_span_attributes, immutable=True)
-    stored = attributes._dict
-    stored.update(final.attributes)
-    for key, value in stored.items():  # (values replaced, none added: safe)
-        if type(value) is list:
-            stored[key] = tuple(value)
+    _store(attributes._dict, final.attributes)
     events = BoundedList(limits.max_events)
     for event in final.events:
-        frozen = BoundedAttributes(limits.max_event_attributes, immutable=True)
-        frozen._dict = dict(event.attributes)
-        events.append(SdkEvent(event.name, frozen, event.time_unix_nano))
+        events.append(SdkEvent(event.name, _frozen(event.attributes, limits.max_event_attributes),
+                               event.time_unix_nano))
     links = BoundedList(limits.max_links)
     for link in final.links:
-        frozen = BoundedAttributes(limits.max_link_attributes, immutable=True)
-        frozen._dict = dict(link.attributes)
         links.append(Link(SpanContext(link.trace_id, link.span_id, is_remote=True,
-                                      trace_flags=TraceFlags(link.trace_flags)), frozen))
+                                      trace_flags=TraceFlags(link.trace_flags)),
+                          _frozen(link.attributes, limits.max_link_attributes)))
     flags = _SAMPLED if decision.is_sampled() else _NOT_SAMPLED
     status = (Status(final.status_code, final.status_message or None)
               if final.status_code is not StatusCode.UNSET else _UNSET)

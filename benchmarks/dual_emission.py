@@ -5,8 +5,9 @@
 Each task run goes Pending > Running > Completed (three state changes) around
 a task body that does nothing, so every figure is pure overhead. Side by side,
 in one process, with the same OpenTelemetry SDK pipeline (a TracerProvider
-with a SimpleSpanProcessor and an exporter that drops the spans, so export
-cost is counted in line and no I/O is):
+with a SimpleSpanProcessor and an exporter that encodes the spans to OTLP
+protobuf, as the SDK's OTLP exporters do, and drops the bytes: export is
+counted in line, no I/O is):
 
   none             the bare loop: no telemetry
   prefect-otel     Prefect 3.9.1's own telemetry (`RunTelemetry`, what its
@@ -18,6 +19,13 @@ cost is counted in line and no I/O is):
                    objects (TaskRun, states) built beforehand, not timed.
                    Spans only: Prefect's engine builds and sends the three
                    events on top of this, always.
+  prefect-events   Prefect 3.9.1's own events of a task run, as its task
+                   engine makes them (`emit_task_run_state_change_event` per
+                   state: the payload, `Event` validated, its size checked,
+                   handed to the events worker), in the same flow run, to a
+                   stand-in for the events worker that counts them. What the
+                   worker then does (related resources from the run context,
+                   JSON, the socket) is not counted: this line is a floor.
   dual             otel_bridge.engine.TaskRunTracker, the whole of dual
                    emission for an engine that is not Prefect's: the three
                    Prefect events (built as Prefect's engine builds them,
@@ -41,12 +49,13 @@ cost is counted in line and no I/O is):
     events worker  what Prefect's events worker thread does after sending
                    each event (the span is made there, at the final state)
 
-Lines set side by side: prefect-otel against prefect-dual is like for like
-(span telemetry of a Prefect task run, with and without otel-bridge);
-prefect-otel against dual is not, since dual also builds the three events,
-which Prefect's engine builds outside what prefect-otel times; dual-span is
-the part of dual to set against prefect-otel. `prefect_flow.py` measures
-whole flows against a real server.
+Lines set side by side, like for like:
+* an engine's telemetry, events and span: dual against Prefect's own,
+  prefect-events + prefect-otel;
+* the span side only: dual-span and prefect-dual against prefect-otel;
+* a Prefect task run's telemetry in all, Prefect's events either way:
+  prefect-events + prefect-dual against prefect-events + prefect-otel.
+`prefect_flow.py` measures whole flows against a real server.
 
 Prints the median of ROUNDS rounds of RUNS task runs each (the lines take
 turns round by round); asserts nothing. The inputs made beforehand are
@@ -65,6 +74,7 @@ from typing import Callable, Sequence
 from uuid import uuid4
 
 from opentelemetry import trace
+from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
 
@@ -72,12 +82,16 @@ from otel_bridge.engine import FlowRunRef, TaskRunTracker
 from otel_bridge.translate.ids import span_id_for, trace_id_for
 
 
-class DropExporter(SpanExporter):
+class EncodingExporter(SpanExporter):
+    """The CPU side of the SDK's OTLP exporters (`encode_spans`, then the
+    protobuf bytes), the bytes counted and dropped."""
+
     def __init__(self):
-        self.spans = 0
+        self.spans = self.bytes = 0
 
     def export(self, spans: Sequence) -> SpanExportResult:
         self.spans += len(spans)
+        self.bytes += len(encode_spans(spans).SerializeToString())
         return SpanExportResult.SUCCESS
 
     def shutdown(self) -> None:
@@ -112,6 +126,48 @@ def bench_prefect(runs: int) -> Callable[[], None]:
         with context:
             for task_run, (pending, running, completed) in zip(task_runs, states):
                 prefect_task_run(RunTelemetry(), task_run, pending, running, completed)
+    return go
+
+
+def bench_prefect_events(runs: int) -> Callable[[], None]:
+    from prefect.client.schemas.objects import TaskRun
+    from prefect.events.clients import PrefectEventsClient
+    from prefect.events.worker import EventsWorker
+    from prefect.states import Completed, Pending, Running
+    from prefect.utilities.engine import emit_task_run_state_change_event
+
+    class CountingWorker:
+        """What `emit_event` asks of the events worker: a client type of
+        Prefect's own (else it emits nothing) and `send`."""
+        client_type = PrefectEventsClient
+        events = 0
+
+        def send(self, event) -> None:
+            self.events += 1
+
+    flow_run_id = uuid4()
+    task_runs = [TaskRun(id=uuid4(), name=f"extract-{i:03x}", task_key="extract-0123abcd",
+                         dynamic_key=str(i), flow_run_id=flow_run_id, tags=["etl"])
+                 for i in range(runs)]
+    states = [(Pending(), Running(), Completed()) for _ in range(runs)]
+    context = in_flow_run(flow_run_id)
+
+    def go():
+        worker = CountingWorker()
+        instance = EventsWorker.__dict__["instance"]
+        EventsWorker.instance = classmethod(lambda cls, client_type=None: worker)
+        try:
+            with context:
+                for task_run, (pending, running, completed) in zip(task_runs, states):
+                    # as the task engine calls it, each event following the one before
+                    sent = emit_task_run_state_change_event(task_run, None, pending)
+                    sent = emit_task_run_state_change_event(task_run, pending, running,
+                                                            follows=sent)
+                    emit_task_run_state_change_event(task_run, running, completed,
+                                                     follows=sent)
+        finally:
+            EventsWorker.instance = instance
+        assert worker.events == 3 * runs, "Prefect emitted no events (should_emit_events?)"
     return go
 
 
@@ -258,27 +314,34 @@ def medians_us(benches: dict[str, Callable[[], None]], runs: int,
 
 
 def main(runs: int = 2000, rounds: int = 5) -> None:
-    exporter = DropExporter()
+    exporter = EncodingExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     trace.set_tracer_provider(provider)  # Prefect's RunTelemetry uses the global one
     no_sdk = trace.NoOpTracerProvider()
 
     prefect_dual = bench_prefect_dual(runs, provider)
-    results = medians_us({
+    benches = {
         "none": bench_none(runs),
         "prefect-otel": bench_prefect(runs),
+        "prefect-events": bench_prefect_events(runs),
         "dual": bench_dual(runs, provider),
         "dual-events": bench_dual(runs, no_sdk),
         "prefect-dual": prefect_dual,
-    }, runs, rounds)
+    }
+    results = medians_us(benches, runs, rounds)
     results["dual-span"] = results["dual"] - results["dual-events"]
     results["prefect-dual"] = results.pop("prefect-dual")
     parts = prefect_dual.parts[1:]  # (the first is the warm-up)
     results["  task thread"] = statistics.median(task for task, _ in parts)
     results["  events worker"] = statistics.median(worker for _, worker in parts)
+    span_bytes = {}
+    for name in ("prefect-otel", "dual", "prefect-dual"):
+        exporter.spans = exporter.bytes = 0
+        benches[name]()
+        assert exporter.spans == runs
+        span_bytes[name] = exporter.bytes / runs
     early, final = bench_dual_states(runs, provider)
-    assert exporter.spans > 0
 
     print(f"{runs} task runs x {rounds} rounds, 3 state changes each; "
           "median microseconds per task run")
@@ -287,15 +350,30 @@ def main(runs: int = 2000, rounds: int = 5) -> None:
         print(f"{name:14} {us:12.1f} {us / 3:17.1f}")
     print(f"dual, by state change: {early:.1f} us for Pending or Running, "
           f"{final:.1f} us for the final state (builds and ends the span)")
-    ratio = (results["dual"] - results["none"]) / (results["prefect-otel"] - results["none"])
-    print(f"dual emission (events + span) costs {ratio:.1f}x Prefect's own span telemetry; "
-          f"its span part alone {results['dual-span'] / results['prefect-otel']:.1f}x")
-    print(f"inside real Prefect (prefect-dual, the spans only: Prefect sends the events "
-          f"anyway) {results['prefect-dual'] / results['prefect-otel']:.1f}x in all; on the "
-          f"task's own thread (what a task run waits for) "
-          f"{results['  task thread'] / results['prefect-otel']:.1f}x, the rest in Prefect's "
-          "events worker thread after each event is sent")
+    print("OTLP bytes per task run span: " + ", ".join(
+        f"{name} {size:,.0f}" for name, size in span_bytes.items()))
+    print("Against Prefect's own telemetry, like for like (x: times its cost):")
+    for line, ours, theirs in comparisons(results):
+        print(f"  {line:58} {ours:6.1f} us vs {theirs:6.1f} us  {ours / theirs:4.2f}x")
 
+
+def comparisons(results: dict[str, float]) -> list[tuple[str, float, float]]:
+    """(what, otel-bridge's cost, Prefect's own) per task run, over the bare loop."""
+    def cost(*names: str) -> float:
+        return sum(results[name] - results["none"] for name in names)
+
+    return [
+        ("an engine's events and span: dual vs prefect-events+otel",
+         cost("dual"), cost("prefect-events", "prefect-otel")),
+        ("its span alone: dual-span vs prefect-otel",
+         results["dual-span"], cost("prefect-otel")),
+        ("inside Prefect, in all: prefect-events+dual vs +otel",
+         cost("prefect-events", "prefect-dual"), cost("prefect-events", "prefect-otel")),
+        ("inside Prefect, the span side: prefect-dual vs prefect-otel",
+         cost("prefect-dual"), cost("prefect-otel")),
+        ("  of which the task's own thread waits for",
+         results["  task thread"], cost("prefect-otel")),
+    ]
 
 if __name__ == "__main__":
     main(*(int(a) for a in sys.argv[1:3]))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from datetime import datetime, timedelta, timezone
 from uuid import UUID, uuid4
 
@@ -434,7 +435,14 @@ def test_the_benchmark_prints_its_figures():
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "dual_emission.py"),
                              "30", "1"], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert result.returncode == 0, result.stderr
-    for row in ("none", "prefect-otel", "dual", "dual-events", "dual-span", "prefect-dual",
-                "  task thread", "  events worker"):
+    for row in ("none", "prefect-otel", "prefect-events", "dual", "dual-events", "dual-span",
+                "prefect-dual", "  task thread", "  events worker"):
         assert f"\n{row} " in result.stdout
     assert "per state change" in result.stdout
+    # every span line exported its spans through the OTLP encoder: otel-bridge's
+    # span carries each state's whole event, Prefect's a few attributes
+    line = result.stdout.split("OTLP bytes per task run span:")[1].splitlines()[0]
+    sizes = dict(re.findall(r"([\w-]+) ([\d,]*\d)", line))
+    assert set(sizes) == {"prefect-otel", "dual", "prefect-dual"}
+    assert int(sizes["dual"].replace(",", "")) > 3 * int(sizes["prefect-otel"].replace(",", ""))
+    assert len(re.findall(r"  \d+\.\d+ us vs +\d+\.\d+ us +\d+\.\d\dx", result.stdout)) == 5

@@ -375,5 +375,6 @@ def comparisons(results: dict[str, float]) -> list[tuple[str, float, float]]:
          results["  task thread"], cost("prefect-otel")),
     ]
 
+
 if __name__ == "__main__":
     main(*(int(a) for a in sys.argv[1:3]))

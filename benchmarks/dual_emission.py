@@ -70,7 +70,7 @@ import gc
 import statistics
 import sys
 import time
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 from uuid import uuid4
 
 from opentelemetry import trace
@@ -109,18 +109,24 @@ def bench_none(runs: int) -> Callable[[], None]:
     return go
 
 
-def bench_prefect(runs: int) -> Callable[[], None]:
+def prefect_task_runs(runs: int) -> tuple[list, list, Any]:
+    """Prefect's TaskRun objects, their three states each, and the context of
+    the flow run they belong to (`in_flow_run`)."""
     from prefect.client.schemas.objects import TaskRun
     from prefect.states import Completed, Pending, Running
-    from prefect.telemetry.run_telemetry import RunTelemetry
 
     flow_run_id = uuid4()
     task_runs = [TaskRun(id=uuid4(), name=f"extract-{i:03x}", task_key="extract-0123abcd",
                          dynamic_key=str(i), flow_run_id=flow_run_id, tags=["etl"])
                  for i in range(runs)]
     states = [(Pending(), Running(), Completed()) for _ in range(runs)]
+    return task_runs, states, in_flow_run(flow_run_id)
 
-    context = in_flow_run(flow_run_id)
+
+def bench_prefect(runs: int) -> Callable[[], None]:
+    from prefect.telemetry.run_telemetry import RunTelemetry
+
+    task_runs, states, context = prefect_task_runs(runs)
 
     def go():
         with context:
@@ -130,10 +136,8 @@ def bench_prefect(runs: int) -> Callable[[], None]:
 
 
 def bench_prefect_events(runs: int) -> Callable[[], None]:
-    from prefect.client.schemas.objects import TaskRun
     from prefect.events.clients import PrefectEventsClient
     from prefect.events.worker import EventsWorker
-    from prefect.states import Completed, Pending, Running
     from prefect.utilities.engine import emit_task_run_state_change_event
 
     class CountingWorker:
@@ -145,12 +149,7 @@ def bench_prefect_events(runs: int) -> Callable[[], None]:
         def send(self, event) -> None:
             self.events += 1
 
-    flow_run_id = uuid4()
-    task_runs = [TaskRun(id=uuid4(), name=f"extract-{i:03x}", task_key="extract-0123abcd",
-                         dynamic_key=str(i), flow_run_id=flow_run_id, tags=["etl"])
-                 for i in range(runs)]
-    states = [(Pending(), Running(), Completed()) for _ in range(runs)]
-    context = in_flow_run(flow_run_id)
+    task_runs, states, context = prefect_task_runs(runs)
 
     def go():
         worker = CountingWorker()

@@ -60,8 +60,8 @@ Lines set side by side, like for like:
 Prints the median of ROUNDS rounds of RUNS task runs each (the lines take
 turns round by round); asserts nothing. The inputs made beforehand are
 frozen out of the garbage collector's way (`gc.freeze`), so no line pays for
-walking another's. Both pipelines drop what they make (spans: an exporter
-that counts; events: a sink that counts), so neither pays to keep it.
+walking another's. Both pipelines drop what they make (spans: once encoded;
+events: a sink that counts them), so neither pays to keep it.
 """
 
 from __future__ import annotations

@@ -6,11 +6,12 @@
 A real Prefect 3.9.1 server runs as a child process; each round runs, for
 each mode in turn (the order turning round by round, a pause between for the
 server to take in the events of the one before), a fresh Python process that
-runs one flow of TASKS sequential tasks doing nothing (after a warm-up flow), waits until Prefect's
-events worker has sent every event, and reports per task run the process's
-CPU time until then (every thread: the task engine, Prefect's events worker,
-the SDK, the HTTP clients) and the wall time of the flow call (what the
-flow waits for; the events worker keeps sending after it). Modes:
+runs one flow of TASKS sequential tasks doing nothing (after a warm-up flow),
+waits until Prefect's events worker has sent every event, and reports per
+task run the process's CPU time until then (every thread: the task engine,
+Prefect's events worker, the SDK, the HTTP clients) and the wall time of the
+flow call (what the flow waits for; the events worker keeps sending after
+it). Modes:
 
   none          no OpenTelemetry SDK: Prefect makes no spans
   prefect-otel  Prefect's own telemetry: an SDK TracerProvider installed

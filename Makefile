@@ -22,8 +22,9 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed backends
 	$(PY) -m pytest
 
-# Jaeger, the OpenTelemetry Collector (and Tempo where it builds), built from
-# source at pinned versions into a cache outside the repo.
+# Jaeger and the OpenTelemetry Collector, built from source at pinned versions
+# into a cache outside the repo. Not Grafana Tempo: it is AGPL-3.0 (the tests
+# check collector-config/tempo.yaml and our output against its limits instead).
 backends:
 	scripts/build-backends.sh
 

@@ -4,16 +4,14 @@
 #
 #   ${OTEL_BRIDGE_CACHE:-$HOME/.cache/otel-bridge}/bin/jaeger          Jaeger v2
 #   ${OTEL_BRIDGE_CACHE:-$HOME/.cache/otel-bridge}/bin/otelcol-bridge  OpenTelemetry Collector (ocb)
-#   ${OTEL_BRIDGE_CACHE:-$HOME/.cache/otel-bridge}/bin/tempo           Grafana Tempo (optional)
 #
 # Each binary has a stamp file next to it (<name>.version); a binary whose
 # stamp matches the pinned version is not rebuilt. GOPATH, the module cache
 # and the build cache live under the same cache dir, so a rebuild is fast.
 #
-# Tempo is optional: when it does not build, the error is printed, written to
-# bin/tempo.build-error (with a stamp, so later runs do not retry it; set
-# OTEL_BRIDGE_RETRY_TEMPO=1 to retry, OTEL_BRIDGE_SKIP_TEMPO=1 to not try),
-# and the script goes on. It exits non-zero when Jaeger or the Collector fails.
+# Grafana Tempo is not built: it is AGPL-3.0, and the project uses no AGPL
+# software, not even in tests (collector-config/tempo.yaml still sends to it).
+# The script exits non-zero when Jaeger or the Collector fails.
 #
 # Builds run under `nice` (NICE, default 10): they are CPU-heavy.
 set -euo pipefail
@@ -28,14 +26,6 @@ JAEGER_RELEASE=v2.13.0
 # component at this same version.
 OCB_MODULE=go.opentelemetry.io/collector/cmd/builder
 OCB_VERSION=v0.165.0
-# Grafana Tempo. Its v2.x release tags are not valid Go module versions (the
-# module path has no /v2 suffix, so they exist only as pseudo-versions), and
-# the Go module proxy reachable here serves no pseudo-version of it: the only
-# Tempo release that can be built is v1.5.0 (2022; no TraceQL: /api/search
-# takes tags=, not q=). Two build fixes for today's Go, see build_tempo.
-TEMPO_MODULE=github.com/grafana/tempo
-TEMPO_VERSION=v1.5.0
-TEMPO_FIXES="checklinkname=0+gogocodec-init-order"
 
 # ---- layout ----------------------------------------------------------------
 REPO_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -130,36 +120,6 @@ build_collector() {
     mv -f "$BIN/otelcol-bridge.tmp" "$BIN/otelcol-bridge"
 }
 
-# ---- tempo -----------------------------------------------------------------
-build_tempo() {
-    local dir="$SRC/tempo-$TEMPO_VERSION"
-    writable_copy "$TEMPO_MODULE@$TEMPO_VERSION" "$dir" || return 1
-    # The module zip drops vendor/ except modules.txt, which would make go
-    # default to -mod=vendor: build from the module cache instead.
-    rm -rf "$dir/vendor"
-    # Fix 1 (runtime): since Go 1.21 packages initialise in import-path order,
-    # so grpc's own "proto" codec registers AFTER Tempo's gogo codec and
-    # replaces it; the distributor then panics on the first span pushed
-    # ("invalid Go type tempopb.PreallocBytes for field
-    # tempopb.PushBytesRequest.traces"). Importing grpc's codec from the gogo
-    # codec package makes it initialise first, as it did with Go <= 1.20.
-    cat >"$dir/pkg/gogocodec/initorder.go" <<'GO' || return 1
-package gogocodec
-
-// Added by otel-bridge's scripts/build-backends.sh: since Go 1.21 packages are
-// initialised in import-path order, so grpc's own "proto" codec would register
-// after (and replace) this gogo codec. Depending on it makes it init first.
-import _ "google.golang.org/grpc/encoding/proto"
-GO
-    # Fix 2 (link): its golang.org/x/net (2022) reaches syscall.recvmsg through
-    # go:linkname, which the linker refuses since Go 1.23 ("invalid reference
-    # to syscall.recvmsg") unless -checklinkname=0.
-    (cd "$dir" && nice -n "$NICE" go build -mod=mod -trimpath \
-        -ldflags "-s -w -checklinkname=0 -X main.Version=$TEMPO_VERSION -X main.Branch=HEAD -X main.Revision=unknown" \
-        -o "$BIN/tempo.tmp" ./cmd/tempo) || return 1
-    mv -f "$BIN/tempo.tmp" "$BIN/tempo"
-}
-
 # run_build NAME STAMP FUNCTION -> 0 built or up to date, 1 failed
 run_build() {
     local name="$1" stamp="$2" fn="$3" logf="$LOGS/$1-build.log" t0 secs
@@ -185,7 +145,6 @@ run_build() {
 manifest_sum="$(sha256sum "$MANIFEST" | cut -c1-16)"
 JAEGER_STAMP="$JAEGER_MODULE@$JAEGER_MODULE_VERSION (jaeger $JAEGER_RELEASE) $GO_VERSION"
 COLLECTOR_STAMP="$OCB_MODULE@$OCB_VERSION manifest-sha256:$manifest_sum $GO_VERSION"
-TEMPO_STAMP="$TEMPO_MODULE@$TEMPO_VERSION ($TEMPO_FIXES) $GO_VERSION"
 
 failed=()
 total0=$(date +%s)
@@ -193,27 +152,12 @@ total0=$(date +%s)
 run_build jaeger "$JAEGER_STAMP" build_jaeger || failed+=(jaeger)
 run_build otelcol-bridge "$COLLECTOR_STAMP" build_collector || failed+=(otelcol-bridge)
 
-# Tempo is optional.
-if [[ "${OTEL_BRIDGE_SKIP_TEMPO:-0}" == 1 ]]; then
-    log "tempo: skipped (OTEL_BRIDGE_SKIP_TEMPO=1)"
-elif [[ "${OTEL_BRIDGE_RETRY_TEMPO:-0}" != 1 && -f "$BIN/tempo.build-error" \
-        && "$(head -n1 "$BIN/tempo.build-error")" == "$TEMPO_STAMP" ]] && ! stamp_ok tempo "$TEMPO_STAMP"; then
-    log "tempo: not built: an earlier build of $TEMPO_STAMP failed (see $BIN/tempo.build-error;" \
-        "OTEL_BRIDGE_RETRY_TEMPO=1 retries). Tempo is optional: its tests will be skipped."
-else
-    if run_build tempo "$TEMPO_STAMP" build_tempo; then
-        rm -f "$BIN/tempo.build-error"
-    else
-        {
-            printf '%s\n' "$TEMPO_STAMP"
-            # The most telling lines: go's own error lines, else the log's tail.
-            grep -E 'error|cannot|undefined|not available|Forbidden|invalid|panic' "$LOGS/tempo-build.log" | head -n 20 \
-                || tail -n 20 "$LOGS/tempo-build.log"
-        } >"$BIN/tempo.build-error"
-        log "tempo: Grafana Tempo $TEMPO_VERSION did NOT build with $GO_VERSION (optional, continuing)."
-        log "tempo: the error is in $BIN/tempo.build-error; Tempo tests will be skipped."
-    fi
-fi
+# Grafana Tempo is AGPL-3.0: remove what earlier versions of this script built.
+tempo_left=("$BIN/tempo" "$BIN/tempo.version" "$BIN/tempo.tmp" "$BIN/tempo.build-error"
+    "$LOGS/tempo-build.log" "$SRC"/tempo-* "$GOMODCACHE"/github.com/grafana/tempo@*
+    "$GOMODCACHE/cache/download/github.com/grafana/tempo")
+chmod -R u+w "${tempo_left[@]}" 2>/dev/null || true
+rm -rf "${tempo_left[@]}" || log "could not remove all of an earlier Tempo build: ${tempo_left[*]}"
 
 log "done in $(fmt_secs $(($(date +%s) - total0))); binaries in $BIN:"
 ls -l "$BIN" | sed 's/^/    /' >&2

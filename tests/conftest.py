@@ -9,17 +9,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from support import backends  # noqa: E402
 
 
-# One real Jaeger and one real Tempo per test module that asks for them.
+# One real Jaeger per test module that asks for it.
 @pytest.fixture(scope="module")
 def jaeger():
     with backends.jaeger() as j:
         yield j
-
-
-@pytest.fixture(scope="module")
-def tempo():
-    ok, why = backends.tempo_available()
-    if not ok:
-        pytest.skip(why)
-    with backends.tempo() as t:
-        yield t

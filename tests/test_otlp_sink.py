@@ -1,5 +1,5 @@
 """Requests are cut by encoded size: Jaeger and Tempo refuse a request over
-4 MiB whole (tests/test_backend_behaviour.py pins that)."""
+4 MiB whole (tests/test_backend_behaviour.py pins that on Jaeger)."""
 
 from __future__ import annotations
 

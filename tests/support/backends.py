@@ -1,5 +1,8 @@
-"""Real tracing backends for the test suite: Jaeger v2, the OpenTelemetry
-Collector (built with ocb) and, where it builds, Grafana Tempo.
+"""Real tracing backends for the test suite: Jaeger v2 and the OpenTelemetry
+Collector (built with ocb). Grafana Tempo is not among them: it is AGPL-3.0
+and the project runs no AGPL software, not even in tests; where a test stood
+for Tempo, a Collector writing what it receives to a file (:func:`file_collector`)
+takes its place.
 
 The binaries are built from Go modules at pinned versions by
 ``scripts/build-backends.sh`` into a cache outside the repo
@@ -19,9 +22,9 @@ functions and context managers, usable from fixtures or a REPL::
 
     ok, output = validate_collector_config(config_path, env)
 
-    if tempo_available()[0]:
-        with tempo() as t:
-            t.wait_for_trace(trace_id_hex)
+    with file_collector(tmp_path / "copy.jsonl") as c:
+        ...send spans to c.otlp_grpc_endpoint...
+        spans = wait_for_file_trace(tmp_path / "copy.jsonl", trace_id_hex)
 
 Collector configs get their ports from the environment: ``collector()`` sets
 ``OTELCOL_OTLP_GRPC_PORT``, ``OTELCOL_OTLP_HTTP_PORT``, ``OTELCOL_HEALTH_PORT``
@@ -69,7 +72,6 @@ BUILD_SCRIPT = REPO_ROOT / "scripts" / "build-backends.sh"
 
 JAEGER = "jaeger"
 COLLECTOR = "otelcol-bridge"
-TEMPO = "tempo"
 
 LOOPBACK = "127.0.0.1"
 
@@ -142,14 +144,12 @@ def _maybe_build() -> None:
 
 
 def binary(name: str) -> Path:
-    """Path of a built binary (``jaeger``, ``otelcol-bridge``, ``tempo``),
-    building it first if needed. Raises BackendUnavailable when it cannot be had."""
+    """Path of a built binary (``jaeger``, ``otelcol-bridge``), building it
+    first if needed. Raises BackendUnavailable when it cannot be had."""
     _maybe_build()
     path = bin_dir() / name
     if path.is_file() and os.access(path, os.X_OK):
         return path
-    if name == TEMPO:
-        raise BackendUnavailable(f"Tempo not available: {tempo_build_error() or 'not built'}")
     output = (_build_result or (None, ""))[1]
     raise BackendUnavailable(
         f"{path} missing after running {BUILD_SCRIPT}:\n{_tail(output, 40)}"
@@ -168,26 +168,6 @@ def jaeger_binary() -> Path:
 
 def collector_binary() -> Path:
     return binary(COLLECTOR)
-
-
-def tempo_build_error() -> str | None:
-    """The recorded Tempo build error (first line is the version tried), if any."""
-    path = bin_dir() / "tempo.build-error"
-    return path.read_text().strip() if path.is_file() else None
-
-
-def tempo_available() -> tuple[bool, str]:
-    """(True, version) when Tempo is built, else (False, reason naming the error)."""
-    try:
-        binary(TEMPO)
-    except BackendUnavailable as exc:
-        err = tempo_build_error()
-        if err:
-            return False, "Grafana Tempo did not build: " + " | ".join(err.splitlines())
-        if os.environ.get("OTEL_BRIDGE_SKIP_TEMPO") == "1":
-            return False, "Grafana Tempo not built (OTEL_BRIDGE_SKIP_TEMPO=1)"
-        return False, str(exc)
-    return True, binary_version(TEMPO) or "unknown version"
 
 
 # --------------------------------------------------------------------------
@@ -375,7 +355,7 @@ def _backend(name: str, make: Callable[[Path, dict[str, int]], tuple[list[str], 
 
 
 def _write_config(path: Path, config: Mapping[str, Any]) -> Path:
-    # JSON is YAML: the Go YAML parsers all three backends use read it as is.
+    # JSON is YAML: the Go YAML parsers both backends use read it as is.
     path.write_text(json.dumps(config, indent=2) + "\n")
     return path
 
@@ -657,6 +637,36 @@ def file_collector(copy_file: Path, env: Mapping[str, str] | None = None,
     return collector(config, {**(env or {}), "COPY_FILE": str(copy_file)}, **options)
 
 
+def file_spans(copy_file: Path) -> list[dict]:
+    """Every span a :func:`file_collector` wrote to ``copy_file`` so far, as
+    :func:`otlp_json_spans` gives them (a line being written is skipped)."""
+    out: list[dict] = []
+    if not copy_file.is_file():
+        return out
+    for line in copy_file.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            doc = json.loads(line)
+        except ValueError:
+            continue  # the Collector is writing it
+        out.extend(otlp_json_spans(doc))
+    return out
+
+
+def wait_for_file_trace(copy_file: Path, trace_id: str | int, *, min_spans: int = 1,
+                        timeout: float = 30.0) -> list[dict]:
+    """Poll ``copy_file`` until it holds at least ``min_spans`` spans of the
+    trace; returns them (each as often as it was received)."""
+    want = _hex_trace_id(trace_id)
+
+    def spans() -> list[dict] | None:
+        got = [s for s in file_spans(copy_file) if otlp_id_hex(s["traceId"], 16) == want]
+        return got if len(got) >= min_spans else None
+
+    return wait_until(spans, timeout, what=f"trace {want} in {copy_file} ({min_spans}+ spans)")
+
+
 def validate_collector_config(path: str | os.PathLike, env: Mapping[str, str] | None = None,
                               timeout: float = 60.0) -> tuple[bool, str]:
     """``otelcol-bridge validate --config=<path>``: (exit code == 0, output).
@@ -673,126 +683,6 @@ def validate_collector_config(path: str | os.PathLike, env: Mapping[str, str] | 
         stderr=subprocess.STDOUT, text=True, timeout=timeout,
     )
     return proc.returncode == 0, proc.stdout
-
-
-# --------------------------------------------------------------------------
-# Grafana Tempo
-# --------------------------------------------------------------------------
-
-
-def tempo_config(workdir: Path, ports: Mapping[str, int]) -> dict:
-    """Single-binary Tempo (v1.5 schema) with local storage under ``workdir``."""
-    h = LOOPBACK
-    return {
-        # Tempo 1.x: search over recent data (tags=) is opt-in.
-        "search_enabled": True,
-        "server": {
-            "http_listen_address": h,
-            "http_listen_port": ports["http"],
-            "grpc_listen_address": h,
-            "grpc_listen_port": ports["grpc"],
-            "log_level": "info",
-        },
-        "memberlist": {"bind_addr": [h], "bind_port": ports["memberlist"]},
-        "distributor": {
-            "receivers": {
-                "otlp": {
-                    "protocols": {
-                        "grpc": {"endpoint": f"{h}:{ports['otlp_grpc']}"},
-                        "http": {"endpoint": f"{h}:{ports['otlp_http']}"},
-                    },
-                },
-            },
-        },
-        "ingester": {
-            "trace_idle_period": "1s",
-            "lifecycler": {
-                "address": h,
-                "min_ready_duration": "0s",
-                "join_after": "0s",
-                "final_sleep": "0s",
-                "ring": {"kvstore": {"store": "inmemory"}, "replication_factor": 1},
-            },
-        },
-        "storage": {
-            "trace": {
-                "backend": "local",
-                "wal": {"path": str(workdir / "wal")},
-                "local": {"path": str(workdir / "blocks")},
-            },
-        },
-    }
-
-
-class TempoClient:
-    """Tempo's HTTP API."""
-
-    def __init__(self, http_url: str):
-        self.http_url = http_url.rstrip("/")
-
-    def trace(self, trace_id: str | int) -> dict | None:
-        """``/api/traces/<hex>``: OTLP/JSON-ish ({"batches": [...]}), or None."""
-        status, body = http_get_json(f"{self.http_url}/api/traces/{_hex_trace_id(trace_id)}")
-        return body if status == 200 and body else None
-
-    def search(self, q: str | None = None, *, tags: Mapping[str, str] | str | None = None,
-               limit: int = 20, start: int | None = None, end: int | None = None) -> dict:
-        """``/api/search``: ``q`` is TraceQL (Tempo >= 2.0 only; v1.5 ignores
-        it and lists recent traces), ``tags`` the logfmt tag filter
-        (``{"service.name": "x"}`` or ``"service.name=x"``). Returns the JSON
-        ({"traces": [...], "metrics": {...}}), {} on error."""
-        params: dict[str, Any] = {"limit": limit}
-        if q is not None:
-            params["q"] = q
-        if tags:
-            params["tags"] = tags if isinstance(tags, str) else " ".join(
-                f"{k}={v}" for k, v in tags.items())
-        if start is not None:
-            params["start"] = start
-        if end is not None:
-            params["end"] = end
-        status, body = http_get_json(f"{self.http_url}/api/search", params)
-        return body if status == 200 and isinstance(body, dict) else {}
-
-    def wait_for_trace(self, trace_id: str | int, *, min_spans: int = 1,
-                       timeout: float = 30.0) -> dict:
-        return wait_until(
-            lambda: (t := self.trace(trace_id)) and len(otlp_json_spans(t)) >= min_spans and t,
-            timeout, what=f"trace {_hex_trace_id(trace_id)} in Tempo ({min_spans}+ spans)",
-        )
-
-
-@dataclass
-class Tempo(_OtlpReceiver, TempoClient):
-    process: BackendProcess
-    version: str | None = None
-
-    def __post_init__(self) -> None:
-        TempoClient.__init__(self, f"http://{LOOPBACK}:{self.process.ports['http']}")
-
-
-@contextlib.contextmanager
-def tempo(*, timeout: float = 90.0, extra_config: Mapping[str, Any] | None = None,
-          keep_workdir: bool = False) -> Iterator[Tempo]:
-    """Run single-binary Tempo with local storage on free loopback ports;
-    ready when ``/ready`` answers 200. Raises BackendUnavailable when Tempo
-    did not build (see :func:`tempo_available`)."""
-    exe = binary(TEMPO)
-
-    def make(workdir: Path, ports: dict[str, int]):
-        cfg = _deep_merge(tempo_config(workdir, ports), extra_config)
-        path = _write_config(workdir / "tempo.yaml", cfg)
-        return [str(exe), f"-config.file={path}"], path, {}
-
-    def ready(bp: BackendProcess) -> bool:
-        return (http_get(f"http://{LOOPBACK}:{bp.ports['http']}/ready", timeout=2)[0] == 200
-                and port_open(bp.ports["otlp_grpc"]) and port_open(bp.ports["otlp_http"]))
-
-    # Tempo 1.5's receiver shim sleeps 30s on SIGTERM before stopping; its
-    # data is thrown away anyway, so it gets 2s before SIGKILL.
-    with _backend("tempo", make, ["http", "grpc", "memberlist", "otlp_grpc", "otlp_http"],
-                  ready, timeout, keep_workdir, stop_timeout=2.0) as bp:
-        yield Tempo(bp, binary_version(TEMPO))
 
 
 # --------------------------------------------------------------------------
@@ -820,7 +710,7 @@ def jaeger_span(trace: dict, name: str) -> dict:
 
 def otlp_id_hex(value: str, nbytes: int) -> str:
     """An OTLP/JSON id as hex: hex already (OTLP/JSON spec, Jaeger /api/v3) or
-    base64 (protobuf-JSON, as Tempo 1.x returns it)."""
+    base64 (protobuf's own JSON mapping)."""
     if len(value) == 2 * nbytes and all(c in "0123456789abcdefABCDEF" for c in value):
         return value.lower()
     return base64.b64decode(value).hex()
@@ -851,13 +741,12 @@ def otlp_attrs(items: list[dict] | None) -> dict[str, Any]:
 
 def otlp_json_spans(doc: dict) -> list[dict]:
     """Flatten OTLP/JSON traces into span dicts, each with ``resource`` (attrs
-    dict) and ``scope`` added. Accepts ``resourceSpans`` or Tempo's
-    ``batches``, ``scopeSpans`` or the older ``instrumentationLibrarySpans``."""
+    dict) and ``scope`` added."""
     out = []
-    for rs in doc.get("resourceSpans") or doc.get("batches") or []:
+    for rs in doc.get("resourceSpans") or []:
         resource = otlp_attrs((rs.get("resource") or {}).get("attributes"))
-        for ss in rs.get("scopeSpans") or rs.get("instrumentationLibrarySpans") or []:
-            scope = ss.get("scope") or ss.get("instrumentationLibrary") or {}
+        for ss in rs.get("scopeSpans") or []:
+            scope = ss.get("scope") or {}
             for span in ss.get("spans", []):
                 out.append({**span, "resource": resource, "scope": scope})
     return out

@@ -12,6 +12,7 @@ profiles and .env files are not read):
     PREFECT_API_TLS_INSECURE_SKIP_VERIFY  no certificate check
     PREFECT_API_SSL_CERT_FILE             the CA bundle (default: certifi's)
     PREFECT_CLOUD_API_URL                 what counts as Prefect Cloud
+    PREFECT_UI_URL, PREFECT_CLOUD_UI_URL  the UI, for links to a run's page
 """
 
 from __future__ import annotations
@@ -19,11 +20,12 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import ssl
 from dataclasses import dataclass
 from typing import Literal, Mapping, Optional
 
-__all__ = ["PrefectApi", "PrefectConfigError", "events_socket_url", "resolve_api"]
+__all__ = ["PrefectApi", "PrefectConfigError", "events_socket_url", "resolve_api", "ui_url"]
 
 DEFAULT_CLOUD_API_URL = "https://api.prefect.cloud/api/"
 # Headers a custom-header setting must not override (Prefect's list).
@@ -159,3 +161,35 @@ def resolve_api(
         ssl_cert_file=ssl_cert_file or setting("PREFECT_API_SSL_CERT_FILE"),
         cloud=url.startswith(cloud_url),
     )
+
+
+def ui_url(env: Optional[Mapping[str, str]] = None) -> Optional[str]:
+    """The Prefect UI's address, as Prefect works it out
+    (`prefect.settings.models.root.default_ui_url`): PREFECT_UI_URL, else
+    from PREFECT_API_URL (Prefect Cloud's API address becomes its UI's,
+    `/api` goes, `/accounts/` and `/workspaces/` become singular); None when
+    neither is set."""
+    env = os.environ if env is None else env
+    given = (env.get("PREFECT_UI_URL") or "").strip()
+    if given:
+        return given.rstrip("/")
+    api = (env.get("PREFECT_API_URL") or "").strip().rstrip("/")
+    if not api.startswith(("http://", "https://")):
+        return None
+    cloud_api = (env.get("PREFECT_CLOUD_API_URL") or DEFAULT_CLOUD_API_URL).strip().rstrip("/")
+    cloud_ui = (env.get("PREFECT_CLOUD_UI_URL") or "").strip().rstrip("/") or _cloud_ui(cloud_api)
+    url = api
+    if api.startswith(cloud_api) and cloud_ui:
+        url = url.replace(cloud_api, cloud_ui, 1)
+    if url.endswith("/api"):
+        url = url[:-4]
+    url = url.replace("/api/", "/").replace("/accounts/", "/account/")
+    return url.replace("/workspaces/", "/workspace/")
+
+
+def _cloud_ui(cloud_api: str) -> Optional[str]:
+    # Prefect's `default_cloud_ui_url`: https://api.prefect.cloud/api -> https://app.prefect.cloud
+    if not re.match(r"^https://api[\.\w]*.prefect.[^\.]+/", cloud_api + "/"):
+        return None
+    url = cloud_api.replace("https://api", "https://app", 1)
+    return url[:-4] if url.endswith("/api") else url

@@ -7,6 +7,7 @@ import os
 import sys
 from typing import Optional, Sequence
 
+from otel_bridge._prefect_api import ui_url
 from otel_bridge.model.events import EventRejected
 from otel_bridge.sources.jsonl import Line, parse_events, read_lines
 from otel_bridge.translate.assembler import Assembler, AssemblerOptions
@@ -156,7 +157,8 @@ def _convert(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 def _forward(lines, reject, prefect_trace_context: str):
     assembler = Assembler(
-        AssemblerOptions(forward=ForwardOptions(prefect_trace_context=prefect_trace_context))
+        AssemblerOptions(forward=ForwardOptions(prefect_trace_context=prefect_trace_context,
+                                                ui_url=ui_url()))
     )
     spans = []
     for line, event in parse_events(lines, reject):

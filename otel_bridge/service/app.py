@@ -24,6 +24,7 @@ from typing import Any, Optional
 
 from aiohttp import web
 
+from otel_bridge._prefect_api import ui_url
 from otel_bridge.model.events import EventRejected, validate_event
 from otel_bridge.service.config import ServeSettings
 from otel_bridge.service.delivery import Delivery
@@ -97,7 +98,8 @@ class Service:
                 AssemblerOptions(
                     linger_seconds=s.linger_seconds, run_timeout_seconds=s.run_timeout_seconds,
                     max_open_runs=s.max_open_runs, max_events_per_run=s.max_events_per_run,
-                    forward=ForwardOptions(prefect_trace_context=s.prefect_trace_context)),
+                    forward=ForwardOptions(prefect_trace_context=s.prefect_trace_context,
+                                           ui_url=ui_url())),
                 outbox_max_bytes=s.outbox_max_bytes)
             self._watch()
             logger.info("store opened", extra={

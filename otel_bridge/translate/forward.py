@@ -13,39 +13,41 @@ import enum
 import functools
 import re
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from typing import Iterable, Literal, Mapping, Optional, Sequence
+from typing import Any, Iterable, Literal, Mapping, Optional, Sequence
 from uuid import UUID
 
-import pydantic_core
-from opentelemetry.trace import StatusCode
+from opentelemetry.trace import SpanKind, StatusCode
 
 from otel_bridge.model.events import PREFECT_TRACEPARENT_LABEL, Event, EventRejected
 from otel_bridge.model.spans import AttributeValue, Span, SpanEvent, SpanLink
 from otel_bridge.model.states import StateType
 from otel_bridge.translate.ids import span_id_for, trace_id_for
+from otel_bridge.translate.span_layout import (
+    ATTR_EVENT_PATCH,
+    FLOW_RUN,
+    TASK_RUN,
+    TRACEPARENT_OF_LINK,
+    TRACEPARENT_OF_SELF,
+    event_patch,
+    rebuild_events,
+    run_attributes,
+    state_attributes,
+    state_name,
+    traceparent_of,
+)
+from otel_bridge.translate.times import to_unix_nano
 
-TASK_RUN = "task-run"
-FLOW_RUN = "flow-run"
 _RUN_PREFIXES = {f"prefect.{TASK_RUN}.": TASK_RUN, f"prefect.{FLOW_RUN}.": FLOW_RUN}
 
-# Span event attributes that carry what is needed to rebuild the event exactly.
-ATTR_EVENT_ID = "prefect.event.id"
-ATTR_EVENT_FOLLOWS = "prefect.event.follows"
-ATTR_EVENT_PAYLOAD = "prefect.event.payload"
-# An event's related resources as JSON, on its span event. Not on the span:
-# the flattened `prefect.related.<role>.*` attributes serve search there, and
-# span attributes are what backends index (Tempo 1.x indexes 5,000 bytes of
-# them per trace).
-ATTR_RELATED = "prefect.related"
 # Span attributes longer than this are cut (the state message: its whole text
 # stays in the status description and on the span event), and
-# `otel_bridge.truncated.<key>` says how long the value was. Tempo 2 cuts
-# attribute values at 2,048 bytes by default, silently.
+# `otel_bridge.truncated.<key>` says how long the value was. Grafana Tempo
+# cuts attribute values at 2,048 bytes by default, silently.
 MAX_SPAN_ATTRIBUTE_CHARS = 1024
 ATTR_SYNTHETIC_START = "otel_bridge.synthetic.start"
 ATTR_SYNTHETIC_END = "otel_bridge.synthetic.end"
 ATTR_LINK_SOURCE = "otel_bridge.link.source"
+_LINK_SOURCE = f"prefect.{PREFECT_TRACEPARENT_LABEL}"
 
 PrefectTraceContext = Literal["link", "adopt", "ignore"]
 
@@ -66,6 +68,10 @@ class ForwardOptions:
     # span (default), adopt Prefect's trace (our span becomes a child of
     # Prefect's), or ignore it.
     prefect_trace_context: PrefectTraceContext = "link"
+    # The Prefect UI's address (`PREFECT_UI_URL`, or derived from
+    # `PREFECT_API_URL` as Prefect derives it): each span then links to its
+    # run's page.
+    ui_url: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -183,35 +189,81 @@ def run_span(
     start_ns = to_unix_nano(start.occurred)
     end_ns = max(start_ns, to_unix_nano(last.occurred))
 
+    span_id = _span_id_for(key.resource_id)
     trace_id, parent_span_id = placement(key, ordered)
     links: tuple[SpanLink, ...] = ()
     prefect_context = _prefect_traceparent(ordered)
-    if prefect_context and prefect_context[1] == span_id_for(key.resource_id):
+    if prefect_context and prefect_context[1] == span_id:
         # The label names this very span (an engine that dual-emits set it,
         # as Prefect does with its own): neither a link nor a parent.
         prefect_context = None
     if prefect_context and options.prefect_trace_context == "adopt":
         trace_id, parent_span_id = prefect_context[0], prefect_context[1]
     elif options.prefect_trace_context == "link":
-        links = prefect_links(prefect_context, span_id_for(key.resource_id))
+        links = prefect_links(prefect_context, span_id)
+    traceparents = span_traceparents(trace_id, span_id, links)
 
     status_code, status_message, result, error_type = _outcome(end)
-    attributes = _run_attributes(key, last, ordered, result, error_type)
+    attributes = _run_attributes(key, last, result, error_type, options.ui_url)
+    attributes.update(run_attributes(key.kind, ordered, last, traceparents))
     attributes.update(synthetic)
 
     return Span(
         trace_id=trace_id,
-        span_id=span_id_for(key.resource_id),
+        span_id=span_id,
         parent_span_id=parent_span_id,
-        name=last.resource.get("prefect.resource.name") or key.resource_id,
+        name=_span_name(key, attributes),
         start_time_unix_nano=start_ns,
         end_time_unix_nano=end_ns,
         attributes=attributes,
-        events=tuple(_span_event(e) for e in ordered),
+        events=_state_span_events(key.kind, ordered, attributes, traceparents),
         links=links,
+        kind=SpanKind.SERVER if key.kind == FLOW_RUN else SpanKind.INTERNAL,
         status_code=status_code,
         status_message=status_message,
     )
+
+
+def span_traceparents(trace_id: int, span_id: int,
+                      links: Sequence[SpanLink]) -> dict[str, str]:
+    """The traceparents a span gives by itself: its own, and its link's to
+    Prefect's span (as sampled: OTLP's encoders drop a link's flags), which
+    a task run's `__OTEL_TRACEPARENT` label names where one is set."""
+    out = {TRACEPARENT_OF_SELF: traceparent_of(trace_id, span_id, 1)}
+    for link in links:
+        if link.attributes.get(ATTR_LINK_SOURCE) == _LINK_SOURCE:
+            out[TRACEPARENT_OF_LINK] = traceparent_of(link.trace_id, link.span_id, 1)
+    return out
+
+
+def _state_span_events(kind: str, ordered: Sequence[Event], attributes: Mapping[str, Any],
+                       traceparents: Mapping[str, str]) -> tuple[SpanEvent, ...]:
+    """A span event per state, and, on each, the patch from what the
+    builders make of the span to the real event (`span_layout`)."""
+    span_events = []
+    for event in ordered:
+        name = state_name(kind, event)
+        span_events.append(SpanEvent(name, to_unix_nano(event.occurred),
+                                     state_attributes(kind, event, name)))
+    try:
+        rebuilt = rebuild_events(kind, attributes, span_events, traceparents)
+    except Exception:  # what the builders cannot take: each event whole, in its patch
+        rebuilt = [None] * len(span_events)
+    for span_event, event, base in zip(span_events, ordered, rebuilt):
+        patch = event_patch(base, event)
+        if patch is not None:
+            span_event.attributes[ATTR_EVENT_PATCH] = patch
+    return tuple(span_events)
+
+
+def _span_name(key: RunKey, attributes: Mapping[str, Any]) -> str:
+    """Low-cardinality, as the CI/CD conventions ask: a task run's span is
+    named after its task, a flow run's `RUN <flow>`."""
+    if key.kind == FLOW_RUN:
+        flow = attributes.get("cicd.pipeline.name")
+        return f"RUN {flow}" if flow else "RUN"
+    name = attributes.get("cicd.pipeline.task.name") or attributes.get("prefect.resource.name")
+    return str(name) if name else key.resource_id
 
 
 def span_bounds(
@@ -245,14 +297,6 @@ def span_bounds(
     return start, end, end or ordered[-1], synthetic
 
 
-def to_unix_nano(moment: datetime) -> int:
-    delta = moment - _EPOCH
-    return (delta.days * 86_400 + delta.seconds) * 1_000_000_000 + delta.microseconds * 1_000
-
-
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
-
-
 def placement(key: RunKey, events: Sequence[Event]) -> tuple[int, Optional[int]]:
     """Trace id and parent span id: a task sits under its parent task if it is
     nested, else under its flow run; the trace is the flow run's."""
@@ -283,10 +327,6 @@ _trace_id_for = functools.lru_cache(maxsize=4096)(trace_id_for)
 _span_id_for = functools.lru_cache(maxsize=4096)(span_id_for)
 
 
-def _first(values):
-    return next((v for v in values if v), None)
-
-
 def _parent_task_run(event: Event) -> Optional[str]:
     """The task run this one was called in, from `task_inputs.__parents__`.
 
@@ -312,7 +352,7 @@ def prefect_links(prefect_context: Optional[tuple[int, int, int]],
         return ()
     return (SpanLink(trace_id=prefect_context[0], span_id=prefect_context[1],
                      trace_flags=prefect_context[2],
-                     attributes={ATTR_LINK_SOURCE: f"prefect.{PREFECT_TRACEPARENT_LABEL}"}),)
+                     attributes={ATTR_LINK_SOURCE: _LINK_SOURCE}),)
 
 
 _TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
@@ -361,10 +401,12 @@ def _outcome(end: Optional[Event]) -> tuple[StatusCode, str, Optional[str], Opti
 def _run_attributes(
     key: RunKey,
     last: Event,
-    events: Sequence[Event],
     result: Optional[str],
     error_type: Optional[str],
+    ui_url: Optional[str],
 ) -> dict[str, AttributeValue]:
+    """What a user searches on: the labels of the run's final state, its
+    name, and the CI/CD conventions' attributes."""
     resource = last.resource
     if max(map(len, resource.values()), default=0) <= MAX_SPAN_ATTRIBUTE_CHARS:
         attributes: dict[str, AttributeValue] = dict(resource)  # nothing to cut
@@ -375,57 +417,28 @@ def _run_attributes(
                 attributes[f"otel_bridge.truncated.{label}"] = len(value)
                 value = value[: MAX_SPAN_ATTRIBUTE_CHARS - 3] + "..."
             attributes[label] = value
-    task = key.kind == TASK_RUN
     run_id = key.resource_id.removeprefix(f"prefect.{key.kind}.")
-    attributes["prefect.run.type"] = "task" if task else "flow"
-    attributes["prefect.run.id"] = run_id
     if "prefect.resource.name" in resource:
         attributes["prefect.run.name"] = resource["prefect.resource.name"]
-
-    related = last.related
-    tags = sorted(
-        {
-            r["prefect.resource.id"].removeprefix("prefect.tag.")
-            for r in related
-            if r.get("prefect.resource.role") == "tag"
-        }
-    )
-    if tags:
-        attributes["prefect.tags"] = tags
-    flow = flow_run = None  # the first of each role, as `related_in_role`
-    for labels in related:
-        role = labels["prefect.resource.role"]
-        if role == "tag":
-            continue
-        if role == "flow" and flow is None:
-            flow = labels
-        elif role == FLOW_RUN and flow_run is None:
-            flow_run = labels
-        if f"prefect.related.{role}.id" in attributes:
-            continue
-        attributes[f"prefect.related.{role}.id"] = labels["prefect.resource.id"]
-        if labels.get("prefect.resource.name"):
-            attributes[f"prefect.related.{role}.name"] = labels["prefect.resource.name"]
-
-    if task:
-        attributes.update(_task_run_metadata(events))
-        task_key = attributes.get("prefect.task.key")
-        if isinstance(task_key, str):
+    if key.kind == TASK_RUN:
+        task_key = _task_key(last)
+        if task_key is not None:
             # task_key is "<function name>-<hash of its source>".
             attributes["cicd.pipeline.task.name"] = _TASK_KEY_HASH.sub("", task_key)
         attributes["cicd.pipeline.task.run.id"] = run_id
         if result:
             attributes["cicd.pipeline.task.run.result"] = result
-        if flow_run:
-            attributes["cicd.pipeline.run.id"] = flow_run["prefect.resource.id"].removeprefix(
-                f"prefect.{FLOW_RUN}."
-            )
+        if ui_url:
+            attributes["cicd.pipeline.task.run.url.full"] = f"{ui_url}/runs/task-run/{run_id}"
     else:
+        flow = last.related_in_role("flow")
+        if flow and flow.get("prefect.resource.name"):
+            attributes["cicd.pipeline.name"] = flow["prefect.resource.name"]
         attributes["cicd.pipeline.run.id"] = run_id
         if result:
             attributes["cicd.pipeline.result"] = result
-    if flow and flow.get("prefect.resource.name"):
-        attributes["cicd.pipeline.name"] = flow["prefect.resource.name"]
+        if ui_url:
+            attributes["cicd.pipeline.run.url.full"] = f"{ui_url}/runs/flow-run/{run_id}"
     if error_type:
         attributes["error.type"] = error_type
     return attributes
@@ -434,45 +447,7 @@ def _run_attributes(
 _TASK_KEY_HASH = re.compile(r"-[0-9a-f]{8}$")
 
 
-def _task_run_metadata(events: Sequence[Event]) -> dict[str, AttributeValue]:
-    """The stable parts of `payload.task_run`, from the latest event that has it."""
-    task_run = _first(
-        e.payload.get("task_run") if isinstance(e.payload.get("task_run"), dict) else None
-        for e in reversed(events)
-    )
-    if not task_run:
-        return {}
-    out: dict[str, AttributeValue] = {}
-    for source, target in (
-        ("task_key", "prefect.task.key"),
-        ("dynamic_key", "prefect.task-run.dynamic-key"),
-        ("expected_start_time", "prefect.task-run.expected-start-time"),
-    ):
-        if isinstance(task_run.get(source), str):
-            out[target] = task_run[source]
-    if isinstance(task_run.get("total_run_time"), (int, float)):
-        out["prefect.task-run.total-run-time"] = float(task_run["total_run_time"])
-    policy = task_run.get("empirical_policy")
-    if isinstance(policy, dict) and isinstance(policy.get("retries"), int):
-        out["prefect.task-run.retries"] = policy["retries"]
-    return out
-
-
-def _span_event(event: Event) -> SpanEvent:
-    attributes: dict[str, AttributeValue] = {ATTR_EVENT_ID: str(event.id)}
-    if event.follows is not None:
-        attributes[ATTR_EVENT_FOLLOWS] = str(event.follows)
-    attributes.update(event.resource)
-    attributes[ATTR_RELATED] = _json(event.related)
-    attributes[ATTR_EVENT_PAYLOAD] = _json(event.payload)
-    return SpanEvent(
-        name=event.event,
-        time_unix_nano=to_unix_nano(event.occurred),
-        attributes=attributes,
-    )
-
-
-def _json(value) -> str:
-    # Compact, UTF-8, key order kept: what json.dumps(separators=(",", ":"),
-    # ensure_ascii=False) writes, four times faster (equal on every capture).
-    return pydantic_core.to_json(value).decode()
+def _task_key(event: Event) -> Optional[str]:
+    task_run = event.payload.get("task_run")
+    task_key = task_run.get("task_key") if type(task_run) is dict else None
+    return task_key if isinstance(task_key, str) else None

@@ -2,8 +2,9 @@
 
 Three kinds of span, told apart by what they carry (README: "Reverse"):
 
-- made by otel-bridge: every span event carries a whole Prefect event, which
-  comes back exactly as it went in (flow-run events too);
+- made by otel-bridge: the run's facts and each state rebuild the events
+  exactly as they went in (`span_layout`; flow-run events too). Spans of
+  otel-bridge 0.1, whose span events carried each whole event, are read too;
 - made by Prefect itself (`RunTelemetry`: `prefect.run.id`, `prefect.run.type`,
   span events named after states with `prefect.state.*`): a task span becomes
   that task run's events, with Prefect's own state ids as event ids, so they
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import json
 import re
-from datetime import datetime, timedelta, timezone
 from typing import Mapping, Optional, Sequence
 from uuid import UUID
 
@@ -34,22 +34,31 @@ from otel_bridge.model.events import (
 )
 from otel_bridge.model.spans import Span, SpanEvent
 from otel_bridge.model.states import KNOWN_STATE_NAMES, StateType
-from otel_bridge.translate.forward import (
-    ATTR_EVENT_FOLLOWS,
-    ATTR_EVENT_ID,
-    ATTR_EVENT_PAYLOAD,
-    ATTR_RELATED,
-)
+from otel_bridge.translate.forward import span_traceparents
 from otel_bridge.translate.ids import uuid_for
+from otel_bridge.translate.span_layout import (
+    ATTR_EVENT_PATCH,
+    ATTR_STATE_ID,
+    FLOW_RUN,
+    TASK_RUN,
+    carried_state_events,
+    patched_event,
+    rebuild_events,
+)
 from otel_bridge.translate.task_run_events import (
     StateRecord,
     TaskRunRecord,
     task_run_state_events,
 )
+from otel_bridge.translate.times import from_unix_nano
 
-# Span event attributes that are not resource labels.
-_EVENT_FIELDS = frozenset({ATTR_EVENT_ID, ATTR_EVENT_FOLLOWS, ATTR_EVENT_PAYLOAD, ATTR_RELATED})
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+# The span event attributes of otel-bridge 0.1's spans (each event whole).
+_V1_EVENT_ID = "prefect.event.id"
+_V1_EVENT_FOLLOWS = "prefect.event.follows"
+_V1_EVENT_PAYLOAD = "prefect.event.payload"
+_V1_RELATED = "prefect.related"
+_V1_EVENT_FIELDS = frozenset({_V1_EVENT_ID, _V1_EVENT_FOLLOWS, _V1_EVENT_PAYLOAD, _V1_RELATED})
+_RUN_KINDS = {f"prefect.{TASK_RUN}.": TASK_RUN, f"prefect.{FLOW_RUN}.": FLOW_RUN}
 
 
 def events_from_spans(spans: Sequence[Span]) -> list[Event]:
@@ -79,38 +88,52 @@ def events_from_span(span: Span, by_id: Mapping[int, Span] = {}) -> list[Event]:
 
 
 def is_bridge_span(span: Span) -> bool:
-    """Whether otel-bridge made this span (its events carry whole events)."""
-    return any(ATTR_EVENT_ID in e.attributes for e in span.events)
+    """Whether otel-bridge made this span."""
+    return _bridge_run_kind(span) is not None or any(
+        _V1_EVENT_ID in e.attributes for e in span.events)
+
+
+def _bridge_run_kind(span: Span) -> Optional[str]:
+    resource_id = span.attributes.get("prefect.resource.id")
+    if not isinstance(resource_id, str):
+        return None
+    for prefix, kind in _RUN_KINDS.items():
+        if resource_id.startswith(prefix):
+            return kind if any(ATTR_STATE_ID in e.attributes for e in span.events) else None
+    return None
 
 
 def events_from_bridge_span(span: Span) -> list[Event]:
     """The events a span made by the forward bridge came from, exactly."""
-    return [
-        _carried_event(span_event)
-        for span_event in span.events
-        if ATTR_EVENT_ID in span_event.attributes
-    ]
+    kind = _bridge_run_kind(span)
+    if kind is None:
+        return [_v1_event(e) for e in span.events if _V1_EVENT_ID in e.attributes]
+    span_events = carried_state_events(span.events)
+    rebuilt = rebuild_events(kind, span.attributes, span_events,
+                             span_traceparents(span.trace_id, span.span_id, span.links))
+    return [patched_event(base, span_event.attributes.get(ATTR_EVENT_PATCH))
+            for base, span_event in zip(rebuilt, span_events)]
 
 
-def _carried_event(span_event: SpanEvent) -> Event:
+def _v1_event(span_event: SpanEvent) -> Event:
+    """An event as otel-bridge 0.1 carried it: whole, on its span event."""
     attrs = span_event.attributes
-    related = attrs.get(ATTR_RELATED)
+    related = attrs.get(_V1_RELATED)
     try:
-        payload = json.loads(attrs.get(ATTR_EVENT_PAYLOAD, "{}"))
+        payload = json.loads(attrs.get(_V1_EVENT_PAYLOAD, "{}"))
         related = json.loads(related) if isinstance(related, str) else []
     except ValueError as exc:
-        # A span changed on its way: cut by a backend's attribute limit, say.
         raise EventRejected(
             "invalid_event", f"span event {span_event.name}: payload or related is not JSON ({exc})"
         ) from None
     return validate_event({
         "occurred": from_unix_nano(span_event.time_unix_nano),
         "event": span_event.name,
-        "resource": {k: v for k, v in attrs.items() if k not in _EVENT_FIELDS},
+        "resource": {k: v for k, v in attrs.items() if k not in _V1_EVENT_FIELDS},
         "related": related,
         "payload": payload,
-        "id": attrs[ATTR_EVENT_ID],
-        "follows": attrs.get(ATTR_EVENT_FOLLOWS),
+        "id": attrs[_V1_EVENT_ID],
+        "follows": attrs.get(_V1_EVENT_FOLLOWS),
     })
 
 
@@ -259,8 +282,3 @@ def _state_type(value: object, name: str) -> StateType:
 
 def _traceparent(span: Span) -> str:
     return f"00-{span.trace_id:032x}-{span.span_id:016x}-01"
-
-
-def from_unix_nano(nanos: int) -> datetime:
-    # Integer arithmetic: a float of nanoseconds since 1970 loses microseconds.
-    return _EPOCH + timedelta(microseconds=nanos // 1000)

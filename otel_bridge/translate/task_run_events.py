@@ -28,6 +28,7 @@ from otel_bridge.model.events import (
     validate_event,
 )
 from otel_bridge.model.states import StateType
+from otel_bridge.translate.times import prefect_json_time
 
 # Prefect cuts state messages to this many characters (`truncated_to`).
 STATE_MESSAGE_LIMIT = 100_000
@@ -59,6 +60,8 @@ class TaskRunRecord:
     empirical_policy: Mapping[str, Any] = field(default_factory=lambda: dict(DEFAULT_POLICY))
     flow_run_run_count: int = 0
     expected_start_time: Optional[datetime] = None
+    # Set by the server for a deferred task (`.delay()`).
+    next_scheduled_start_time: Optional[datetime] = None
     # The run's context, which Prefect's events worker appends after the tags:
     # flow-run, flow, deployment, ..., the enclosing task-run.
     context: Sequence[Labels] = ()
@@ -119,7 +122,7 @@ class TaskRunEventBuilder:
             for tag in sorted(run.tags)
         ] + [dict(labels) for labels in run.context]
         self._expected_json = (None if run.expected_start_time is None
-                               else _json_time(run.expected_start_time))
+                               else prefect_json_time(run.expected_start_time))
         self._checked = _related_ok(self._related) and type(self._name) is str
         self.related_json = to_json(self._related) if self._checked else b""
 
@@ -131,9 +134,9 @@ class TaskRunEventBuilder:
             self._run_count += 1
             if self._start_time is None:
                 self._start_time = state.timestamp
-                self._start_json = _json_time(state.timestamp)
-        if state.type.is_terminal:
-            self._end_time = state.timestamp
+                self._start_json = prefect_json_time(state.timestamp)
+        if state.type.is_terminal and self._start_time is not None and self._end_time is None:
+            self._end_time = state.timestamp  # as the engine: once, if it ever started
         run = self.run
         run_count = self._run_count
         started = run_count > 0
@@ -156,10 +159,12 @@ class TaskRunEventBuilder:
         }
         if self._expected_json is not None:
             task_run["expected_start_time"] = self._expected_json
+        if run.next_scheduled_start_time is not None:
+            task_run["next_scheduled_start_time"] = prefect_json_time(run.next_scheduled_start_time)
         if self._start_json is not None:
             task_run["start_time"] = self._start_json
         if self._end_time is not None:
-            task_run["end_time"] = _json_time(self._end_time)
+            task_run["end_time"] = prefect_json_time(self._end_time)
         task_run["total_run_time"] = round(self._total_run_time, 6)
 
         type_value = state.type.value
@@ -249,11 +254,3 @@ def _related_ok(related: list[Labels]) -> bool:
             if type(key) is not str or type(value) is not str:
                 return False
     return True
-
-
-def _json_time(moment: datetime) -> str:
-    # Prefect's JSON form of its DateTime: UTC with a Z.
-    moment = moment.astimezone(timezone.utc)
-    if moment.year >= 1000:  # what strftime writes, in a third of the time
-        return moment.replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")

@@ -5,6 +5,8 @@
 Run from the repo root with a server's env (LocalPrefectServer.env()).  The
 flow run name lets a test find this run among others through the API;
 TASK_SECONDS makes each task sleep, so that a test can act mid-flow.
+With OTEL_BRIDGE_CAPTURE_PREFECT_SPANS set, Prefect's own spans are written
+to that file (tests/prefect_flows/telemetry.py).
 """
 
 from __future__ import annotations
@@ -27,6 +29,9 @@ def big_map(n: int, seconds: float = 0.0) -> int:
 
 
 def main(argv: list[str]) -> int:
+    from tests.prefect_flows.telemetry import install_from_env
+
+    install_from_env()
     n = int(argv[0]) if argv else 500
     options = {"flow_run_name": argv[1]} if len(argv) > 1 else {}
     seconds = float(argv[2]) if len(argv) > 2 else 0.0

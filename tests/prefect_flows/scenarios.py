@@ -25,6 +25,12 @@ from typing import Callable
 from prefect import flow, tags, task
 from prefect.cache_policies import INPUTS
 
+from tests.prefect_flows.telemetry import install_from_env
+
+# Prefect's own spans, when OTEL_BRIDGE_CAPTURE_PREFECT_SPANS names a file
+# (helper roles started as children inherit it and append to the same file).
+install_from_env()
+
 SCENARIOS: dict[str, Callable[[], object]] = {}
 
 
@@ -574,7 +580,8 @@ def run_otel_traceparent():
     from opentelemetry import trace
     from opentelemetry.sdk.trace import TracerProvider
 
-    trace.set_tracer_provider(TracerProvider())
+    if not isinstance(trace.get_tracer_provider(), TracerProvider):  # not captured already
+        trace.set_tracer_provider(TracerProvider())
     return otel_flow()
 
 

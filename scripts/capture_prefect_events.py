@@ -15,6 +15,18 @@ complete set for the scenario's time window from the REST API.  Writes
 
 and prints a summary: event counts from both sources and each run's states.
 Exits 1 if a scenario did not show the behaviour it is named after.
+
+With --with-prefect-spans, Prefect's own OpenTelemetry spans are switched on in
+each scenario's process (OTEL_BRIDGE_CAPTURE_PREFECT_SPANS, see
+tests/prefect_flows/telemetry.py), and the output goes to
+tests/fixtures/prefect-3.9.1-telemetry/ instead:
+
+    <scenario>.jsonl                the REST set, as above
+    <scenario>.prefect-spans.jsonl  Prefect's own spans of the same runs, as
+                                    OTLP/JSON lines (one request per line)
+
+`map-500` (only with --with-prefect-spans, not in the default set) runs
+tests/prefect_flows/big_map.py with 500 tasks as a scenario.
 """
 
 from __future__ import annotations
@@ -38,6 +50,8 @@ from otel_bridge.sources.prefect_rest import read_all_events  # noqa: E402
 from otel_bridge.sources.prefect_ws import PrefectEventStream  # noqa: E402
 
 OUT_DIR = REPO / "tests" / "fixtures" / "prefect-3.9.1"
+TELEMETRY_OUT_DIR = REPO / "tests" / "fixtures" / "prefect-3.9.1-telemetry"
+SPANS_ENV = "OTEL_BRIDGE_CAPTURE_PREFECT_SPANS"  # tests/prefect_flows/telemetry.py
 
 # Kept in step with tests/prefect_flows/scenarios.py (not imported: that module
 # imports prefect, which this script does not need).
@@ -63,6 +77,12 @@ ALL_SCENARIOS = [
     "otel-traceparent",
 ]
 
+# Runs that are not in scenarios.py: a scenario name -> the module and its
+# arguments (python -m MODULE ARGS...).
+EXTRA_RUNS: dict[str, list[str]] = {
+    "map-500": ["tests.prefect_flows.big_map", "500"],
+}
+
 # What each scenario must show (event names that must occur), so a capture
 # that silently lost its point is caught.
 EXPECTED: dict[str, set[str]] = {
@@ -79,6 +99,7 @@ EXPECTED: dict[str, set[str]] = {
     "rolled-back": {"prefect.task-run.RolledBack"},
     "deferred": {"prefect.task-run.Scheduled", "prefect.task-run.Completed"},
     "huge-message": {"prefect.task-run.Failed"},
+    "map-500": {"prefect.task-run.Completed", "prefect.flow-run.Completed"},
 }
 
 # States after which a run emits nothing more (NotReady is PENDING-typed but
@@ -117,10 +138,14 @@ def all_runs_final(events: list[dict[str, Any]]) -> bool:
 
 
 class Capture:
-    def __init__(self, server: LocalPrefectServer, name: str, log_dir: Path) -> None:
+    def __init__(
+        self, server: LocalPrefectServer, name: str, log_dir: Path, with_spans: bool = False
+    ) -> None:
         self.server = server
         self.name = name
         self.log_path = log_dir / f"{name}.log"
+        # Prefect's own spans, written by the scenario's process(es) here.
+        self.spans_path: Optional[Path] = log_dir / f"{name}.prefect-spans.jsonl" if with_spans else None
         self.frames: list[str] = []
         self.ws_ids: set[str] = set()
         self.rest: list[dict[str, Any]] = []
@@ -143,14 +168,18 @@ class Capture:
         async with PrefectEventStream(self.server.api_url, backfill=False) as stream:
             listener = asyncio.create_task(self._listen(stream))
             self.since = datetime.now(timezone.utc)
+            env = self.server.env()
+            if self.spans_path is not None:
+                self.spans_path.unlink(missing_ok=True)
+                env[SPANS_ENV] = str(self.spans_path)
+            command = EXTRA_RUNS.get(self.name, ["tests.prefect_flows.scenarios", self.name])
             with open(self.log_path, "wb") as log:
                 proc = await asyncio.create_subprocess_exec(
                     sys.executable,
                     "-m",
-                    "tests.prefect_flows.scenarios",
-                    self.name,
+                    *command,
                     cwd=str(REPO),
-                    env=self.server.env(),
+                    env=env,
                     stdout=log,
                     stderr=asyncio.subprocess.STDOUT,
                 )
@@ -200,9 +229,24 @@ class Capture:
         with open(out_dir / f"{self.name}.jsonl", "w") as fh:
             for ev in self.rest:
                 fh.write(json.dumps(ev) + "\n")
+        if self.spans_path is not None:
+            # The websocket frames are left out: the REST set is what is compared.
+            spans = self.spans_path.read_bytes() if self.spans_path.exists() else b""
+            (out_dir / f"{self.name}.prefect-spans.jsonl").write_bytes(spans)
+            return
         with open(out_dir / f"{self.name}.ws.jsonl", "w") as fh:
             for frame in self.frames:
                 fh.write(frame.rstrip("\n") + "\n")
+
+    def span_count(self) -> int:
+        if self.spans_path is None or not self.spans_path.exists():
+            return 0
+        return sum(
+            len(ss.get("spans", []))
+            for line in self.spans_path.read_text().splitlines() if line.strip()
+            for rs in json.loads(line).get("resourceSpans", [])
+            for ss in rs.get("scopeSpans", [])
+        )
 
     def problems(self) -> list[str]:
         found = {e["event"] for e in self.rest}
@@ -221,12 +265,15 @@ class Capture:
                     break
         if self.name == "cancelled" and "prefect.flow-run.Cancelled" not in found:
             out.append("flow run not Cancelled")
+        if self.spans_path is not None and not self.span_count():
+            out.append("no Prefect spans written")
         return out
 
     def summary(self) -> str:
         lines = [
             f"== {self.name}: exit {self.returncode}; REST {len(self.rest)} events, "
             f"websocket {len(self.frames)} frames ({len(self.ws_ids)} unique)"
+            + (f"; {self.span_count()} Prefect spans" if self.spans_path is not None else "")
         ]
         kinds = Counter(e["event"] for e in self.rest if "prefect.state-name" not in e["resource"])
         if kinds:
@@ -249,7 +296,7 @@ class Capture:
         return "\n".join(lines)
 
 
-async def capture_all(names: list[str], out_dir: Path) -> int:
+async def capture_all(names: list[str], out_dir: Path, with_spans: bool = False) -> int:
     failures = 0
     with tempfile.TemporaryDirectory(prefix="prefect-capture-logs-") as logs:
         # A short persister flush interval only shortens the settle wait; the
@@ -259,7 +306,7 @@ async def capture_all(names: list[str], out_dir: Path) -> int:
         ) as server:
             print(f"Prefect server at {server.api_url}", flush=True)
             for name in names:
-                cap = Capture(server, name, Path(logs))
+                cap = Capture(server, name, Path(logs), with_spans)
                 started = time.monotonic()
                 await cap.run()
                 cap.write(out_dir)
@@ -274,12 +321,20 @@ async def capture_all(names: list[str], out_dir: Path) -> int:
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("scenarios", nargs="*", help="default: all")
-    parser.add_argument("--out-dir", type=Path, default=OUT_DIR)
+    parser.add_argument("--out-dir", type=Path,
+                        help=f"default: {OUT_DIR.relative_to(REPO)}, or with --with-prefect-spans "
+                             f"{TELEMETRY_OUT_DIR.relative_to(REPO)}")
+    parser.add_argument("--with-prefect-spans", action="store_true",
+                        help="switch Prefect's own spans on and write them beside the events")
     args = parser.parse_args(argv)
-    unknown = [s for s in args.scenarios if s not in ALL_SCENARIOS]
+    known = ALL_SCENARIOS + (list(EXTRA_RUNS) if args.with_prefect_spans else [])
+    unknown = [s for s in args.scenarios if s not in known]
     if unknown:
-        parser.error(f"unknown scenario(s) {unknown}; known: {', '.join(ALL_SCENARIOS)}")
-    failures = asyncio.run(capture_all(args.scenarios or ALL_SCENARIOS, args.out_dir))
+        parser.error(f"unknown scenario(s) {unknown}; known: {', '.join(known)}")
+    out_dir = args.out_dir or (TELEMETRY_OUT_DIR if args.with_prefect_spans else OUT_DIR)
+    failures = asyncio.run(
+        capture_all(args.scenarios or ALL_SCENARIOS, out_dir, args.with_prefect_spans)
+    )
     if failures:
         print(f"{failures} scenario(s) did not show their behaviour", file=sys.stderr)
     return 1 if failures else 0

@@ -46,8 +46,11 @@ _RUN_PREFIXES = {f"prefect.{TASK_RUN}.": TASK_RUN, f"prefect.{FLOW_RUN}.": FLOW_
 MAX_SPAN_ATTRIBUTE_CHARS = 1024
 ATTR_SYNTHETIC_START = "otel_bridge.synthetic.start"
 ATTR_SYNTHETIC_END = "otel_bridge.synthetic.end"
-ATTR_LINK_SOURCE = "otel_bridge.link.source"
-_LINK_SOURCE = f"prefect.{PREFECT_TRACEPARENT_LABEL}"
+# On the link to the span Prefect's own telemetry made of the same run: that
+# span's W3C traceparent as Prefect wrote it (`__OTEL_TRACEPARENT`), which
+# says where the link comes from and keeps its trace flags (OTLP's encoders
+# drop a link's flags).
+ATTR_LINK_TRACEPARENT = "prefect.traceparent"
 
 PrefectTraceContext = Literal["link", "adopt", "ignore"]
 
@@ -226,13 +229,14 @@ def run_span(
 
 def span_traceparents(trace_id: int, span_id: int,
                       links: Sequence[SpanLink]) -> dict[str, str]:
-    """The traceparents a span gives by itself: its own, and its link's to
-    Prefect's span (as sampled: OTLP's encoders drop a link's flags), which
-    a task run's `__OTEL_TRACEPARENT` label names where one is set."""
+    """The traceparents a span gives by itself, which a task run's label
+    and its states' details name where Prefect's telemetry is on: its own
+    (as sampled), and its link's to Prefect's span."""
     out = {TRACEPARENT_OF_SELF: traceparent_of(trace_id, span_id, 1)}
     for link in links:
-        if link.attributes.get(ATTR_LINK_SOURCE) == _LINK_SOURCE:
-            out[TRACEPARENT_OF_LINK] = traceparent_of(link.trace_id, link.span_id, 1)
+        traceparent = link.attributes.get(ATTR_LINK_TRACEPARENT)
+        if isinstance(traceparent, str):
+            out[TRACEPARENT_OF_LINK] = traceparent
     return out
 
 
@@ -244,7 +248,7 @@ def _state_span_events(kind: str, ordered: Sequence[Event], attributes: Mapping[
     for event in ordered:
         name = state_name(kind, event)
         span_events.append(SpanEvent(name, to_unix_nano(event.occurred),
-                                     state_attributes(kind, event, name)))
+                                     state_attributes(kind, event, name, traceparents)))
     try:
         rebuilt = rebuild_events(kind, attributes, span_events, traceparents)
     except Exception:  # what the builders cannot take: each event whole, in its patch
@@ -352,7 +356,7 @@ def prefect_links(prefect_context: Optional[tuple[int, int, int]],
         return ()
     return (SpanLink(trace_id=prefect_context[0], span_id=prefect_context[1],
                      trace_flags=prefect_context[2],
-                     attributes={ATTR_LINK_SOURCE: _LINK_SOURCE}),)
+                     attributes={ATTR_LINK_TRACEPARENT: traceparent_of(*prefect_context)}),)
 
 
 _TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")

@@ -114,8 +114,11 @@ def state_name(kind: str, event: Event) -> str:
     return name if name else event.event.removeprefix(f"prefect.{kind}.")
 
 
-def state_attributes(kind: str, event: Event, name: str) -> dict[str, AttributeValue]:
-    """The span event attributes of a state event named `name`."""
+def state_attributes(kind: str, event: Event, name: str,
+                     traceparents: Mapping[str, str]) -> dict[str, AttributeValue]:
+    """The span event attributes of a state event named `name`; a
+    traceparent in its details that the span gives by itself (see
+    `run_attributes`) is named by its token."""
     resource = event.resource
     attributes: dict[str, AttributeValue] = {ATTR_STATE_ID: str(event.id)}
     state_type = resource["prefect.state-type"]
@@ -130,13 +133,21 @@ def state_attributes(kind: str, event: Event, name: str) -> dict[str, AttributeV
         if type(validated) is dict:
             details = validated.get("state_details")
             if type(details) is dict and details:
-                attributes[ATTR_STATE_DETAILS] = to_json(details)
+                attributes[ATTR_STATE_DETAILS] = to_json(_tokens_for(details, traceparents))
             if validated.get("data") is not None:
                 attributes[ATTR_STATE_DATA] = to_json(validated["data"])
     return attributes
 
 
-def state_record(span_event: SpanEvent) -> StateRecord:
+def _tokens_for(details: dict, traceparents: Mapping[str, str]) -> dict:
+    given = details.get("traceparent")
+    for token, value in traceparents.items():
+        if given == value:
+            return {**details, "traceparent": token}
+    return details
+
+
+def state_record(span_event: SpanEvent, traceparents: Mapping[str, str]) -> StateRecord:
     """The state a span event stands for. Raises `EventRejected`."""
     attributes = span_event.attributes
     name = span_event.name
@@ -149,6 +160,9 @@ def state_record(span_event: SpanEvent) -> StateRecord:
             "invalid_span", f"span event {name!r:.80} has no valid state id and type"
         ) from None
     details = attributes.get(ATTR_STATE_DETAILS)
+    details = from_json(details, ATTR_STATE_DETAILS) if details is not None else {}
+    if type(details) is dict and details.get("traceparent") in traceparents:
+        details["traceparent"] = traceparents[details["traceparent"]]
     data = attributes.get(ATTR_STATE_DATA)
     message = attributes.get(ATTR_STATE_MESSAGE, "")
     return StateRecord(
@@ -157,7 +171,7 @@ def state_record(span_event: SpanEvent) -> StateRecord:
         timestamp=from_unix_nano(span_event.time_unix_nano),
         id=event_id,
         message=message if isinstance(message, str) else str(message),
-        state_details=from_json(details, ATTR_STATE_DETAILS) if details is not None else {},
+        state_details=details,
         data=from_json(data, ATTR_STATE_DATA) if data is not None else None,
     )
 
@@ -382,21 +396,21 @@ def flow_run_record(attributes: Mapping[str, Any]) -> FlowRunRecord:
 
 
 def rebuild_events(kind: str, attributes: Mapping[str, Any], span_events: Sequence[SpanEvent],
-                   traceparents: Mapping[str, str]) -> list[Optional[dict[str, Any]]]:
-    """Each state span event's event as the builders make it from the span,
-    as a JSON object; None where they cannot make it (the patch then holds
-    the whole event). Raises `EventRejected` for attributes that are not
-    what the forward bridge writes."""
-    states = [state_record(e) for e in span_events]
+                   traceparents: Mapping[str, str]) -> list[Optional[Event]]:
+    """Each state span event's event as the builders make it from the span;
+    None where they cannot make it (the patch then holds the whole event).
+    Raises `EventRejected` for attributes that are not what the forward
+    bridge writes."""
+    states = [state_record(e, traceparents) for e in span_events]
     if kind == TASK_RUN:
         builder: Any = TaskRunEventBuilder(task_run_record(
             attributes, states[0].timestamp if states else None, traceparents))
     else:
         builder = FlowRunEventBuilder(flow_run_record(attributes))
-    out: list[Optional[dict[str, Any]]] = []
+    out: list[Optional[Event]] = []
     for state in states:
         try:
-            out.append(event_json(builder.add(state)))
+            out.append(builder.add(state))
         except (EventRejected, TypeError, ValueError, OverflowError):
             return out + [None] * (len(states) - len(out))
     return out
@@ -407,25 +421,34 @@ def event_json(event: Event) -> dict[str, Any]:
     return event.model_dump(mode="json", exclude={"received"})
 
 
-def event_patch(rebuilt: Optional[dict[str, Any]], original: Event) -> Optional[str]:
+def event_patch(rebuilt: Optional[Event], original: Event) -> Optional[str]:
     """The patch (JSON) that makes `original` of `rebuilt`; None if none is
     needed."""
+    if rebuilt is not None and (rebuilt.model_dump_json(exclude=_RECEIVED)
+                                == original.model_dump_json(exclude=_RECEIVED)):
+        return None
     target = event_json(original)
-    patch = [[[], target]] if rebuilt is None else diff(rebuilt, target)
+    patch = [[[], target]] if rebuilt is None else diff(event_json(rebuilt), target)
     return to_json(patch) if patch else None
 
 
-def patched_event(rebuilt: Optional[dict[str, Any]], patch: Any) -> Event:
-    """The event a span event carries: the rebuilt one, patched, checked as
-    Prefect checks events. Raises `EventRejected`."""
-    value: Any = rebuilt
-    if patch is not None:
-        try:
-            value = apply_patch(value, from_json(patch, ATTR_EVENT_PATCH))
-        except PatchError as exc:
-            raise EventRejected("invalid_span", f"{ATTR_EVENT_PATCH}: {exc}") from None
+_RECEIVED = {"received"}
+
+
+def patched_event(rebuilt: Optional[Event], patch: Any) -> Event:
+    """The event a span event carries: the rebuilt one, patched and checked
+    as Prefect checks events. Raises `EventRejected`."""
+    if patch is None:
+        if rebuilt is None:
+            raise EventRejected("invalid_span", "a state the builders cannot make, and no patch")
+        return rebuilt
+    try:
+        value = apply_patch(None if rebuilt is None else event_json(rebuilt),
+                            from_json(patch, ATTR_EVENT_PATCH))
+    except PatchError as exc:
+        raise EventRejected("invalid_span", f"{ATTR_EVENT_PATCH}: {exc}") from None
     if type(value) is not dict:
-        raise EventRejected("invalid_span", "a state the builders cannot make, and no patch")
+        raise EventRejected("invalid_span", f"{ATTR_EVENT_PATCH} does not give an event")
     return validate_event(value)
 
 

@@ -114,6 +114,7 @@ class TaskRunEventBuilder:
         self._end_time: Optional[datetime] = None
         self._total_run_time = 0.0
         self._previous: Optional[StateRecord] = None
+        self._past_pending = False
         self._previous_json: Optional[dict[str, Any]] = None
         self._resource_id = run.resource_id
         self._name = run.name
@@ -144,7 +145,9 @@ class TaskRunEventBuilder:
         # Until the run first starts, the engine has not yet set its flow run's
         # run count nor the trace context label.
         labels = dict(run.labels)
-        if not started:
+        if not self._past_pending:
+            # Prefect's telemetry sets the label when it starts the run's
+            # span, after the run's (first) Pending state.
             labels.pop(PREFECT_TRACEPARENT_LABEL, None)
         task_run: dict[str, Any] = {
             "name": self._name,
@@ -200,6 +203,7 @@ class TaskRunEventBuilder:
         event, payload_json = self._event(fields, state, message)
         self.events.append(event)
         self.payload_json.append(payload_json)
+        self._past_pending = self._past_pending or state.type is StateType.PENDING
         self._previous = state
         self._previous_json = {"type": type_value, "name": state.name, "message": message,
                                "state_details": dict(state.state_details)}

@@ -139,11 +139,10 @@ def _convert(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         sink = _open_sink(args.to, args.output)
     except (OSError, ValueError) as exc:
         parser.error(str(exc))
-    lines = read_lines(args.inputs)
     if args.to in REVERSE_OUTPUTS:
-        items, summary = _reverse(lines, reject)
+        items, summary = _reverse(args.inputs, reject)
     else:
-        items, summary = _forward(lines, reject, args.prefect_trace_context)
+        items, summary = _forward(read_lines(args.inputs), reject, args.prefect_trace_context)
     status = EXIT_REJECTED if rejected else EXIT_OK
     try:
         sink.export(items)
@@ -175,11 +174,11 @@ def _forward(lines, reject, prefect_trace_context: str):
     )
 
 
-def _reverse(lines, reject):
-    from otel_bridge.sources.otlp_json import parse_spans
+def _reverse(inputs, reject):
+    from otel_bridge.sources.otlp_json import read_spans
     from otel_bridge.translate.reverse import events_from_span
 
-    located = list(parse_spans(lines, reject))
+    located = list(read_spans(inputs, reject))
     # A Prefect task span finds its flow run through its parent span, which
     # may be in another request of the input.
     by_id = {span.span_id: span for _, span in located}

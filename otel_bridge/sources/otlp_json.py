@@ -1,93 +1,166 @@
 """OTLP/JSON from files or stdin: the Collector file exporter's format (one
-`ExportTraceServiceRequest` per line), or one JSON document per file."""
+`ExportTraceServiceRequest` per line), or one JSON document per file.
+
+A request is read as a stream (ijson, over the line it is on) and never held
+whole: only the spans it holds are kept, one at a time as they are parsed, so
+a request of any size the Collector or `convert --to otlp-json` writes is read
+with the memory of its spans alone. Each line is judged alone: a line that is
+not a whole OTLP/JSON request is set aside, with none of its spans taken.
+"""
 
 from __future__ import annotations
 
-import itertools
-import json
-from typing import Callable, Iterable, Iterator
+import base64
+import sys
+from typing import BinaryIO, Callable, Iterable, Iterator
+
+import ijson
+from google.protobuf import json_format
+from opentelemetry.proto.trace.v1 import trace_pb2
 
 from otel_bridge.model.events import EventRejected
-from otel_bridge.model.otlp import request_from_json, spans_from_request
+from otel_bridge.model.otlp import span_from_proto
 from otel_bridge.model.spans import Span
 from otel_bridge.sources.jsonl import Line
 
+__all__ = ["MAX_REQUEST_BYTES", "read_spans"]
+
 Reject = Callable[[Line, EventRejected], None]
 
+# A bound on one request (or one pretty-printed document), against a source
+# that never ends a line; far beyond what a batch of real traces takes.
+MAX_REQUEST_BYTES = 1 << 30
+_SPANS = "resourceSpans.item.scopeSpans.item.spans.item"
+_ID_FIELDS = ("traceId", "spanId", "parentSpanId")
 
-# How much of a source is held to try it as one pretty-printed document.
-MAX_DOCUMENT_BYTES = 64 << 20
+
+class _TooLarge(Exception):
+    pass
 
 
-def parse_spans(lines: Iterable[Line], on_reject: Reject) -> Iterator[tuple[Line, Span]]:
-    """The spans on these lines, each with the line it came from.
+class _LineStream:
+    """The bytes of one line of `stream` (its newline included), as a file
+    for the parser to read; as a `document`, the rest of the stream too.
+    With `keep`, the first MiB read is kept (`kept`), to read it again."""
 
-    Each line is an OTLP/JSON request. A source whose first line is not a
-    whole JSON value is first tried as one (pretty-printed) document; if it is
-    not one either, its lines are read one by one, so a bad first line of a
-    JSON-lines file costs that line only."""
-    for _, source_lines in itertools.groupby(lines, key=lambda line: line.source):
-        first = next(source_lines)
-        if first.data is not None and _loads(first) is _MALFORMED:
-            held = [first]
-            size = first.size
-            for line in source_lines:
-                held.append(line)
-                size += line.size
-                if line.data is None or size > MAX_DOCUMENT_BYTES:
-                    break
-            document = _document(held)
-            if document is not _MALFORMED:
-                yield from _request(first, document, on_reject)
-                yield from _each_line(source_lines, on_reject)
-                continue
-            source_lines = itertools.chain(held, source_lines)
+    def __init__(self, stream: BinaryIO, limit: int, head: bytes = b"", *,
+                 document: bool = False, keep: bool = False):
+        self._stream = stream
+        self._limit = limit
+        self._head = head
+        self.size = len(head)
+        self.document = document
+        self.ended = False  # read to the end of the line (of the stream, as a document)
+        self.kept: "bytes | None" = head if keep else None
+
+    def read(self, n: int = -1) -> bytes:
+        if n == 0:  # the parser's probe of what kind of file this is
+            return b""
+        if self._head:
+            data, self._head = self._head, b""
+            return data
+        if self.ended:
+            return b""
+        data = self._next(1 << 16 if n is None or n < 0 else n)
+        self.size += len(data)
+        if self.kept is not None:
+            self.kept = self.kept + data if len(self.kept) < 1 << 20 else None
+        if self.size > self._limit:
+            raise _TooLarge()
+        return data
+
+    def drain(self) -> None:
+        """Read past the rest of the line (after an error)."""
+        self._head = b""
+        while not self.ended:
+            self.size += len(self._next(1 << 16))
+
+    def _next(self, n: int) -> bytes:
+        data = self._stream.read(n) if self.document else self._stream.readline(n)
+        if not data or (not self.document and data.endswith(b"\n")):
+            self.ended = True
+        return data
+
+
+def read_spans(sources: Iterable[str], on_reject: Reject,
+               max_request_bytes: int = MAX_REQUEST_BYTES) -> Iterator[tuple[Line, Span]]:
+    """The spans of each source in turn ("-" is stdin), each with the line
+    its request started on. A source whose first line is not a whole JSON
+    value is read as one (pretty-printed) document."""
+    for source in sources:
+        if source == "-":
+            yield from _source_spans(sys.stdin.buffer, "-", on_reject, max_request_bytes)
         else:
-            source_lines = itertools.chain([first], source_lines)
-        yield from _each_line(source_lines, on_reject)
+            with open(source, "rb") as stream:
+                yield from _source_spans(stream, source, on_reject, max_request_bytes)
 
 
-def _each_line(lines: Iterable[Line], on_reject: Reject) -> Iterator[tuple[Line, Span]]:
-    for line in lines:
-        parsed = _loads(line)
-        if parsed is _TOO_LARGE:
-            on_reject(line, EventRejected("too_large", f"line of {line.size} bytes is over the limit"))
-        elif parsed is _MALFORMED:
-            on_reject(line, EventRejected("malformed_json", "not a JSON value"))
-        else:
-            yield from _request(line, parsed, on_reject)
+def _source_spans(stream: BinaryIO, source: str, on_reject: Reject,
+                  limit: int) -> Iterator[tuple[Line, Span]]:
+    number = 0
+    while True:
+        head = stream.readline(1)
+        if not head:
+            return
+        number += 1
+        if head.isspace():
+            continue  # a blank line
+        line = _LineStream(stream, limit, head, keep=number == 1)
+        spans, error = _parse(line)
+        if error == _PREMATURE_END and number == 1 and line.kept is not None:
+            # Not a whole value on its first line: a pretty-printed document,
+            # read again from its start (as one stream, several values allowed).
+            line = _LineStream(stream, limit, line.kept, document=True)
+            spans, error = _parse(line)
+        where = Line(source, number, None, line.size)
+        if error is not None:
+            on_reject(where, error)
+        elif not spans:
+            on_reject(where, EventRejected(
+                "no_spans", "not an OTLP/JSON trace request with spans (resourceSpans)"))
+        yield from ((where, span) for span in spans)
+        if line.document:
+            return
 
 
-_MALFORMED, _TOO_LARGE = object(), object()
+_PREMATURE_END = EventRejected("malformed_json", "the JSON ends before its value does")
 
 
-def _loads(line: Line) -> object:
-    if line.data is None:
-        return _TOO_LARGE
+def _parse(line: _LineStream) -> "tuple[list[Span], EventRejected | None]":
+    """The spans on the line (or in the document), or why it is set aside."""
+    spans: list[Span] = []
     try:
-        return json.loads(line.data)
-    except ValueError:
-        return _MALFORMED
-
-
-def _document(lines: list[Line]) -> object:
-    if any(line.data is None for line in lines):
-        return _MALFORMED
-    try:
-        return json.loads(b"".join(line.data for line in lines))
-    except ValueError:
-        return _MALFORMED
-
-
-def _request(line: Line, obj: object, on_reject: Reject) -> Iterator[tuple[Line, Span]]:
-    if not isinstance(obj, dict):
-        on_reject(line, EventRejected(
-            "not_an_object", f"expected a JSON object, got {type(obj).__name__}"))
-        return
-    try:
-        spans = [span for _, span in spans_from_request(request_from_json(obj))]
+        for obj in ijson.items(line, _SPANS, use_float=True, multiple_values=line.document):
+            spans.append(_span(obj))
+    except _TooLarge:
+        error: "EventRejected | None" = EventRejected(
+            "too_large", f"a request of over {line.size} bytes is over the limit")
+    except ijson.JSONError as exc:
+        text = str(exc).splitlines()[0] if str(exc) else "not JSON"
+        error = _PREMATURE_END if "premature EOF" in text else EventRejected(
+            "malformed_json", text)
     except ValueError as exc:
-        on_reject(line, EventRejected("invalid_otlp", str(exc)))
-        return
-    for span in spans:
-        yield line, span
+        error = EventRejected("invalid_otlp", str(exc))
+    else:
+        error = None
+    line.drain()
+    return ([], error) if error is not None else (spans, None)
+
+
+def _span(obj: object) -> Span:
+    """One OTLP/JSON span (hex ids), as a plain span. Raises ValueError."""
+    if not isinstance(obj, dict):
+        raise ValueError(f"a span is a JSON object, not {type(obj).__name__}")
+    for key in _ID_FIELDS:
+        value = obj.get(key)
+        if value:
+            try:
+                obj[key] = base64.b64encode(bytes.fromhex(value)).decode()
+            except (TypeError, ValueError):
+                raise ValueError(f"{key} {value!r:.40} is not hex") from None
+    try:
+        # OTLP: "receivers MUST ignore unknown fields" in JSON, for newer senders.
+        message = json_format.ParseDict(obj, trace_pb2.Span(), ignore_unknown_fields=True)
+    except json_format.ParseError as exc:
+        raise ValueError(str(exc)) from None
+    return span_from_proto(message)

@@ -46,9 +46,8 @@ def diff(base: Any, target: Any) -> Patch:
 
 
 def _diff(base: Any, target: Any, path: list, out: Patch) -> None:
-    if same(base, target):
-        return
-    if type(base) is dict and type(target) is dict:
+    kind = type(base)
+    if kind is dict and type(target) is dict:
         kept = [key for key in base if key in target]
         added = [key for key in target if key not in base]
         # Setting a key that is not there appends it, so the target's order
@@ -60,9 +59,11 @@ def _diff(base: Any, target: Any, path: list, out: Patch) -> None:
                 _diff(base[key], target[key], [*path, key], out)
             out.extend([[*path, key], target[key]] for key in added)
             return
-    elif type(base) is list and type(target) is list and len(base) == len(target):
+    elif kind is list and type(target) is list and len(base) == len(target):
         for index, (a, b) in enumerate(zip(base, target)):
             _diff(a, b, [*path, index], out)
+        return
+    elif kind is type(target) and kind is not dict and kind is not list and base == target:
         return
     out.append([path, target])
 

@@ -26,6 +26,7 @@ from datetime import datetime
 from typing import Any, Iterable, Mapping, Optional, Sequence
 from uuid import UUID
 
+import orjson
 import pydantic_core
 
 from otel_bridge.model.events import (
@@ -424,14 +425,29 @@ def event_json(event: Event) -> dict[str, Any]:
 def event_patch(rebuilt: Optional[Event], original: Event) -> Optional[str]:
     """The patch (JSON) that makes `original` of `rebuilt`; None if none is
     needed."""
-    if rebuilt is not None and (rebuilt.model_dump_json(exclude=_RECEIVED)
-                                == original.model_dump_json(exclude=_RECEIVED)):
+    if rebuilt is not None and _same_event(rebuilt, original):
         return None
     target = event_json(original)
     patch = [[[], target]] if rebuilt is None else diff(event_json(rebuilt), target)
     return to_json(patch) if patch else None
 
 
+def _same_event(a: Event, b: Event) -> bool:
+    """Whether two events serialise to the same JSON, byte for byte. Equal
+    values (`==`, which takes 1, 1.0 and true for one another and ignores
+    key order) that orjson writes alike (types and key order kept) are the
+    same; orjson is a tenth of the cost of serialising each with pydantic."""
+    fields_a = [a.__dict__[name] for name in _EVENT_FIELDS]
+    fields_b = [b.__dict__[name] for name in _EVENT_FIELDS]
+    if fields_a != fields_b:
+        return False
+    try:
+        return orjson.dumps(fields_a) == orjson.dumps(fields_b)
+    except (TypeError, orjson.JSONEncodeError):  # what orjson does not write (huge ints)
+        return a.model_dump_json(exclude=_RECEIVED) == b.model_dump_json(exclude=_RECEIVED)
+
+
+_EVENT_FIELDS = ("occurred", "event", "resource", "related", "payload", "id", "follows")
 _RECEIVED = {"received"}
 
 

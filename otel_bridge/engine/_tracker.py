@@ -31,8 +31,7 @@ from otel_bridge.translate.task_run_events import (
 )
 
 from ._sinks import EventSink, as_callable
-from ._span import built_run_span
-from ._tracing import bridge_tracer, finish_live_span, parent_context
+from ._tracing import bridge_tracer, finish_live_span, start_span
 
 log = logging.getLogger("otel_bridge.engine")
 
@@ -283,26 +282,17 @@ class TaskRunTracker:
     def _start_span(self, start_ns: int) -> None:
         if self._tracer is None:
             return
-        tracer, ids = self._tracer
+        # under the run's parent (a root if none), whatever is current
         trace_id, parent_span_id, span_id = self._placement()
-        ctx = parent_context(trace_id, parent_span_id)  # a root, whatever is current, if None
-        ids.set_next(trace_id, span_id)
-        try:
-            self._span = tracer.start_span(self.name, context=ctx, start_time=start_ns,
-                                           record_exception=False,
-                                           set_status_on_exception=False)
-        finally:
-            ids.clear()
+        self._span = start_span(self._tracer, self.name, trace_id, parent_span_id, span_id,
+                                start_ns)
 
     @property
     def result_span(self) -> Optional[Span]:
         """The span the forward bridge makes of the events so far, once the
         run is final (the live span's content); None before."""
         if self._result_span is None and self._final is not None:
-            trace_id, parent_span_id, span_id = self._placement()
-            self._result_span = built_run_span(
-                self._builder, RunKey(TASK_RUN, self.resource_id), trace_id, parent_span_id,
-                span_id) or run_span(self._builder.events)
+            self._result_span = run_span(self._builder.events)
         return self._result_span
 
     def _finish_span(self) -> None:

@@ -19,7 +19,7 @@ What it does, per task run:
 * Prefect's events worker hands every event it sends to otel-bridge as well.
   When a task run's final state event has been sent, the run's span is
   recorded through the OpenTelemetry SDK with exactly the content the sidecar
-  would give it: `run_span(events)` of the very events Prefect sent (name,
+  would give it: `run_span` of the very events Prefect sent (name,
   start/end, attributes, span events, status). A run that is also seen by a
   sidecar gives one span, not two.
 
@@ -36,6 +36,7 @@ wraps two methods, in `_install` below and nowhere else:
 `prefect.telemetry.run_telemetry.RunTelemetry._start_span` (task runs only)
 and `prefect.events.worker.EventsWorker._handle` (after the event is sent).
 `disable` restores them.
+
 """
 
 from __future__ import annotations
@@ -47,14 +48,11 @@ import threading
 from typing import Any, Optional
 from uuid import UUID
 
-from opentelemetry import propagate, trace
-from opentelemetry.baggage.propagation import W3CBaggagePropagator
-from opentelemetry.propagators.composite import CompositePropagator
+from opentelemetry import trace
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
-from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from otel_bridge.model.spans import Span
 from otel_bridge.model.events import EventRejected
+from otel_bridge.model.spans import Span
 from otel_bridge.translate.forward import (
     TASK_RUN,
     RunKey,
@@ -63,16 +61,11 @@ from otel_bridge.translate.forward import (
     is_final,
     is_final_state,
     run_key,
+    run_span,
 )
 from otel_bridge.translate.ids import span_id_for
 
-from ._prefect_events import (
-    TASK_RUN_PREFIX,
-    is_task_run_state,
-    read_prefect,
-    span_of,
-    task_run_span,
-)
+from ._prefect_events import TASK_RUN_PREFIX, is_task_run_state, read_prefect
 from ._tracing import bridge_tracer, record_span, tracer_provider_from_env
 
 __all__ = ["TaskRunSpan", "aflush", "disable", "enable", "flush", "is_enabled"]
@@ -92,8 +85,6 @@ class TaskRunSpan(NonRecordingSpan):
         super().__init__(context)
         self.task_run_id = task_run_id
         self.parent_span_id = parent_span_id
-        # the `__OTEL_TRACEPARENT` label given to the run for this span
-        self.traceparent: Optional[str] = None
 
     def __repr__(self) -> str:
         return f"TaskRunSpan({self.task_run_id})"
@@ -141,7 +132,7 @@ class _Bridge:
         # Kept as Prefect made it, read once the run is over (`_finish`); an
         # event not known to be a state event is read now, to ask run_key.
         if (not is_task_run_state(prefect_event.event, resource)
-                and run_key(read_prefect(prefect_event)[0]) is None):
+                and run_key(read_prefect(prefect_event)) is None):
             return
         with self._lock:
             seen = self._events.setdefault(resource_id, [])
@@ -154,27 +145,25 @@ class _Bridge:
             self._finish(span, RunKey(TASK_RUN, resource_id), seen)
 
     def _finish(self, span: TaskRunSpan, key: RunKey, sent: list[Any]) -> None:
-        """Record the span of a run whose final state has been sent."""
-        # its span id: made from the same resource id at the start
-        span_id = span.get_span_context().span_id
-        final = task_run_span(sent, key, span_id, span.traceparent)
-        if final is None:  # the general way, which drops what Prefect's server would
-            reads, kept = [], []
-            for event in sent:
-                try:
-                    reads.append(read_prefect(event))
-                    kept.append(event)
-                except EventRejected as exc:
-                    self.errors += 1
-                    log.warning("otel-bridge: event %s of %s set aside: %s", event.id,
-                                key.resource_id, exc)
-            if not reads or not is_final(reads[-1][0]):  # the final state was set aside
-                with self._lock:
-                    self._open[key.resource_id] = span
-                    self._events.setdefault(key.resource_id, [])[:0] = kept
-                return
-            final = span_of(key, reads, span_id)
-        self._record(span, final)
+        """Record the span of a run whose final state has been sent: the
+        forward bridge's span of the events Prefect's server accepts (an
+        event it would refuse is set aside and counted; if that is the final
+        state, the run stays open for the next one)."""
+        events, kept = [], []
+        for prefect_event in sent:
+            try:
+                events.append(read_prefect(prefect_event))
+                kept.append(prefect_event)
+            except EventRejected as exc:
+                self.errors += 1
+                log.warning("otel-bridge: event %s of %s set aside: %s", prefect_event.id,
+                            key.resource_id, exc)
+        if not events or not is_final(events[-1]):  # the final state was set aside
+            with self._lock:
+                self._open[key.resource_id] = span
+                self._events.setdefault(key.resource_id, [])[:0] = kept
+            return
+        self._record(span, run_span(events))
 
     def _record(self, started: TaskRunSpan, final: Span) -> None:
         found = bridge_tracer(self.provider)
@@ -216,53 +205,6 @@ def _placement(run: Any, own: str) -> tuple[int, Optional[int]]:
     return _trace_id_for(root), _span_id_for(parent) if parent else None
 
 
-def _traceparent(span: TaskRunSpan) -> Optional[str]:
-    """What Prefect's `RunTelemetry.traceparent_from_span(span)` gives: the
-    `traceparent` the global propagator writes for the span. Written here
-    directly, as `TraceContextTextMapPropagator.inject` writes it, when the
-    global propagator is the API's default (W3C trace context, then W3C
-    baggage, which writes only `baggage`) or made only of those two, by exact
-    type; otherwise (another propagator could write its own `traceparent`)
-    Prefect's function, propagator and all. Tested against it."""
-    propagator = propagate.get_global_textmap()
-    known = _known_propagator
-    if known[0] is not propagator or (known[1] is not None and tuple(known[1]) != known[2]):
-        known = _know(propagator)
-    writes = known[3]
-    context = span.get_span_context()
-    if writes is not None and context.is_valid:
-        if not writes:
-            return None  # nothing writes a traceparent
-        return f"00-{context.trace_id:032x}-{context.span_id:016x}-{context.trace_flags:02x}"
-    from prefect.telemetry.run_telemetry import RunTelemetry
-
-    return RunTelemetry.traceparent_from_span(span)
-
-
-def _know(propagator: Any) -> tuple:
-    """(propagator, its list of propagators or None, a copy of that list,
-    whether it writes W3C trace context's `traceparent` and no other: True,
-    False when nothing writes one, None when unknown)."""
-    global _known_propagator
-    kind = type(propagator)
-    parts = getattr(propagator, "_propagators", None) if kind is CompositePropagator else None
-    if kind is TraceContextTextMapPropagator:
-        writes = True
-    elif kind is CompositePropagator and type(parts) in (list, tuple) and all(
-            type(p) in _W3C_PROPAGATORS for p in parts):
-        writes = any(type(p) is TraceContextTextMapPropagator for p in parts)
-    else:
-        writes = None
-    known = (propagator, parts if type(parts) is list else None,
-             tuple(parts) if type(parts) is list else None, writes)
-    _known_propagator = known
-    return known
-
-
-_W3C_PROPAGATORS = frozenset({TraceContextTextMapPropagator, W3CBaggagePropagator})
-_known_propagator: tuple = (None, None, None, None)
-
-
 _bridge: Optional[_Bridge] = None
 _originals: dict[str, Any] = {}
 _install_lock = threading.Lock()
@@ -291,7 +233,7 @@ def _install() -> None:
                 span = None
             if span is not None:
                 self.span = span
-                traceparent = span.traceparent = _traceparent(span)
+                traceparent = self.traceparent_from_span(span)
                 if traceparent:
                     run.labels["__OTEL_TRACEPARENT"] = traceparent
                 return traceparent, span

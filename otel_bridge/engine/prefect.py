@@ -37,11 +37,19 @@ wraps two methods, in `_install` below and nowhere else:
 and `prefect.events.worker.EventsWorker._handle` (after the event is sent).
 `disable` restores them.
 
+Private methods change without notice, so `enable` wraps them only in the
+Prefect versions the tests ran with (`TESTED_PREFECT_VERSIONS`). In any
+other, it logs one warning and leaves Prefect as it is: Prefect's own
+telemetry, if any, goes on unchanged, and a sidecar still makes otel-bridge's
+spans from the run's events. A half-working wrap would be worse: a span
+context Prefect no longer makes current, or spans that no longer match the
+sidecar's, would break the traces silently.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.metadata
 import inspect
 import logging
 import threading
@@ -51,10 +59,12 @@ from uuid import UUID
 from opentelemetry import trace
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 
+from otel_bridge._prefect_api import ui_url
 from otel_bridge.model.events import EventRejected
 from otel_bridge.model.spans import Span
 from otel_bridge.translate.forward import (
     TASK_RUN,
+    ForwardOptions,
     RunKey,
     _span_id_for,
     _trace_id_for,
@@ -68,7 +78,8 @@ from otel_bridge.translate.ids import span_id_for
 from ._prefect_events import TASK_RUN_PREFIX, is_task_run_state, read_prefect
 from ._tracing import bridge_tracer, record_span, tracer_provider_from_env
 
-__all__ = ["TaskRunSpan", "aflush", "disable", "enable", "flush", "is_enabled"]
+__all__ = ["TESTED_PREFECT_VERSIONS", "TaskRunSpan", "aflush", "disable", "enable", "flush",
+           "is_enabled", "prefect_version_supported"]
 
 log = logging.getLogger("otel_bridge.engine.prefect")
 
@@ -94,8 +105,10 @@ class _Bridge:
     """The state of one `enable`: the provider, and the events of the task
     runs whose span is open."""
 
-    def __init__(self, provider: Optional[trace.TracerProvider]):
+    def __init__(self, provider: Optional[trace.TracerProvider],
+                 options: ForwardOptions = ForwardOptions()):
         self.provider = provider
+        self.options = options
         self._lock = threading.Lock()
         self._open: dict[str, TaskRunSpan] = {}  # resource id -> span context
         # resource id -> the events sent so far (Prefect's `Event` objects)
@@ -163,7 +176,7 @@ class _Bridge:
                 self._open[key.resource_id] = span
                 self._events.setdefault(key.resource_id, [])[:0] = kept
             return
-        self._record(span, run_span(events))
+        self._record(span, run_span(events, self.options))
 
     def _record(self, started: TaskRunSpan, final: Span) -> None:
         found = bridge_tracer(self.provider)
@@ -257,22 +270,61 @@ def _install() -> None:
 
 def enable(
     tracer_provider: Optional[trace.TracerProvider] = None, *, from_env: bool = True
-) -> None:
-    """Switch dual emission on for the Prefect task runs of this process.
+) -> bool:
+    """Switch dual emission on for the Prefect task runs of this process;
+    True when it is on.
 
     `tracer_provider`: where the spans go; default the global provider at the
     time each span is made. If there is none (the API's default) and
     `from_env`, one is set up from the `OTEL_*` variables
     (`tracer_provider_from_env`, OTLP when an endpoint is set) and installed
-    as the global provider. Calling it again changes the provider."""
+    as the global provider. Calling it again changes the provider.
+
+    The spans are the sidecar's for the same events, the link to each run's
+    page included when the UI's address is known as the sidecar knows it
+    (`PREFECT_UI_URL`, or derived from `PREFECT_API_URL`).
+
+    With a Prefect version the tests did not run with (see the module's
+    docstring) it does nothing, not even set up a provider, and returns
+    False, having logged why (once per process)."""
     global _bridge
+    if not prefect_version_supported():
+        return False
     if (tracer_provider is None and from_env
             and bridge_tracer(trace.get_tracer_provider()) is None):
         tracer_provider_from_env(set_global=True)
     with _install_lock:
         if not _originals:
             _install()
-        _bridge = _Bridge(tracer_provider)
+        _bridge = _Bridge(tracer_provider, ForwardOptions(ui_url=ui_url()))
+    return True
+
+
+# The Prefect versions whose private methods `_install` wraps, as the tests
+# ran with them: add a version only once they pass with it.
+TESTED_PREFECT_VERSIONS = frozenset({"3.9.1"})
+_warned_version: Optional[str] = None
+
+
+def prefect_version_supported() -> bool:
+    """Whether the installed Prefect is one `enable` wraps; logs a warning,
+    once per process, when it is not."""
+    global _warned_version
+    try:
+        version = importlib.metadata.version("prefect")
+    except importlib.metadata.PackageNotFoundError:
+        version = "not installed"
+    if version in TESTED_PREFECT_VERSIONS:
+        return True
+    if _warned_version is None:
+        _warned_version = version
+        log.warning(
+            "otel-bridge: dual emission is off: it wraps private methods of Prefect "
+            "(RunTelemetry._start_span, EventsWorker._handle) and was tested with Prefect %s "
+            "only, not with Prefect %s. Prefect runs as it would without otel-bridge; a "
+            "sidecar (otel-bridge serve) still makes the spans from the events.",
+            ", ".join(sorted(TESTED_PREFECT_VERSIONS)), version)
+    return False
 
 
 def disable() -> None:

@@ -1,27 +1,27 @@
-"""The shortcuts dual emission takes for speed give exactly what the general
-code gives: the builder's unvalidated events, the ordered span, the SDK span
-filled directly."""
+"""Dual emission's engine side: the events the builder makes without
+validating them are exactly what validation makes, and the run's span goes
+to the SDK through its public API only (so the SDK's limits, samplers and
+span processors apply to it as to any span), with otel-bridge's ids."""
 
 from __future__ import annotations
 
 import json
+import logging
 from datetime import datetime, timedelta, timezone
 from uuid import UUID, uuid4
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry import trace
-from opentelemetry.sdk.trace import SpanLimits, TracerProvider, sampling
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
+from opentelemetry.sdk.trace import SpanLimits, SpanProcessor, TracerProvider, sampling
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from otel_bridge.engine import FlowRunRef, StateType, TaskRunTracker
 from otel_bridge.engine import _tracing
-from otel_bridge.engine._span import ordered_run_span
 from otel_bridge.model.events import EventRejected, validate_event
-from otel_bridge.translate.forward import TASK_RUN, RunKey, _json, placement, run_span
+from otel_bridge.translate.forward import run_span
 from otel_bridge.translate.ids import span_id_for
 from otel_bridge.translate.task_run_events import StateRecord, TaskRunEventBuilder, TaskRunRecord
 
@@ -53,8 +53,7 @@ def record(**overrides) -> TaskRunRecord:
 
 @given(steps, st.booleans())
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-def test_built_events_are_what_validation_makes_and_the_ordered_span_is_run_span(
-        sequence, nested):
+def test_built_events_are_what_validation_makes(sequence, nested):
     run = record() if nested else record(task_inputs={}, labels={})
     builder = TaskRunEventBuilder(run)
     when = T0
@@ -66,19 +65,6 @@ def test_built_events_are_what_validation_makes_and_the_ordered_span_is_run_span
         validated = validate_event(dict(event.__dict__))
         assert event == validated and event.model_dump_json() == validated.model_dump_json()
         assert validate_event(wire) == event
-    # what the forward bridge writes on the span events
-    assert builder.payload_json == [_json(e.payload).encode() for e in builder.events]
-    assert all(builder.related_json == _json(e.related).encode() for e in builder.events)
-    key = RunKey(TASK_RUN, run.resource_id)
-    trace_id, parent = placement(key, builder.events)
-    span = ordered_run_span(builder.events, builder.payload_json,
-                            [builder.related_json] * len(builder.events), key, trace_id, parent,
-                            span_id_for(run.resource_id))
-    ordered = [e.occurred for e in builder.events] == sorted(e.occurred for e in builder.events)
-    if ordered:
-        assert span == run_span(builder.events)
-    else:
-        assert span is None
 
 
 def test_events_the_builder_cannot_vouch_for_are_validated():
@@ -103,72 +89,17 @@ def test_events_the_builder_cannot_vouch_for_are_validated():
     assert "additional characters" in event.resource["prefect.state-message"]
 
 
-def _telemetry(limits=None):
+def _telemetry(limits=None, sampler=None, processor=None):
     exporter = InMemorySpanExporter()
-    provider = TracerProvider(span_limits=limits) if limits else TracerProvider()
+    provider = TracerProvider(**{k: v for k, v in (("span_limits", limits),
+                                                   ("sampler", sampler)) if v})
+    if processor is not None:
+        provider.add_span_processor(processor)
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     return provider, exporter
 
 
-def _workload(provider):
-    """The same runs every time: ids and clock fixed."""
-    counter = iter(range(1, 1000))
-    ids = lambda: UUID(int=next(counter))  # noqa: E731
-    ticks = iter(range(1000))
-    clock = lambda: T0 + timedelta(milliseconds=next(ticks))  # noqa: E731
-    with TaskRunTracker("extract", flow_run=FLOW_RUN, tags=["etl", "daily"], clock=clock,
-                        id_factory=ids, tracer_provider=provider) as run:
-        run.set_state("RUNNING", "Retrying", "Task run encountered an exception E: x")
-    with pytest.raises(ValueError):
-        with TaskRunTracker("validate", flow_run=FLOW_RUN, tracer_provider=provider,
-                            clock=clock, id_factory=ids, labels={
-                "__OTEL_TRACEPARENT": "00-5b8efff798038103d269b633813fc60c-eee19b7ec3c1b174-01"}):
-            raise ValueError("bad " * 400)
-
-
-def _otlp(spans):
-    return [encode_spans([s]).resource_spans[0].scope_spans[0].spans[0] for s in spans]
-
-
-def test_the_directly_filled_sdk_span_is_the_public_apis(monkeypatch):
-    provider, fast = _telemetry()
-    used = []
-    original = _tracing._fill_directly
-    monkeypatch.setattr(_tracing, "_fill_directly",
-                        lambda *args: used.append(original(*args)) or used[-1])
-    _workload(provider)
-    assert used == [True, True]
-
-    monkeypatch.setattr(_tracing, "_fill_directly", lambda *args: False)
-    provider, public = _telemetry()
-    _workload(provider)
-    fast_spans, public_spans = fast.get_finished_spans(), public.get_finished_spans()
-    assert _otlp(fast_spans) == _otlp(public_spans)
-    for a, b in zip(fast_spans, public_spans):
-        assert dict(a.attributes) == dict(b.attributes)
-        assert [(e.name, dict(e.attributes), e.dropped_attributes) for e in a.events] == \
-            [(e.name, dict(e.attributes), e.dropped_attributes) for e in b.events]
-
-
-def test_limits_that_would_cut_anything_take_the_public_api(monkeypatch):
-    used = []
-    original = _tracing._fill_directly
-    monkeypatch.setattr(_tracing, "_fill_directly",
-                        lambda *args: used.append(original(*args)) or used[-1])
-    provider, exporter = _telemetry(SpanLimits(max_attribute_length=100))
-    _workload(provider)
-    assert used == [False, False]
-    (_, validate) = exporter.get_finished_spans()
-    assert len(validate.status.description) > 100
-    assert all(len(v) <= 100 for v in validate.attributes.values() if isinstance(v, str))
-    used.clear()
-    provider, exporter = _telemetry(SpanLimits(max_span_attributes=5))
-    _workload(provider)
-    assert used == [False, False]
-    assert all(len(s.attributes) == 5 for s in exporter.get_finished_spans())
-
-
-def _finished_spans():
+def _finals():
     """Spans of every shape the bridge makes: nested with a link (Prefect's
     own traceparent), failed with a long message, a root with no flow run,
     and one with no Running state (marked synthetic)."""
@@ -198,195 +129,115 @@ def _finished_spans():
     return out
 
 
-def _sdk_fields(span):
-    """Everything a ReadableSpan tells its exporters."""
-    return (span.name, span.context, span.parent, span.resource, span.kind,
-            list(span.attributes.items()), span.dropped_attributes,
-            [(e.name, e.timestamp, list(e.attributes.items()), e.dropped_attributes)
-             for e in span.events], span.dropped_events,
-            [(link.context, list(link.attributes.items()), link.dropped_attributes)
-             for link in span.links], span.dropped_links,
-            span.status.status_code, span.status.description, span.start_time, span.end_time,
-            span.instrumentation_scope)
+def _fields(span):
+    """What the SDK's span says, in a form to compare with the bridge's."""
+    plain = lambda attrs: {k: list(v) if isinstance(v, tuple) else v  # noqa: E731
+                           for k, v in dict(attrs).items()}
+    return (span.name, span.context.trace_id, span.context.span_id,
+            span.parent.span_id if span.parent else None, span.kind,
+            plain(span.attributes),
+            [(e.name, e.timestamp, plain(e.attributes)) for e in span.events],
+            [(link.context.trace_id, link.context.span_id, plain(link.attributes))
+             for link in span.links],
+            span.status.status_code, span.status.description or "",
+            span.start_time, span.end_time)
 
 
-_RECORD_ONLY = sampling.StaticSampler(sampling.Decision.RECORD_ONLY)
+def _bridge_fields(final):
+    return (final.name, final.trace_id, final.span_id, final.parent_span_id, final.kind,
+            dict(final.attributes),
+            [(e.name, e.time_unix_nano, dict(e.attributes)) for e in final.events],
+            [(link.trace_id, link.span_id, dict(link.attributes)) for link in final.links],
+            final.status_code, final.status_message, final.start_time_unix_nano,
+            final.end_time_unix_nano)
 
 
-@pytest.mark.parametrize("sampler", [
-    sampling.ALWAYS_ON, sampling.ParentBased(sampling.ALWAYS_ON),
-    sampling.TraceIdRatioBased(0.5), _RECORD_ONLY, sampling.ALWAYS_OFF,
-])
-def test_a_span_recorded_directly_is_the_one_the_public_api_records(monkeypatch, sampler):
-    spans = _finished_spans()
-
-    def record(direct):
-        provider = TracerProvider(sampler=sampler)
-        exporter = InMemorySpanExporter()
-        provider.add_span_processor(SimpleSpanProcessor(exporter))
-        seen = []  # every ReadableSpan the processors get, sampled or not
-        provider.add_span_processor(BatchSpanProcessor(InMemorySpanExporter()))
-        provider._active_span_processor._span_processors[-1].on_end = seen.append
-        used = []
-        original = _tracing._record_directly
-        monkeypatch.setattr(_tracing, "_record_directly", lambda *args: used.append(
-            original(*args) if direct else None) or used[-1])
-        recorded = [_tracing.record_span(_tracing.bridge_tracer(provider), s) for s in spans]
-        return recorded, used, exporter.get_finished_spans(), seen
-
-    recorded, used, exported, seen = record(direct=True)
-    assert used == recorded and None not in used  # every span took the direct path
-    public_recorded, _, public_exported, public_seen = record(direct=False)
-    assert recorded == public_recorded
-    assert [_sdk_fields(s) for s in seen] == [_sdk_fields(s) for s in public_seen]
-    assert _otlp(exported) == _otlp(public_exported)
-    if sampler is sampling.ALWAYS_OFF:
-        expected = [False] * 4
-    elif isinstance(sampler, sampling.TraceIdRatioBased):  # by each trace id
-        expected = [s.trace_id & sampler.TRACE_ID_LIMIT < sampler.bound for s in spans]
-        assert True in expected and False in expected
-    else:
-        expected = [True] * 4
-    assert recorded == expected and len(seen) == sum(expected)
-    sampled = sampler is not _RECORD_ONLY
-    assert [s.context.trace_flags.sampled for s in seen] == [sampled] * len(seen)
-    assert len(exported) == (len(seen) if sampled else 0)
+def test_a_recorded_span_is_the_bridges_span_with_its_ids():
+    finals = _finals()
+    provider, exporter = _telemetry()
+    found = _tracing.bridge_tracer(provider)
+    assert all(_tracing.record_span(found, final) for final in finals)
+    assert [_fields(s) for s in exporter.get_finished_spans()] == [
+        _bridge_fields(f) for f in finals]
+    # the tracer hands out otel-bridge's ids only for the run's span: other
+    # spans of the same tracer keep random ones
+    other = found[0].start_span("user")
+    assert other.get_span_context().span_id not in {f.span_id for f in finals}
 
 
-def test_what_the_direct_recording_cannot_vouch_for_takes_the_public_api(monkeypatch):
-    span = _finished_spans()[1]
-    used = []
-    original = _tracing._record_directly
-    monkeypatch.setattr(_tracing, "_record_directly",
-                        lambda *args: used.append(original(*args)) or used[-1])
+class _Looking(sampling.Sampler):
+    """A sampler that decides on the attributes and links it is given."""
 
-    class OnStart(SimpleSpanProcessor):
-        def on_start(self, span, parent_context=None):
-            span.set_attribute("seen", True)
+    def __init__(self):
+        self.seen = []
 
-    cases = [TracerProvider(span_limits=SpanLimits(max_span_attributes=5)),
-             TracerProvider(span_limits=SpanLimits(max_attribute_length=40)),
-             TracerProvider(span_limits=SpanLimits(max_event_attributes=3)),
-             TracerProvider(sampler=sampling.ParentBased(_AttributeSampler()))]
-    for provider in cases:
-        provider.add_span_processor(SimpleSpanProcessor(InMemorySpanExporter()))
-    exporter = InMemorySpanExporter()
-    with_on_start = TracerProvider()
-    with_on_start.add_span_processor(OnStart(exporter))
-    cases.append(with_on_start)
-    for provider in cases:
-        assert _tracing.record_span(_tracing.bridge_tracer(provider), span)
-    assert used == [None] * len(cases)
-    assert exporter.get_finished_spans()[0].attributes["seen"] is True
-
-    # a processor added after the first span: the next one sees it start
-    used.clear()
-    later = TracerProvider()
-    later.add_span_processor(SimpleSpanProcessor(InMemorySpanExporter()))
-    assert _tracing.record_span(_tracing.bridge_tracer(later), span)
-    later.add_span_processor(OnStart(exporter))
-    assert _tracing.record_span(_tracing.bridge_tracer(later), span)
-    assert used == [True, None]
-    assert exporter.get_finished_spans()[-1].attributes["seen"] is True
-
-
-class _AttributeSampler(sampling.Sampler):
     def should_sample(self, parent_context, trace_id, name, kind=None, attributes=None,
                       links=None, trace_state=None):
-        return sampling.SamplingResult(sampling.Decision.RECORD_AND_SAMPLE, attributes)
+        self.seen.append((name, dict(attributes or {}), len(links or ())))
+        decision = (sampling.Decision.DROP if (attributes or {}).get("error.type")
+                    else sampling.Decision.RECORD_AND_SAMPLE)
+        return sampling.SamplingResult(decision, attributes)
 
     def get_description(self):
         return "looks"
 
 
-# forward._run_attributes as it was before it was made faster, kept as the
-# reference the faster one must equal, key order included.
-def _reference_run_attributes(key, last, events, result, error_type):
-    import re
-
-    from otel_bridge.translate.forward import (
-        FLOW_RUN as FLOW,
-        MAX_SPAN_ATTRIBUTE_CHARS,
-        _task_run_metadata,
-    )
-
-    attributes = {}
-    for label, value in last.resource.items():
-        if len(value) > MAX_SPAN_ATTRIBUTE_CHARS:
-            attributes[f"otel_bridge.truncated.{label}"] = len(value)
-            value = value[: MAX_SPAN_ATTRIBUTE_CHARS - 3] + "..."
-        attributes[label] = value
-    run_id = key.resource_id.removeprefix(f"prefect.{key.kind}.")
-    attributes["prefect.run.type"] = "task" if key.kind == TASK_RUN else "flow"
-    attributes["prefect.run.id"] = run_id
-    if "prefect.resource.name" in last.resource:
-        attributes["prefect.run.name"] = last.resource["prefect.resource.name"]
-    tags = sorted({r["prefect.resource.id"].removeprefix("prefect.tag.")
-                   for r in last.related if r.get("prefect.resource.role") == "tag"})
-    if tags:
-        attributes["prefect.tags"] = tags
-    for related in last.related:
-        role = related["prefect.resource.role"]
-        if role == "tag" or f"prefect.related.{role}.id" in attributes:
-            continue
-        attributes[f"prefect.related.{role}.id"] = related["prefect.resource.id"]
-        if related.get("prefect.resource.name"):
-            attributes[f"prefect.related.{role}.name"] = related["prefect.resource.name"]
-    flow = last.related_in_role("flow")
-    if key.kind == TASK_RUN:
-        attributes.update(_task_run_metadata(events))
-        task_key = attributes.get("prefect.task.key")
-        if isinstance(task_key, str):
-            attributes["cicd.pipeline.task.name"] = re.sub(r"-[0-9a-f]{8}$", "", task_key)
-        attributes["cicd.pipeline.task.run.id"] = run_id
-        if result:
-            attributes["cicd.pipeline.task.run.result"] = result
-        flow_run = last.related_in_role(FLOW)
-        if flow_run:
-            attributes["cicd.pipeline.run.id"] = flow_run["prefect.resource.id"].removeprefix(
-                f"prefect.{FLOW}.")
-    else:
-        attributes["cicd.pipeline.run.id"] = run_id
-        if result:
-            attributes["cicd.pipeline.result"] = result
-    if flow and flow.get("prefect.resource.name"):
-        attributes["cicd.pipeline.name"] = flow["prefect.resource.name"]
-    if error_type:
-        attributes["error.type"] = error_type
-    return attributes
+def test_a_sampler_sees_the_runs_attributes_and_links_when_its_span_is_recorded():
+    finals = _finals()
+    looking = _Looking()
+    provider, exporter = _telemetry(sampler=looking)
+    found = _tracing.bridge_tracer(provider)
+    recorded = [_tracing.record_span(found, final) for final in finals]
+    assert recorded == [True, False, True, True]  # the failed run dropped by its error.type
+    assert [seen for seen in looking.seen] == [
+        (f.name, dict(f.attributes), len(f.links)) for f in finals]
+    assert [s.context.span_id for s in exporter.get_finished_spans()] == [
+        f.span_id for f, kept in zip(finals, recorded) if kept]
 
 
-_roles = st.sampled_from(["tag", "flow", "flow-run", "deployment", "task-run", "work-pool"])
-_labels = st.fixed_dictionaries(
-    {"prefect.resource.id": st.sampled_from(["prefect.tag.a", "prefect.tag.b",
-                                             "prefect.flow.x", "prefect.flow-run.y", "z"]),
-     "prefect.resource.role": _roles},
-    optional={"prefect.resource.name": st.sampled_from(["", "n", "m"])})
-_extra_labels = st.dictionaries(
-    st.sampled_from(["prefect.related.flow.id", "prefect.run.name", "prefect.tags",
-                     "prefect.task.key", "x"]),
-    st.text(max_size=3) | st.just("q" * 1500), max_size=3)
+class _TagsOnStart(SpanProcessor):
+    def on_start(self, span, parent_context=None):
+        span.set_attribute("team", "data")
 
 
-@given(st.sampled_from(["task-run", "flow-run"]), st.lists(_labels, max_size=6),
-       _extra_labels, st.booleans(), st.sampled_from([None, "success", "failure"]),
-       st.sampled_from([None, "ValueError"]), st.text(max_size=4) | st.just("m" * 1100))
-@settings(max_examples=300, deadline=None)
-def test_run_attributes_equal_the_reference(kind, related, extra, named, result, error_type,
-                                            message):
-    from otel_bridge.translate.forward import _run_attributes
+def test_the_sdks_limits_and_span_processors_apply_to_the_runs_span():
+    finals = _finals()
+    provider, exporter = _telemetry(SpanLimits(max_attribute_length=40, max_span_attributes=12),
+                                    processor=_TagsOnStart())
+    found = _tracing.bridge_tracer(provider)
+    assert all(_tracing.record_span(found, final) for final in finals)
+    failed = exporter.get_finished_spans()[1]
+    assert len(failed.status.description) > 40  # the status is not an attribute
+    assert all(len(v) <= 40 for v in failed.attributes.values() if isinstance(v, str))
+    assert all(len(v) <= 40 for e in failed.events for v in e.attributes.values())
+    for span, final in zip(exporter.get_finished_spans(), finals):
+        assert len(span.attributes) == 12 and span.attributes["team"] == "data"
+        assert span.dropped_attributes == len(final.attributes) + 1 - 12
 
-    resource_id = f"prefect.{kind}.{uuid4()}"
-    resource = {"prefect.resource.id": resource_id, "prefect.state-message": message,
-                "prefect.state-type": "COMPLETED", **extra}
-    if named:
-        resource["prefect.resource.name"] = "load-1ab"
-    event = validate_event({"occurred": T0, "event": f"prefect.{kind}.Completed",
-                            "resource": resource, "related": related, "id": uuid4(),
-                            "payload": {"task_run": {"task_key": "load-0123abcd",
-                                                     "dynamic_key": "0", "total_run_time": 1,
-                                                     "empirical_policy": {"retries": 2}}}})
-    key = RunKey(kind, resource_id)
-    got = _run_attributes(key, event, [event], result, error_type)
-    want = _reference_run_attributes(key, event, [event], result, error_type)
-    assert list(got.items()) == list(want.items())
+    # a live span (TaskRunTracker) gets the same
+    provider, exporter = _telemetry(SpanLimits(max_attribute_length=40), processor=_TagsOnStart())
+    with pytest.raises(ValueError):
+        with TaskRunTracker("validate", flow_run=FLOW_RUN, tracer_provider=provider):
+            raise ValueError("bad " * 400)
+    (span,) = exporter.get_finished_spans()
+    assert span.attributes["team"] == "data" and span.attributes["error.type"] == "ValueError"
+    assert all(len(v) <= 40 for v in span.attributes.values() if isinstance(v, str))
+
+
+def test_a_span_without_otel_bridges_ids_is_said_once(monkeypatch, caplog):
+    """Should an SDK stop asking the tracer's id generator, the spans lose
+    the ids the sidecar gives the same runs: said once, not per span."""
+    monkeypatch.setattr(_tracing, "_warned_ids", False)
+    provider, exporter = _telemetry()
+    found = _tracing.bridge_tracer(provider)
+    monkeypatch.setattr(type(found[1]), "_ids", lambda self: None)  # ids of its own
+    with caplog.at_level(logging.WARNING, logger="otel_bridge.engine"):
+        for final in _finals():
+            assert _tracing.record_span(found, final)
+        with TaskRunTracker("extract", flow_run=FLOW_RUN, tracer_provider=provider) as run:
+            pass
+    spans = exporter.get_finished_spans()
+    assert len(spans) == 5 and span_id_for(run.resource_id) not in {
+        s.context.span_id for s in spans}
+    warnings = [r for r in caplog.records if "did not give a run's span" in r.message]
+    assert len(warnings) == 1

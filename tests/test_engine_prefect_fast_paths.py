@@ -1,52 +1,52 @@
-"""The shortcuts `otel_bridge.engine.prefect` takes for speed give exactly
-what the general code gives: Prefect's events read without validation, the
-span's attributes set after its start when the sampler does not look at
-them. No Prefect server: the events are the ones Prefect's engine would send,
-as Prefect's own `Event` objects, handed to the bridge as its events worker
-hook hands them."""
+"""`otel_bridge.engine.prefect` without a server: Prefect's events read
+without validation are what parsing their JSON gives, the span recorded from
+the events sent is the sidecar's span of the events the server keeps, and
+Prefect's private methods are wrapped only in the Prefect version the tests
+ran with. The events are the ones Prefect's engine would send, as Prefect's
+own `Event` objects, handed to the bridge as its events worker hook hands
+them."""
 
 from __future__ import annotations
 
+import importlib.metadata
+import logging
 from datetime import datetime, timedelta, timezone
+from types import SimpleNamespace
 from uuid import UUID, uuid4
 
 import pytest
 from hypothesis import HealthCheck, given, settings
+from hypothesis import event as case
 from hypothesis import strategies as st
 
 pytest.importorskip("prefect")
 
-from opentelemetry import baggage, propagate  # noqa: E402
-from opentelemetry import context as otel_context  # noqa: E402
-from opentelemetry.baggage.propagation import W3CBaggagePropagator  # noqa: E402
+from opentelemetry import trace  # noqa: E402
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans  # noqa: E402
-from opentelemetry.propagators.composite import CompositePropagator  # noqa: E402
-from opentelemetry.propagators.textmap import TextMapPropagator  # noqa: E402
-from opentelemetry.sdk.trace import SpanLimits, SpanProcessor, TracerProvider  # noqa: E402
-from opentelemetry.sdk.trace import sampling  # noqa: E402
+from opentelemetry.sdk.resources import Resource  # noqa: E402
+from opentelemetry.sdk.trace import TracerProvider  # noqa: E402
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor  # noqa: E402
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import (  # noqa: E402
     InMemorySpanExporter,
 )
-from opentelemetry.trace import NoOpTracerProvider, SpanContext, TraceFlags  # noqa: E402
-from opentelemetry.trace.propagation.tracecontext import (  # noqa: E402
-    TraceContextTextMapPropagator,
-)
+from opentelemetry.trace import NoOpTracerProvider  # noqa: E402
 from prefect.client.schemas.objects import TaskRun  # noqa: E402
 from prefect.events.schemas.events import Event as PrefectEvent  # noqa: E402
-from prefect.states import Completed, Failed, Pending, Running  # noqa: E402
 from prefect.telemetry.run_telemetry import RunTelemetry  # noqa: E402
 
 import otel_bridge.engine.prefect as bridge  # noqa: E402
 from otel_bridge.engine import FlowRunRef, TaskRunTracker  # noqa: E402
-from otel_bridge.engine import _prefect_events, _tracing  # noqa: E402
+from otel_bridge.engine import _prefect_events  # noqa: E402
 from otel_bridge.model.events import EventRejected, parse_wire_event  # noqa: E402
-from otel_bridge.translate.forward import TASK_RUN, RunKey, _json, run_span  # noqa: E402
-from otel_bridge.translate.ids import span_id_for  # noqa: E402
+from otel_bridge.sinks.sdk import to_readable_span  # noqa: E402
+from otel_bridge._prefect_api import ui_url  # noqa: E402
+from otel_bridge.translate.forward import ForwardOptions, is_final, run_span  # noqa: E402
+from otel_bridge.translate.ids import span_id_for, trace_id_for  # noqa: E402
 
 FLOW_RUN = FlowRunRef(id=UUID("0f0e0d0c-0b0a-4908-8706-050403020100"), name="brave-otter",
                       flow_name="etl", flow_id=UUID("11111111-2222-4333-8444-555555555555"))
 T0 = datetime(2026, 3, 1, 12, 0, 0, 123456, tzinfo=timezone.utc)
+FLOW_TRACE = trace_id_for(FLOW_RUN.resource_id)
 
 
 def _runs():
@@ -83,13 +83,11 @@ def test_prefect_events_read_directly_are_what_parsing_their_json_gives():
             zoned = prefect_event.model_copy(update={
                 "occurred": prefect_event.occurred.astimezone(timezone(timedelta(hours=5)))})
             for candidate in (prefect_event, zoned):
-                event, payload_json, related_json = _prefect_events.read_prefect(candidate)
+                event = _prefect_events.read_prefect(candidate)
                 expected = parse_wire_event(candidate.model_dump(mode="json"))
                 assert event == expected
                 assert event.model_dump_json() == expected.model_dump_json()
                 assert event.occurred.tzinfo is timezone.utc and type(event.occurred) is datetime
-                assert payload_json == _json(expected.payload).encode()
-                assert related_json == _json(expected.related).encode()
 
 
 def test_prefect_events_the_bridge_cannot_vouch_for_are_validated():
@@ -107,161 +105,47 @@ def test_prefect_events_the_bridge_cannot_vouch_for_are_validated():
         _prefect_events.read_prefect(no_role)
 
 
-class _LooksAtAttributes(sampling.Sampler):
-    """Not one of the SDK's own samplers: gets the attributes at the start."""
-
-    def __init__(self):
-        self.seen = []
-
-    def should_sample(self, parent_context, trace_id, name, kind=None, attributes=None,
-                      links=None, trace_state=None):
-        self.seen.append(dict(attributes or {}))
-        return sampling.ALWAYS_ON.should_sample(parent_context, trace_id, name, kind,
-                                                attributes, links)
-
-    def get_description(self):
-        return "LooksAtAttributes"
-
-
-class _TagsOnStart(SpanProcessor):
-    """A processor that sets attributes when a span starts, one of them also
-    a run attribute."""
-
-    def on_start(self, span, parent_context=None):
-        span.set_attribute("team", "data")
-        span.set_attribute("prefect.run.type", "overridden")
-
-
-def _record(sampler=None, on_start=False, limits=None):
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider(**{k: v for k, v in (("sampler", sampler),
-                                                   ("span_limits", limits)) if v})
-    if on_start:
-        provider.add_span_processor(_TagsOnStart())
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    bridge.enable(provider)
-    try:
-        for task_run, sent, count in _runs():
-            telemetry = RunTelemetry()
-            telemetry.start_span(run=task_run, client=None)
-            for state in (Pending(), Running(), Completed() if count == 3 else Failed())[:3]:
-                telemetry.update_state(state)
-            for event in sent:
-                bridge._bridge.sent(event)
-        assert bridge._bridge.errors == 0 and bridge._bridge.spans_recorded == 2
-    finally:
-        bridge.disable()
-    return exporter.get_finished_spans()
-
-
-def _otlp(spans):
-    return [encode_spans([s]).resource_spans[0].scope_spans[0].spans[0] for s in spans]
-
-
-@pytest.mark.parametrize("on_start,limits", [
-    (False, None), (True, None),
-    (True, SpanLimits(max_span_attributes=20)), (False, SpanLimits(max_attribute_length=50)),
-])
-def test_attributes_set_after_the_start_give_the_span_a_sampler_would_see(on_start, limits):
-    assert _tracing.sampler_ignores_attributes(TracerProvider().sampler)
-    late = _record(on_start=on_start, limits=limits)
-    looking = _LooksAtAttributes()
-    assert not _tracing.sampler_ignores_attributes(looking)
-    early = _record(looking, on_start=on_start, limits=limits)
-    assert len(looking.seen) == 2 and all(len(seen) > 20 for seen in looking.seen)
-    assert _otlp(late) == _otlp(early)
-    for a, b in zip(late, early):
-        assert list(a.attributes.items()) == list(b.attributes.items())
-        assert a.dropped_attributes == b.dropped_attributes
-    if on_start:
-        assert all(s.attributes["prefect.run.type"] == "overridden" for s in late)
-    if limits is not None and limits.max_span_attributes == 20:
-        assert all(s.dropped_attributes > 0 for s in late)
-
-
-def test_which_samplers_are_known_to_ignore_attributes():
-    ignores = _tracing.sampler_ignores_attributes
-    assert ignores(sampling.ALWAYS_ON) and ignores(sampling.ALWAYS_OFF)
-    assert ignores(sampling.DEFAULT_ON) and ignores(sampling.DEFAULT_OFF)
-    assert ignores(sampling.TraceIdRatioBased(0.5))
-    assert ignores(sampling.ParentBasedTraceIdRatio(0.5))
-    assert not ignores(sampling.ParentBased(_LooksAtAttributes()))
-    assert not ignores(sampling.ParentBased(sampling.ALWAYS_ON,
-                                            local_parent_sampled=_LooksAtAttributes()))
-
-    class Sub(sampling.StaticSampler):
-        pass
-
-    assert not ignores(Sub(sampling.Decision.RECORD_AND_SAMPLE))
-
-
-class _OwnTraceparent(TextMapPropagator):
-    """A propagator that writes a `traceparent` of its own."""
-
-    def extract(self, carrier, context=None, getter=None):
-        return context
-
-    def inject(self, carrier, context=None, setter=None):
-        carrier["traceparent"] = "00-" + "1" * 32 + "-" + "2" * 16 + "-00"
-
-    @property
-    def fields(self):
-        return {"traceparent"}
-
-
-@pytest.mark.parametrize("make", [
-    lambda default: default,
-    lambda default: TraceContextTextMapPropagator(),
-    lambda default: CompositePropagator([W3CBaggagePropagator()]),
-    lambda default: CompositePropagator([]),
-    lambda default: CompositePropagator([TraceContextTextMapPropagator(), _OwnTraceparent()]),
-    lambda default: _OwnTraceparent(),
-    lambda default: CompositePropagator([default]),
-])
-def test_the_traceparent_written_directly_is_what_prefect_writes(make):
-    default = propagate.get_global_textmap()
-    propagate.set_global_textmap(make(default))
-    token = otel_context.attach(baggage.set_baggage("team", "data"))
-    try:
-        (task_run, _, _), _ = _runs()
-        for flags in (TraceFlags.SAMPLED, TraceFlags.DEFAULT):
-            span = bridge.TaskRunSpan(SpanContext(0xabc << 64, 0xdef, is_remote=False,
-                                                  trace_flags=TraceFlags(flags)),
-                                      task_run.id, None)
-            assert bridge._traceparent(span) == RunTelemetry.traceparent_from_span(span)
-        invalid = bridge.TaskRunSpan(SpanContext(0, 0xdef, is_remote=False), task_run.id, None)
-        assert bridge._traceparent(invalid) == RunTelemetry.traceparent_from_span(invalid)
-    finally:
-        otel_context.detach(token)
-        propagate.set_global_textmap(default)
-
-
 _STATES = [("PENDING", "Pending"), ("RUNNING", "Running"), ("RUNNING", "Retrying"),
            ("SCHEDULED", "AwaitingRetry"), ("COMPLETED", "Completed"), ("FAILED", "Failed"),
            ("CRASHED", "Crashed"), ("PENDING", "NotReady"), ("COMPLETED", "RolledBack")]
-_TWISTS = ["none", "related", "zone", "naive", "swap", "repeat", "invalid", "foreign label"]
+_TWISTS = ["none", "related", "zone", "naive", "swap", "repeat", "invalid"]
+RESOURCE = Resource({"service.name": "test"})
+
+
+def _comparable(span):
+    """Every field of an SDK span, lists for tuples (as the bridge's)."""
+    plain = lambda attrs: {k: list(v) if isinstance(v, tuple) else v  # noqa: E731
+                           for k, v in dict(attrs).items()}
+    return (span.name, span.context.trace_id, span.context.span_id,
+            span.parent.span_id if span.parent else None, span.kind, plain(span.attributes),
+            [(e.name, e.timestamp, plain(e.attributes)) for e in span.events],
+            [(link.context.trace_id, link.context.span_id, plain(link.attributes))
+             for link in span.links],
+            span.status.status_code, span.status.description, span.start_time, span.end_time)
 
 
 @given(st.lists(st.tuples(st.sampled_from(_STATES), st.integers(0, 3_000_000),
                           st.text(max_size=12)), min_size=1, max_size=6),
        st.booleans(), st.sampled_from(["own", "other", None]), st.sampled_from(_TWISTS),
        st.integers(0, 5))
-@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-def test_the_span_straight_from_prefects_events_is_the_sidecars(steps, nested, traceparent,
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_the_span_recorded_from_prefects_events_is_the_sidecars(steps, nested, traceparent,
                                                                  twist, where):
-    """task_run_span: None, or exactly the span the general way and the
-    sidecar (run_span of the events as the server stores them) give."""
+    """Whatever Prefect sent by a run's final state, in whatever order and
+    form: the span recorded is the sidecar's (run_span of the events as the
+    server stores them, those it refuses left out), or, when the server would
+    refuse the final state, none yet."""
     run_id = uuid4()
     resource_id = f"prefect.task-run.{run_id}"
     span_id = span_id_for(resource_id)
-    own = f"00-{'ab' * 16}-{span_id:016x}-01"
+    parent = uuid4() if nested else None
+    own = f"00-{FLOW_TRACE:032x}-{span_id:016x}-01"  # what the bridge writes on the run
     label = {"own": own, "other": "00-" + "12" * 16 + "-" + "34" * 8 + "-01"}.get(traceparent)
     now = [T0]
     tracker = TaskRunTracker(
-        "load", id=run_id, flow_run=FLOW_RUN, parent=uuid4() if nested else None,
+        "load", id=run_id, flow_run=FLOW_RUN, parent=parent,
         tags=["etl", "daily"], labels={"__OTEL_TRACEPARENT": label} if label else None,
-        clock=lambda: now[0],
-        tracer_provider=NoOpTracerProvider())
+        clock=lambda: now[0], tracer_provider=NoOpTracerProvider())
     for (kind, name), micros, message in steps:
         now[0] += timedelta(microseconds=micros)  # 0: at the same time as the one before
         tracker.set_state(kind, name, message)
@@ -282,34 +166,48 @@ def test_the_span_straight_from_prefects_events_is_the_sidecars(steps, nested, t
         sent.insert(at, sent[at])
     elif twist == "invalid":  # a related resource with no role: Prefect's server refuses it
         sent[at] = _related_as(sent[at], [{"prefect.resource.id": "prefect.flow-run.x"}])
-    elif twist == "foreign label":  # the label names another span than the bridge wrote
-        own = own.replace("-01", "-00")
-    key = RunKey(TASK_RUN, resource_id)
 
-    short = _prefect_events.task_run_span(sent, key, span_id, own)
-    server = []
-    for event in sent:  # what the sidecar gets: the events the server accepts
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(resource=RESOURCE)
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    hook = bridge._Bridge(provider)
+    task_run = SimpleNamespace(id=run_id, flow_run_id=FLOW_RUN.id, task_inputs={
+        "__parents__": [{"input_type": "task_run", "id": str(parent)}] if parent else []})
+    hook.start(task_run)
+    for event in sent:  # as the events worker hook hands them over
+        hook.sent(event)
+
+    # The sidecar's span: of the events the server accepts, as of the first
+    # final state it accepts (the in-process span is recorded then; states
+    # after it reach the sidecar only).
+    accepted, refused, final_at = [], 0, None
+    for at, event in enumerate(sent):
         try:
-            server.append(parse_wire_event(event.model_dump(mode="json")))
+            accepted.append(parse_wire_event(event.model_dump(mode="json")))
         except EventRejected:
+            refused += 1
             continue
-    if not server:
-        assert short is None
+        if is_final(accepted[-1]):
+            final_at = at
+            break
+    if final_at is None:  # no final state the server accepts: the run stays open
+        case("no final state accepted: open")
+        assert exporter.get_finished_spans() == () and hook.open_runs() == [run_id]
+        assert hook.errors <= refused
         return
-    sidecar = run_span(server)
-    reads = []
-    for event in sent:
-        try:
-            reads.append(_prefect_events.read_prefect(event))
-        except EventRejected:
-            continue
-    assert _prefect_events.span_of(key, reads, span_id) == sidecar
-    if twist in ("none", "related", "naive", "foreign label"):
-        assert short is not None  # the short way is taken where it holds
-    if twist in ("invalid", "repeat") or (twist == "zone"):
-        assert short is None
-    if short is not None:
-        assert short == sidecar
+    case(f"recorded, {refused} refused")
+    assert hook.errors == refused and hook.open_runs() == []
+    (recorded,) = exporter.get_finished_spans()
+    sidecar = to_readable_span(run_span(accepted), RESOURCE)
+    assert _comparable(recorded) == _comparable(sidecar)
+    assert encode_spans([recorded]) == encode_spans([sidecar])
+    if twist in ("none", "zone", "naive", "related"):  # what was sent, all of it
+        assert len(recorded.events) == len(set(e.id for e in sent[:final_at + 1]))
+    if traceparent == "own":  # the label names this very span: no link
+        assert not recorded.links
+    elif traceparent == "other" and any(
+            e.resource.get("prefect.run-count", "0") != "0" for e in accepted):
+        assert len(recorded.links) == 1  # (the label is set once the run starts)
 
 
 def _related_as(event, related):
@@ -334,7 +232,7 @@ def test_the_bridge_keeps_what_the_server_keeps_and_waits_for_a_final_state_it_a
             bridge._bridge.sent(event)
         assert bridge._bridge.errors == 1 and bridge._bridge.spans_recorded == 1
         (span,) = exporter.get_finished_spans()
-        assert [e.attributes["prefect.event.id"] for e in span.events] == [
+        assert [e.attributes["prefect.state.id"] for e in span.events] == [
             str(sent[0].id), str(sent[2].id)]
 
         for event in other_sent[:-1] + [_related_as(other_sent[-1], refused)]:
@@ -354,7 +252,7 @@ def test_what_the_bridge_knows_to_be_a_task_runs_state_event_is_what_run_key_say
     (_, sent, _), (_, more, _) = _runs()
     checked = 0
     for prefect_event in sent + more:
-        event = _prefect_events.read_prefect(prefect_event)[0]
+        event = _prefect_events.read_prefect(prefect_event)
         resource = dict(event.resource)
         variants = [event,
                     event.model_copy(update={"event": "prefect.task-run.heartbeat"}),
@@ -374,3 +272,59 @@ def test_what_the_bridge_knows_to_be_a_task_runs_state_event_is_what_run_key_say
                     continue
                 assert key is None or variant is not event
     assert checked > len(sent + more)
+
+
+def test_the_span_links_to_the_runs_page_as_the_sidecars_does(monkeypatch):
+    """The sidecar pointed at the same server links each span to its run's
+    page (the UI's address derived from PREFECT_API_URL as Prefect derives
+    it); so does the span made in process, else one span id would carry two
+    contents."""
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:4200/api")
+    monkeypatch.delenv("PREFECT_UI_URL", raising=False)
+    (task_run, sent, _), _ = _runs()
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    assert bridge.enable(provider) is True
+    try:
+        RunTelemetry().start_span(run=task_run, client=None)
+        for event in sent:
+            bridge._bridge.sent(event)
+    finally:
+        bridge.disable()
+    (span,) = exporter.get_finished_spans()
+    assert span.attributes["cicd.pipeline.task.run.url.full"] == (
+        f"http://127.0.0.1:4200/runs/task-run/{task_run.id}")
+    sidecar = run_span([parse_wire_event(e.model_dump(mode="json")) for e in sent],
+                       ForwardOptions(ui_url=ui_url()))
+    assert _comparable(span) == _comparable(to_readable_span(sidecar, RESOURCE))
+
+
+def test_enable_leaves_an_untested_prefect_alone_and_says_so_once(monkeypatch, caplog):
+    """Prefect's private methods are wrapped only in the version the tests
+    ran with; in another, nothing changes (no wrap, no provider set up) and
+    one warning says why."""
+    from prefect.events.worker import EventsWorker
+
+    real_version = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: (
+        "3.10.0" if name == "prefect" else real_version(name)))
+    monkeypatch.setattr(bridge, "_warned_version", None)
+    before = (RunTelemetry._start_span, EventsWorker._handle)
+    global_provider = trace.get_tracer_provider()
+    with caplog.at_level(logging.WARNING, logger="otel_bridge.engine.prefect"):
+        assert bridge.enable(TracerProvider()) is False
+        assert bridge.enable() is False  # (from_env: would set up a global provider)
+    assert not bridge.is_enabled()
+    assert (RunTelemetry._start_span, EventsWorker._handle) == before
+    assert trace.get_tracer_provider() is global_provider
+    (warning,) = [r for r in caplog.records if "dual emission is off" in r.getMessage()]
+    assert "3.10.0" in warning.getMessage() and "3.9.1" in warning.getMessage()
+
+    monkeypatch.setattr(importlib.metadata, "version", real_version)
+    assert bridge.TESTED_PREFECT_VERSIONS == {real_version("prefect")}
+    try:
+        assert bridge.enable(TracerProvider()) is True and bridge.is_enabled()
+        assert RunTelemetry._start_span.__wrapped__ is before[0]
+    finally:
+        bridge.disable()

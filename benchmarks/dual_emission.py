@@ -30,7 +30,8 @@ counted in line, no I/O is):
                    emission for an engine that is not Prefect's: the three
                    Prefect events (built as Prefect's engine builds them,
                    checked) handed to a sink that counts them, and the live
-                   span with the bridge's ids, attributes and events.
+                   span with the bridge's ids, given at the final state the
+                   attributes, events and status of `forward.run_span`.
   dual-events      the same with no SDK installed: events only
   dual-span        dual minus dual-events: what the span adds
   prefect-dual     inside real Prefect with `otel_bridge.engine.prefect`
@@ -39,8 +40,9 @@ counted in line, no I/O is):
                    context instead of making Prefect's span), plus what the
                    events worker hook does with the three events Prefect
                    sent (made beforehand, not timed, as Prefect makes them
-                   anyway): reading and checking them, making the span and
-                   handing it to the SDK's span processors. What dual
+                   anyway): reading and checking them, making the span
+                   (`forward.run_span`, as the sidecar does) and handing it
+                   to the SDK through its public API. What dual
                    emission costs a Prefect flow instead of Prefect's own
                    task spans: the span side only, since the events are
                    Prefect's either way. Split in two:
@@ -353,7 +355,7 @@ def main(runs: int = 2000, rounds: int = 5) -> None:
         f"{name} {size:,.0f}" for name, size in span_bytes.items()))
     print("Against Prefect's own telemetry, like for like (x: times its cost):")
     for line, ours, theirs in comparisons(results):
-        print(f"  {line:58} {ours:6.1f} us vs {theirs:6.1f} us  {ours / theirs:4.2f}x")
+        print(f"  {line:60} {ours:7.1f} us vs {theirs:7.1f} us  {ours / theirs:4.2f}x")
 
 
 def comparisons(results: dict[str, float]) -> list[tuple[str, float, float]]:

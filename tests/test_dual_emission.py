@@ -29,10 +29,12 @@ from otel_bridge.engine import (
     StateType,
     TaskRunTracker,
 )
+from otel_bridge.model.otlp import span_from_proto
 from otel_bridge.model.spans import Span
 from otel_bridge.sinks.events_jsonl import EventsJsonlWriter
 from otel_bridge.sinks.sdk import to_readable_span
 from otel_bridge.translate.ids import span_id_for, trace_id_for
+from otel_bridge.translate.reverse import events_from_spans
 
 FLOW_RUN = FlowRunRef(id=UUID("0f0e0d0c-0b0a-4908-8706-050403020100"), name="brave-otter",
                       flow_name="etl", flow_id=UUID("11111111-2222-4333-8444-555555555555"))
@@ -186,43 +188,52 @@ def test_live_spans_are_the_spans_the_bridge_makes_from_the_same_events():
         expected = to_readable_span(bridged[span_id], RESOURCE)
         assert comparable(span) == comparable(expected), span.name
         assert otlp_span(span) == otlp_span(expected), span.name
-    # the tracker's own copy of the bridge's span is the same
+    # the tracker's result_span is the bridge's span
     for run in runs.values():
         if run.result_span is not None:
             assert comparable(run.result_span) == comparable(bridged[run.result_span.span_id])
+    # and the live span as a backend receives it (OTLP) gives back the very
+    # events the run emitted, byte for byte
+    for run in runs.values():
+        if run.is_final:
+            received = span_from_proto(otlp_span(live[span_id_for(run.resource_id)]))
+            assert [e.model_dump_json() for e in events_from_spans([received])] == [
+                e.model_dump_json() for e in run.events], run.name
 
+    # spans are named after their task (low cardinality), one per run here
     by_name = {s.name: s for s in t.spans()}
+    assert set(by_name) == set(runs) - {"open"}
     flow_trace = trace_id_for(FLOW_RUN.resource_id)
     flow_span = span_id_for(FLOW_RUN.resource_id)
-    extract = by_name[runs["extract"].name]
+    extract = by_name["extract"]
     assert (extract.context.trace_id, extract.parent.span_id) == (flow_trace, flow_span)
-    assert [e.name for e in extract.events] == ["prefect.task-run.Pending",
-                                                "prefect.task-run.Running",
-                                                "prefect.task-run.Completed"]
-    validate = by_name[runs["validate"].name]
+    assert extract.attributes["prefect.run.name"] == runs["extract"].name
+    assert [e.name for e in extract.events] == ["Pending", "Running", "Completed"]
+    assert [e.attributes["prefect.state.id"] for e in extract.events] == [
+        str(e.id) for e in runs["extract"].events]
+    validate = by_name["validate"]
     assert validate.status.status_code is StatusCode.ERROR
     assert validate.status.description == ("Task run encountered an exception ValueError: "
                                            "validation failed: 10 rows, expected 100")
     assert validate.attributes["error.type"] == "ValueError"
-    assert by_name[runs["flaky"].name].status.status_code is StatusCode.UNSET
-    delayed = by_name[runs["delayed"].name]
+    assert by_name["flaky"].status.status_code is StatusCode.UNSET
+    delayed = by_name["delayed"]
     assert (delayed.start_time, delayed.end_time) == (
         int(at(1).timestamp() * 1e6) * 1000, int(at(1503).timestamp() * 1e6) * 1000)
-    checksum = by_name[runs["checksum"].name]
+    checksum = by_name["checksum"]
     assert checksum.parent.span_id == span_id_for(runs["load"].resource_id)
     assert checksum.context.trace_id == flow_trace
-    assert by_name[runs["load"].name].attributes["prefect.tags"] == ("daily", "warehouse")
-    background = by_name[runs["background"].name]
+    assert by_name["load"].attributes["prefect.tags"] == ("warehouse", "daily")
+    background = by_name["background"]
     assert background.parent is None
     assert background.context.trace_id == trace_id_for(runs["background"].resource_id)
-    child = by_name[runs["background-child"].name]
+    child = by_name["background-child"]
     assert child.context.trace_id == background.context.trace_id
     assert child.parent.span_id == background.context.span_id
-    assert by_name[runs["skipped"].name].attributes["otel_bridge.synthetic.start"] == \
-        "no_running_state"
-    assert by_name[runs["interrupted"].name].attributes["cicd.pipeline.task.run.result"] == "error"
-    assert by_name[runs["slow"].name].attributes["cicd.pipeline.task.run.result"] == "timeout"
-    assert len(by_name[runs["linked"].name].links) == 1
+    assert by_name["skipped"].attributes["otel_bridge.synthetic.start"] == "no_running_state"
+    assert by_name["interrupted"].attributes["cicd.pipeline.task.run.result"] == "error"
+    assert by_name["slow"].attributes["cicd.pipeline.task.run.result"] == "timeout"
+    assert len(by_name["linked"].links) == 1
 
 
 def test_the_span_is_current_while_the_run_executes_and_user_spans_nest_under_it():
@@ -243,7 +254,7 @@ def test_the_span_is_current_while_the_run_executes_and_user_spans_nest_under_it
     assert spans["SELECT orders"].parent.span_id == http.get_span_context().span_id
     # the user's enclosing span does not become the run's parent: the bridge
     # places runs by Prefect's ids only
-    assert spans[run.name].parent.span_id == span_id_for(FLOW_RUN.resource_id)
+    assert spans["fetch"].parent.span_id == span_id_for(FLOW_RUN.resource_id)
     # user spans keep random ids
     assert spans["outside"].context.span_id != run_span_id
     assert t.bridged()[0].span_id == run_span_id
@@ -272,9 +283,7 @@ def test_async_runs_nest_per_task_and_match_the_bridge():
     assert isinstance(results[1], OSError)
     spans = {s.name: s for s in t.spans()}
     for name in "abc":
-        (outer,) = [s for s in spans.values()
-                    if s.name.startswith(f"{name}-") and "inner" not in s.name]
-        (inner,) = [s for s in spans.values() if s.name.startswith(f"{name}-inner")]
+        outer, inner = spans[name], spans[f"{name}-inner"]
         io = spans[f"{name}.io"]
         assert io.parent.span_id == outer.context.span_id
         # a run started under a user span still hangs off its parent run
@@ -420,8 +429,8 @@ def test_minimal_engine_example_dual_emits_spans_equal_to_the_bridges(tmp_path):
         assert live["status"]["status_code"] == span.status_code.name
         assert live["status"].get("description", "") == span.status_message
     (user,) = printed.values()
-    load = next(s for s in bridged if s.name.startswith("load-"))
-    checksum = next(s for s in bridged if s.name.startswith("checksum-"))
+    load = next(s for s in bridged if s.name == "load")
+    checksum = next(s for s in bridged if s.name == "checksum")
     assert user["name"] == "INSERT rows" and user["parent_id"] == f"0x{load.span_id_hex}"
     assert checksum.parent_span_id == load.span_id
 
@@ -440,9 +449,12 @@ def test_the_benchmark_prints_its_figures():
         assert f"\n{row} " in result.stdout
     assert "per state change" in result.stdout
     # every span line exported its spans through the OTLP encoder: otel-bridge's
-    # span carries each state's whole event, Prefect's a few attributes
+    # span carries each of the run's facts once and each state's id, no more
+    # than twice the bytes of Prefect's own span of the run
     line = result.stdout.split("OTLP bytes per task run span:")[1].splitlines()[0]
-    sizes = dict(re.findall(r"([\w-]+) ([\d,]*\d)", line))
+    sizes = {name: int(size.replace(",", ""))
+             for name, size in re.findall(r"([\w-]+) ([\d,]*\d)", line)}
     assert set(sizes) == {"prefect-otel", "dual", "prefect-dual"}
-    assert int(sizes["dual"].replace(",", "")) > 3 * int(sizes["prefect-otel"].replace(",", ""))
+    assert sizes["prefect-otel"] < sizes["dual"] < 2 * sizes["prefect-otel"]
+    assert sizes["prefect-otel"] < sizes["prefect-dual"] < 2 * sizes["prefect-otel"]
     assert len(re.findall(r"  \d+\.\d+ us vs +\d+\.\d+ us +\d+\.\d\dx", result.stdout)) == 5

@@ -54,7 +54,9 @@ def child(mode: str, tasks: int) -> None:
 
         def export(self, spans):
             encode_spans(spans).SerializeToString()
-            Count.spans += sum(1 for s in spans if s.attributes.get("prefect.run.type") == "task")
+            # task run spans: Prefect's own, or otel-bridge's
+            Count.spans += sum(1 for s in spans if s.attributes.get("prefect.run.type") == "task"
+                               or "cicd.pipeline.task.run.id" in s.attributes)
             return SpanExportResult.SUCCESS
 
     if mode != "none":

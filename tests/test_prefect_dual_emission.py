@@ -13,11 +13,17 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from helpers import ROOT, convert
 
+from otel_bridge._prefect_api import ui_url
 from otel_bridge.demo.run import settled_events
 from otel_bridge.demo.server import LocalPrefectServer
+from otel_bridge.model.events import parse_wire_event
 from otel_bridge.model.otlp import request_from_json, span_from_proto
 from otel_bridge.model.spans import Span
+from otel_bridge.translate.assembler import AssemblerOptions
+from otel_bridge.translate.forward import ForwardOptions
 from otel_bridge.translate.ids import span_id_for, trace_id_for
+from otel_bridge.translate.reverse import events_from_spans
+from otel_bridge.translate.span_layout import event_json
 
 EXAMPLE = ROOT / "examples" / "prefect_flow_dual_emission.py"
 
@@ -78,7 +84,7 @@ MAPPED = "square"  # three concurrent task runs
 def run(tmp_path_factory):
     """One real run of the example (and the async flow) against a real
     server: (the spans made in process, with their scope; the events the
-    server stored)."""
+    server stored; the options a sidecar pointed at that server would use)."""
     spans_path = tmp_path_factory.mktemp("dual") / "spans.jsonl"
     with LocalPrefectServer() as server:
         since = datetime.now(timezone.utc) - timedelta(seconds=1)
@@ -89,6 +95,8 @@ def run(tmp_path_factory):
         assert result.returncode == 0, result.stdout + result.stderr
         assert "SPANS-RECORDED 10 ERRORS 0" in result.stdout, result.stdout + result.stderr
         raw = settled_events(server.api_url, since)
+        # what `otel-bridge serve` or `convert` derives from the same variables
+        sidecar = AssemblerOptions(forward=ForwardOptions(ui_url=ui_url(server.env())))
     live: list[tuple[str, Span]] = []
     for line in spans_path.read_text().splitlines():
         request = request_from_json(json.loads(line))
@@ -96,7 +104,7 @@ def run(tmp_path_factory):
             for scope_spans in resource_spans.scope_spans:
                 live.extend((scope_spans.scope.name, span_from_proto(s))
                             for s in scope_spans.spans)
-    return live, raw
+    return live, raw, sidecar
 
 
 def task_name(span: Span) -> str:
@@ -115,15 +123,18 @@ def mapped_spans(live) -> list[Span]:
     return [s for scope, s in live if scope == "otel_bridge" and task_name(s) == MAPPED]
 
 
+def is_task_run_span(span: Span) -> bool:
+    return str(span.attributes.get("prefect.resource.id", "")).startswith("prefect.task-run.")
+
+
 @pytest.mark.prefect_server
 def test_in_process_spans_equal_the_sidecars(run):
-    live, raw = run
+    live, raw, sidecar = run
     mine = in_process_task_spans(live)
     assert set(mine) == TASKS
     assert len(mapped_spans(live)) == 3
     everything = [*mine.values(), *mapped_spans(live)]
-    bridged = {s.span_id: s for s in convert(raw)
-               if s.attributes["prefect.run.type"] == "task"}
+    bridged = {s.span_id: s for s in convert(raw, sidecar) if is_task_run_span(s)}
     assert {s.span_id for s in everything} == set(bridged)
     for span in everything:
         name, expected = span.name, bridged[span.span_id]
@@ -132,11 +143,32 @@ def test_in_process_spans_equal_the_sidecars(run):
         for field in Span.__dataclass_fields__:
             assert getattr(span, field) == getattr(expected, field), (name, field)
         assert span == expected
+        # the link to the run's page, as the sidecar gives it
+        assert span.attributes["cicd.pipeline.task.run.url.full"].endswith(
+            f"/runs/task-run/{span.attributes['cicd.pipeline.task.run.id']}")
+
+
+@pytest.mark.prefect_server
+def test_in_process_spans_give_back_the_events_the_server_stored(run):
+    """The spans made in process, as the backend received them, reverse to
+    exactly the task run events Prefect's server stored, byte for byte."""
+    live, raw, _ = run
+    spans = [*in_process_task_spans(live).values(), *mapped_spans(live)]
+    stored = {}
+    for obj in raw:
+        event = parse_wire_event(obj)
+        if event is not None and event.resource_id.startswith("prefect.task-run."):
+            stored[event.id] = event
+    rebuilt = {e.id: e for e in events_from_spans(spans)}
+    assert len(rebuilt) == len(stored) >= 3 * len(spans)
+    assert rebuilt.keys() == stored.keys()
+    for event_id, event in rebuilt.items():
+        assert event_json(event) == event_json(stored[event_id]), event.event
 
 
 @pytest.mark.prefect_server
 def test_retries_failure_and_nesting_are_in_the_spans(run):
-    live, _ = run
+    live, _, _ = run
     mine = in_process_task_spans(live)
     states = lambda s: [e.name.rsplit(".", 1)[-1] for e in s.events]  # noqa: E731
     assert states(mine["fetch"]).count("Retrying") == 2
@@ -151,16 +183,16 @@ def test_retries_failure_and_nesting_are_in_the_spans(run):
     assert mine["checksum"].parent_span_id == mine["load"].span_id
     assert mine["async_inner"].parent_span_id == mine["async_outer"].span_id
     for name in ("fetch", "slow_retry", "load", "validate"):
-        flow_run = mine[name].attributes["cicd.pipeline.run.id"]
+        flow_run = mine[name].attributes["prefect.related.flow-run.id"]
         assert mine[name].trace_id == trace_id_for(f"prefect.flow-run.{flow_run}")
         assert mine[name].parent_span_id == span_id_for(f"prefect.flow-run.{flow_run}")
         assert mine[name].span_id == span_id_for(
-            f"prefect.task-run.{mine[name].attributes['prefect.run.id']}")
+            f"prefect.task-run.{mine[name].attributes['cicd.pipeline.task.run.id']}")
 
 
 @pytest.mark.prefect_server
 def test_user_spans_are_children_of_their_task_run_span(run):
-    live, _ = run
+    live, _, _ = run
     mine = in_process_task_spans(live)
     user = [s for scope, s in live if scope == "example-user-code"]
     owner = {"fetch.http-get": "fetch", "load.write-rows": "load",
@@ -187,7 +219,7 @@ def test_user_spans_are_children_of_their_task_run_span(run):
 
 @pytest.mark.prefect_server
 def test_flow_runs_keep_prefects_own_span_and_no_task_span_is_doubled(run):
-    live, _ = run
+    live, _, _ = run
     prefect_spans = [s for scope, s in live if scope == "prefect"]
     # Prefect's flow spans (its own, random ids); no Prefect task span
     assert {s.name for s in prefect_spans}, "Prefect made its flow spans"
@@ -203,7 +235,7 @@ def test_enable_and_disable_wrap_and_restore_prefect():
     import otel_bridge.engine.prefect as bridge
 
     before = (RunTelemetry._start_span, EventsWorker._handle)
-    bridge.enable(from_env=False)
+    assert bridge.enable(from_env=False) is True
     try:
         assert bridge.is_enabled()
         assert (RunTelemetry._start_span, EventsWorker._handle) != before

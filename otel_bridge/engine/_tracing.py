@@ -78,8 +78,10 @@ def bridge_tracer(
     provider: Optional[trace.TracerProvider] = None,
 ) -> Optional[tuple[SdkTracer, _DeterministicIds]]:
     """otel-bridge's tracer from `provider` (default: the global one), set up
-    for deterministic ids; None when the provider is not the SDK's (the API's
-    no-op default, or another implementation), so no span is made."""
+    for deterministic ids (its `id_generator` wrapped: the SDK has no public
+    way to choose a span's ids, and `start_span` checks they were taken);
+    None when the provider is not the SDK's (the API's no-op default, or
+    another implementation), so no span is made."""
     provider = provider if provider is not None else trace.get_tracer_provider()
     if not isinstance(provider, TracerProvider):
         return None

@@ -42,7 +42,9 @@ def by_name(spans: Iterable[Span]) -> dict[str, Span]:
 
 
 def state_names(span: Span) -> list[str]:
-    return [e.name.rsplit(".", 1)[-1] for e in span.events]
+    """The states a bridge span went through: its span events are named
+    after them."""
+    return [e.name for e in span.events]
 
 
 def convert_to_otlp(inputs, receiver, protocol: str, service: str) -> None:

@@ -29,12 +29,24 @@ def render_trace(spans: Sequence[Span]) -> str:
     return "\n".join(lines)
 
 
+_KINDS = (("prefect.task-run.", "task"), ("prefect.flow-run.", "flow"))
+
+
 def _describe(span: Span, parent: int | None, by_id: dict) -> str:
-    kind = span.attributes.get("prefect.run.type", "span")
+    resource_id = str(span.attributes.get("prefect.resource.id", ""))
+    kind = next((k for prefix, k in _KINDS if resource_id.startswith(prefix)), "span")
     state = span.attributes.get("prefect.state-name", "?")
     duration = (span.end_time_unix_nano - span.start_time_unix_nano) / 1e9
-    text = f"{kind} {span.name} [{state}] {_seconds(duration)}"
-    states = [e.name.rsplit(".", 1)[-1] for e in span.events]
+    # The run's own name ("add-50d", "whimsical-loris"); the span's name
+    # ("add", "RUN my-flow") where it adds something: the task of a run
+    # named otherwise, a flow run's flow.
+    run_name = str(span.attributes.get("prefect.run.name") or span.name)
+    text = f"{kind} {run_name}"
+    if span.name and not run_name.startswith(span.name):
+        text += f" ({span.name})"
+    text += f" [{state}] {_seconds(duration)}"
+    # A span event per state, named after it.
+    states = [e.name for e in span.events]
     if states:
         text += "  " + " > ".join(states)
     if span.status_code is StatusCode.ERROR:

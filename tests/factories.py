@@ -1,11 +1,14 @@
 """Prefect-shaped events for tests, built the way Prefect 3.9's engines build
 them (`emit_task_run_state_change_event` for task runs, the server's
-orchestration for flow runs): the same labels, related resources, payload and
-`follows` chain. Real captures live in tests/fixtures; these cover what a
-capture cannot choose (exact timestamps, ids, rare orders)."""
+orchestration for flow runs): the same labels, related resources, payload
+(run counts, start and end time, total run time) and `follows` chain, so the
+span layout rebuilds them with no patch, as it does Prefect's own. Real
+captures live in tests/fixtures; these cover what a capture cannot choose
+(exact timestamps, ids, rare orders, sizes)."""
 
 from __future__ import annotations
 
+import re
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -40,6 +43,9 @@ class FlowRun:
         ]
 
 
+_FINAL_TYPES = {"COMPLETED", "FAILED", "CANCELLED", "CRASHED"}
+
+
 def _state_type(name: str) -> str:
     return KNOWN_STATE_NAMES[name].value
 
@@ -56,18 +62,32 @@ def task_run_events(
     step: timedelta = timedelta(milliseconds=3),
     messages: Optional[dict[str, str]] = None,
     traceparent: Optional[str] = None,
+    task_key: Optional[str] = None,
 ) -> list[dict]:
-    """The events of one task run passing through `states` (state names)."""
+    """The events of one task run passing through `states` (state names).
+    The task key defaults to the run's name without its 3-character suffix
+    (as Prefect names runs after their task) and a fixed hash."""
     run_id = run_id or str(uuid.uuid4())
+    task_key = task_key or f"{re.sub(r'-[0-9a-f]{3}$', '', name)}-971ebf84"
     messages = messages or {}
     events: list[dict] = []
     run_count = 0
     previous: Optional[dict] = None
+    # As the engine keeps them: set at the first Running and at the first
+    # final state after it (once), and the time spent in Running states.
+    start_time: Optional[datetime] = None
+    end_time: Optional[datetime] = None
+    total_run_time = 0.0
     for i, state_name in enumerate(states):
         state_type = _state_type(state_name)
+        occurred = start + step * i
+        if previous is not None and previous["resource"]["prefect.state-type"] == "RUNNING":
+            total_run_time += (occurred - (start + step * (i - 1))).total_seconds()
         if state_type == "RUNNING":
             run_count += 1
-        occurred = start + step * i
+            start_time = start_time or occurred
+        if state_type in _FINAL_TYPES and start_time is not None and end_time is None:
+            end_time = occurred
         message = messages.get(state_name, "")
         validated = {"type": state_type, "name": state_name, "message": message,
                      "state_details": {}, "data": None}
@@ -104,7 +124,7 @@ def task_run_events(
                 "validated_state": validated,
                 "task_run": {
                     "name": name,
-                    "task_key": "add-971ebf84",
+                    "task_key": task_key,
                     "dynamic_key": "525696d2-52ae-403a-8fb1-05ecda42d76a",
                     "empirical_policy": {"max_retries": 0, "retry_delay_seconds": 0.0,
                                          "retries": 0, "retry_delay": 0},
@@ -112,9 +132,12 @@ def task_run_events(
                     "labels": labels,
                     "task_inputs": task_inputs,
                     "run_count": run_count,
-                    "flow_run_run_count": 1 if flow_run else 0,
+                    # The engine sets it when the run starts.
+                    "flow_run_run_count": 1 if flow_run and run_count else 0,
                     "expected_start_time": iso_z(start),
-                    "total_run_time": 0.0,
+                    **({"start_time": iso_z(start_time)} if start_time else {}),
+                    **({"end_time": iso_z(end_time)} if end_time else {}),
+                    "total_run_time": round(total_run_time, 6),
                 },
             },
             "id": str(uuid.uuid4()),
@@ -148,6 +171,11 @@ def flow_run_events(
         if state_type == "RUNNING":
             run_count += 1
         occurred = start + step * i
+        # The server's state_payload: the type, and the name and the
+        # message where set.
+        state = {"type": state_type, "name": state_name}
+        if messages.get(state_name):
+            state["message"] = messages[state_name]
         event = {
             "occurred": iso_z(occurred),
             "event": f"prefect.flow-run.{state_name}",
@@ -164,10 +192,8 @@ def flow_run_events(
             "payload": {
                 "intended": {"from": previous["resource"]["prefect.state-type"] if previous else None,
                              "to": state_type},
-                "initial_state": ({"type": previous["resource"]["prefect.state-type"],
-                                   "name": previous["resource"]["prefect.state-name"]}
-                                  if previous else None),
-                "validated_state": {"type": state_type, "name": state_name},
+                "initial_state": previous["payload"]["validated_state"] if previous else None,
+                "validated_state": state,
             },
             "id": str(uuid.uuid4()),
             "follows": previous["id"] if previous else None,

@@ -6,12 +6,13 @@ import json
 
 import pytest
 from factories import FlowRun, flow_run_events, task_run_events
-from helpers import by_name, convert, state_names
+from helpers import by_name, convert, events, state_names
 from opentelemetry.trace import SpanKind, StatusCode
 
 from otel_bridge.translate.assembler import AssemblerOptions
 from otel_bridge.translate.forward import ForwardOptions, to_unix_nano
 from otel_bridge.translate.ids import span_id_for, trace_id_for
+from otel_bridge.translate.reverse import events_from_bridge_span
 
 FAIL_MESSAGE = "Task run encountered an exception ValueError: boom"
 
@@ -68,20 +69,47 @@ def test_span_runs_from_first_running_to_final_state_and_keeps_every_state_as_ev
     assert "otel_bridge.synthetic.end" not in span.attributes
 
 
-def test_each_span_event_carries_the_whole_event():
+def test_each_span_event_is_a_state_named_after_it_and_gives_back_its_event():
     raw = task_run_events(["Pending", "Running", "Failed"], tags=["etl"],
                           messages={"Failed": FAIL_MESSAGE}, flow_run=FlowRun())
     (span,) = convert(raw)
-    for event, span_event in zip(raw, span.events):
+    for event, span_event in zip(raw, span.events, strict=True):
         attrs = span_event.attributes
-        assert span_event.name == event["event"]
-        assert attrs["prefect.event.id"] == event["id"]
-        assert attrs.get("prefect.event.follows") == event["follows"]
-        for label, value in event["resource"].items():
-            assert attrs[label] == value
-        assert json.loads(attrs["prefect.event.payload"]) == event["payload"]
-        assert json.loads(attrs["prefect.related"]) == event["related"]
+        assert span_event.name == event["resource"]["prefect.state-name"]
+        assert attrs["prefect.state.id"] == event["id"]
+        # A known state name says its type; the message only where there is
+        # one; the builders rebuild Prefect's events exactly: no patch.
+        message = event["resource"]["prefect.state-message"]
+        expected = {"prefect.state.id": event["id"]}
+        if message:
+            expected["prefect.state.message"] = message
+        assert attrs == expected
+    # The related resources once, on the span, as prefect.related.<role>.*.
     assert "prefect.related" not in span.attributes
+    assert [e.model_dump_json(exclude={"received"}) for e in events_from_bridge_span(span)] == [
+        e.model_dump_json(exclude={"received"}) for e in events(raw)]
+
+
+def test_state_type_details_and_data_go_on_the_span_event_only_where_needed():
+    raw = task_run_events(["Pending", "Running", "Completed"])
+    # A state name Prefect does not have, and a known name of another type.
+    raw[0]["resource"].update({"prefect.state-name": "Queued", "prefect.state-type": "PENDING"})
+    raw[0]["payload"]["validated_state"]["name"] = "Queued"
+    raw[0]["event"] = "prefect.task-run.Queued"
+    raw[1]["resource"]["prefect.state-type"] = "PAUSED"
+    details = {"cache_key": "k", "retriable": False}
+    raw[2]["payload"]["validated_state"].update(state_details=details, data={"n": 1.5})
+    (span,) = convert(raw)
+    pending, running, completed = (e.attributes for e in span.events)
+    assert [e.name for e in span.events] == ["Queued", "Running", "Completed"]
+    assert pending["prefect.state.type"] == "PENDING"
+    assert running["prefect.state.type"] == "PAUSED"
+    assert "prefect.state.type" not in completed
+    assert json.loads(completed["prefect.state.details"]) == details
+    assert json.loads(completed["prefect.state.data"]) == {"n": 1.5}
+    assert "prefect.state.details" not in pending and "prefect.state.data" not in pending
+    assert [e.model_dump_json(exclude={"received"}) for e in events_from_bridge_span(span)] == [
+        e.model_dump_json(exclude={"received"}) for e in events(raw)]
 
 
 def test_labels_related_and_cicd_attributes():
@@ -93,20 +121,105 @@ def test_labels_related_and_cicd_attributes():
     run_id = raw[0]["resource"]["prefect.resource.id"].removeprefix("prefect.task-run.")
     assert a["prefect.resource.id"] == f"prefect.task-run.{run_id}"
     assert a["prefect.resource.name"] == "add-50d"
+    assert a["prefect.run.name"] == "add-50d"
     assert a["prefect.run-count"] == "1"
     assert a["prefect.orchestration"] == "client"
-    assert a["prefect.run.type"] == "task"
-    assert a["prefect.run.id"] == run_id
     assert a["prefect.tags"] == ["a", "b"]
-    assert a["prefect.related.flow-run.id"] == flow_run.resource_id
+    # The related resources: the id alone where it is of its role's kind.
+    assert a["prefect.related.flow-run.id"] == flow_run.id
     assert a["prefect.related.flow-run.name"] == "whimsical-loris"
+    assert a["prefect.related.flow.id"] == flow_run.flow_id
     assert a["prefect.related.flow.name"] == "etl"
     assert a["cicd.pipeline.task.name"] == "add"
     assert a["cicd.pipeline.task.run.id"] == run_id
-    assert a["cicd.pipeline.name"] == "etl"
-    assert a["cicd.pipeline.run.id"] == flow_run.id
+    assert a["cicd.pipeline.task.run.result"] == "success"
     assert a["prefect.task.key"] == "add-971ebf84"
-    assert span.name == "add-50d"
+    assert a["prefect.task-run.dynamic-key"] == raw[0]["payload"]["task_run"]["dynamic_key"]
+    assert json.loads(a["prefect.task-run.inputs"]) == {"x": [], "y": []}
+    # Named after its task (low cardinality), not its run.
+    assert span.name == "add"
+    assert span.kind is SpanKind.INTERNAL
+    # Each fact once: the run's kind and id are in its resource id and the
+    # CI/CD task run id; its flow run's in prefect.related.flow-run.*; what
+    # the events rebuild (run time, retries, the expected start when it is
+    # the first state's time) is not repeated; no link without a UI address.
+    for gone in ("prefect.run.type", "prefect.run.id", "cicd.pipeline.name",
+                 "cicd.pipeline.run.id", "prefect.task-run.total-run-time",
+                 "prefect.task-run.retries", "prefect.task-run.expected-start-time",
+                 "prefect.task-run.policy", "prefect.task-run.labels",
+                 "prefect.task-run.flow-run-run-count", "cicd.pipeline.task.run.url.full",
+                 "error.type"):
+        assert gone not in a, gone
+
+
+def test_expected_start_time_is_carried_only_when_it_is_not_the_first_states():
+    raw = task_run_events(["Pending", "Running", "Completed"])
+    (span,) = convert(raw)
+    assert "prefect.task-run.expected-start-time" not in span.attributes
+    later = "2026-11-28T17:51:00.000000Z"
+    for event in raw:
+        event["payload"]["task_run"]["expected_start_time"] = later
+    (span,) = convert(raw)
+    assert span.attributes["prefect.task-run.expected-start-time"] == later
+    assert [e.model_dump_json(exclude={"received"}) for e in events_from_bridge_span(span)] == [
+        e.model_dump_json(exclude={"received"}) for e in events(raw)]
+
+
+def test_span_names_and_kinds_follow_the_cicd_conventions():
+    flow_run = FlowRun(name="whimsical-loris", flow_name="etl")
+    raw = (task_run_events(["Pending", "Running", "Completed"], name="add-50d", flow_run=flow_run)
+           + task_run_events(["Pending", "Running", "Completed"], name="custom run name",
+                             task_key="load_rows-0a1b2c3d", flow_run=flow_run)
+           + flow_run_events(["Pending", "Running", "Completed"], flow_run))
+    spans = {s.attributes["prefect.run.name"]: s for s in convert(raw)}
+    assert spans["add-50d"].name == "add"
+    assert spans["custom run name"].name == "load_rows"
+    flow = spans["whimsical-loris"]
+    assert flow.name == "RUN etl"
+    assert flow.kind is SpanKind.SERVER
+    assert flow.attributes["cicd.pipeline.name"] == "etl"
+    assert flow.attributes["cicd.pipeline.run.id"] == flow_run.id
+    assert "prefect.run.type" not in flow.attributes
+    assert "prefect.run.id" not in flow.attributes
+    # A flow run whose events do not name its flow.
+    lone = FlowRun(name="lonely-lark")
+    raw = flow_run_events(["Pending", "Running", "Completed"], lone)
+    for event in raw:
+        event["related"] = []
+    (span,) = convert(raw)
+    assert span.name == "RUN"
+    assert span.kind is SpanKind.SERVER
+    assert "cicd.pipeline.name" not in span.attributes
+
+
+def test_one_task_function_mapped_500_times_gives_one_span_name():
+    flow_run = FlowRun()
+    raw = [event for i in range(500)
+           for event in task_run_events(["Pending", "Running", "Completed"],
+                                        name=f"square-{i:03x}", flow_run=flow_run)]
+    raw += flow_run_events(["Pending", "Running", "Completed"], flow_run)
+    spans = convert(raw)
+    tasks = [s for s in spans if s.kind is SpanKind.INTERNAL]
+    assert len(tasks) == 500
+    assert len({s.attributes["prefect.run.name"] for s in tasks}) == 500
+    assert {s.name for s in tasks} == {"square"}
+    assert {s.name for s in spans if s.kind is SpanKind.SERVER} == {"RUN my-flow"}
+
+
+def test_the_ui_address_gives_each_span_its_runs_page():
+    flow_run = FlowRun()
+    raw = (task_run_events(["Pending", "Running", "Completed"], flow_run=flow_run)
+           + flow_run_events(["Pending", "Running", "Completed"], flow_run))
+    options = AssemblerOptions(forward=ForwardOptions(ui_url="http://127.0.0.1:4200"))
+    task, flow = sorted(convert(raw, options), key=lambda s: s.kind is SpanKind.SERVER)
+    task_run_id = task.attributes["cicd.pipeline.task.run.id"]
+    assert task.attributes["cicd.pipeline.task.run.url.full"] == (
+        f"http://127.0.0.1:4200/runs/task-run/{task_run_id}")
+    assert flow.attributes["cicd.pipeline.run.url.full"] == (
+        f"http://127.0.0.1:4200/runs/flow-run/{flow_run.id}")
+    # The link is for people; the events come back the same with it.
+    assert [e.model_dump_json(exclude={"received"}) for e in events_from_bridge_span(task)] == [
+        e.model_dump_json(exclude={"received"}) for e in events(raw[:3])]
 
 
 def test_task_spans_nest_under_flow_run_and_parent_task_in_one_trace():
@@ -118,14 +231,17 @@ def test_task_spans_nest_under_flow_run_and_parent_task_in_one_trace():
                             flow_run=flow_run, parent_task_id=outer_id)
     flow = flow_run_events(["Pending", "Running", "Completed"], flow_run)
     spans = by_name(convert(outer + inner + flow))
+    assert set(spans) == {"outer", "inner", "RUN my-flow"}
+    flow_span = spans["RUN my-flow"]
     trace = trace_id_for(flow_run.resource_id)
     assert {s.trace_id for s in spans.values()} == {trace}
-    assert spans[flow_run.name].parent_span_id is None
-    assert spans[flow_run.name].span_id == span_id_for(flow_run.resource_id)
-    assert spans["outer-1ab"].parent_span_id == spans[flow_run.name].span_id
-    assert spans["inner-2cd"].parent_span_id == spans["outer-1ab"].span_id
-    assert spans[flow_run.name].attributes["prefect.run.type"] == "flow"
-    assert spans[flow_run.name].attributes["cicd.pipeline.result"] == "success"
+    assert flow_span.parent_span_id is None
+    assert flow_span.span_id == span_id_for(flow_run.resource_id)
+    assert spans["outer"].parent_span_id == flow_span.span_id
+    assert spans["inner"].parent_span_id == spans["outer"].span_id
+    assert flow_span.kind is SpanKind.SERVER
+    assert flow_span.attributes["prefect.resource.id"] == flow_run.resource_id
+    assert flow_span.attributes["cicd.pipeline.result"] == "success"
 
 
 def test_task_without_flow_run_is_the_root_of_its_own_trace():
@@ -143,7 +259,10 @@ def test_subflow_is_root_of_its_own_trace_and_names_its_placeholder_task_run():
     (span,) = convert(raw)
     assert span.parent_span_id is None
     assert span.trace_id == trace_id_for(sub.resource_id)
-    assert span.attributes["prefect.related.task-run.id"] == "prefect.task-run." + "1" * 32
+    # The placeholder task run is named by its id alone (a task run's).
+    assert span.attributes["prefect.related.task-run.id"] == "1" * 32
+    assert span.attributes["prefect.related.task-run.name"] == "sub-abc"
+    assert span.name == "RUN my-flow"
 
 
 def test_failed_flow_run_is_an_error_with_exception_type():
@@ -251,4 +370,5 @@ def test_long_state_message_is_cut_on_the_span_attribute_only_and_marked():
     assert span.attributes["prefect.state-message"].endswith("...")
     assert span.attributes["otel_bridge.truncated.prefect.state-message"] == len(message)
     assert span.status_message == message
-    assert span.events[-1].attributes["prefect.state-message"] == message
+    assert span.events[-1].attributes["prefect.state.message"] == message
+    assert "otel_bridge.event.patch" not in span.events[-1].attributes

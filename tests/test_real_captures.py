@@ -3,11 +3,12 @@ span by span (fixtures: scripts/capture_prefect_events.py)."""
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 
 import pytest
 from helpers import FIXTURES, convert, load_jsonl
-from opentelemetry.trace import StatusCode
+from opentelemetry.trace import SpanKind, StatusCode
 from test_roundtrip import by_id, round_trip, state_events
 
 from otel_bridge.model.events import parse_wire_event
@@ -67,8 +68,10 @@ def test_every_run_is_one_correct_span(scenario):
     assert len(spans) == len(runs)
     for resource_id, events in runs.items():
         span = spans[span_id_for(resource_id)]
-        # Every state event, in order, as a span event with its id.
-        assert [e.attributes["prefect.event.id"] for e in span.events] == [str(e.id) for e in events]
+        # Every state event, in order, as a span event named after the state,
+        # with its id.
+        assert [e.attributes["prefect.state.id"] for e in span.events] == [str(e.id) for e in events]
+        assert [e.name for e in span.events] == [e.resource["prefect.state-name"] for e in events]
         # From the first Running to the first final state after the last Running.
         running = [i for i, e in enumerate(events) if e.resource["prefect.state-type"] == "RUNNING"]
         if running:
@@ -82,6 +85,9 @@ def test_every_run_is_one_correct_span(scenario):
             assert span.attributes["prefect.state-name"] == end.resource["prefect.state-name"]
         else:
             assert span.attributes["otel_bridge.synthetic.end"] == "end_of_input"
+        # The run's name, from the labels the span carries (its final state's).
+        assert span.attributes["prefect.run.name"] == (
+            (end or events[-1]).resource["prefect.resource.name"])
         # In its flow run's trace, under its parent task or its flow run.
         last = events[-1]
         flow_run = last.related_in_role("flow-run")
@@ -103,13 +109,22 @@ def test_scenario_shows_its_behaviour(scenario):
     spans = convert(load_jsonl(FIXTURES / f"{scenario}.jsonl"))
     for prefix, final, result, error in EXPECTED[scenario]:
         if prefix.startswith("flow:"):
-            matching = [s for s in spans if s.attributes.get("prefect.run.type") == "flow"
+            matching = [s for s in spans if s.kind is SpanKind.SERVER
                         and s.attributes.get("cicd.pipeline.name") == prefix[5:]]
+            for span in matching:
+                assert span.name == f"RUN {prefix[5:]}"
+                assert span.attributes["prefect.resource.id"].startswith("prefect.flow-run.")
             result_key = "cicd.pipeline.result"
         else:
-            matching = [s for s in spans if s.attributes.get("prefect.run.type") == "task"
-                        and s.name.startswith(prefix)
+            matching = [s for s in spans if s.kind is SpanKind.INTERNAL
+                        and s.attributes["prefect.run.name"].startswith(prefix)
                         and s.attributes.get("prefect.state-name") == final]
+            for span in matching:
+                assert span.attributes["prefect.resource.id"].startswith("prefect.task-run.")
+                # Named after its task: the task key without its hash.
+                assert span.name == span.attributes["cicd.pipeline.task.name"]
+                assert re.fullmatch(re.escape(span.name) + "-[0-9a-f]{8}",
+                                    span.attributes["prefect.task.key"])
             result_key = "cicd.pipeline.task.run.result"
         assert matching, f"{scenario}: no {prefix or 'task'} span ending {final}"
         for span in matching:
@@ -117,9 +132,8 @@ def test_scenario_shows_its_behaviour(scenario):
             assert span.attributes[result_key] == result
             assert (span.status_code is StatusCode.ERROR) == error
             if error:
-                final_event = next(e for e in span.events
-                                   if e.attributes["prefect.state-name"] == final)
-                assert span.status_message == final_event.attributes["prefect.state-message"]
+                final_event = next(e for e in span.events if e.name == final)
+                assert span.status_message == final_event.attributes["prefect.state.message"]
                 assert span.attributes["error.type"]
 
 

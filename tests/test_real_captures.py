@@ -3,17 +3,19 @@ span by span (fixtures: scripts/capture_prefect_events.py)."""
 
 from __future__ import annotations
 
+import json
 import re
 from collections import defaultdict
 
 import pytest
-from helpers import FIXTURES, convert, load_jsonl
+from helpers import FIXTURES, SAMPLES, convert, load_jsonl
 from opentelemetry.trace import SpanKind, StatusCode
 from test_roundtrip import by_id, round_trip, state_events
 
 from otel_bridge.model.events import parse_wire_event
 from otel_bridge.translate.forward import is_final, order_events, to_unix_nano
 from otel_bridge.translate.ids import span_id_for, trace_id_for
+from otel_bridge.translate.span_layout import ATTR_EVENT_PATCH
 
 # What each scenario must show: (run name prefix, final state, result, error?)
 # for the task runs (flow runs: "flow:<flow name>").
@@ -159,3 +161,40 @@ def test_live_stream_gives_the_same_spans_for_the_runs_it_delivered_whole(scenar
     rest = {s.span_id: s for s in convert(rest_raw)}
     for rid in whole:
         assert live[span_id_for(rid)] == rest[span_id_for(rid)]
+
+
+def expected_patches(scenario, runs):
+    """Event id -> its patch, for the events of Prefect 3.9's that the
+    builders cannot rebuild: a deferred task's Pending and Running (the task
+    worker's and server's emitters break the engine's follows chain: null),
+    and a RolledBack event (sent from inside the task whose failure rolled
+    back, which the events worker then names as related)."""
+    out = {}
+    for events in runs.values():
+        for event in events:
+            state = event.resource["prefect.state-name"]
+            if scenario == "deferred" and state in ("Pending", "Running"):
+                assert event.follows is None
+                out[str(event.id)] = [[["follows"], None]]
+            elif scenario == "rolled-back" and state == "RolledBack":
+                out[str(event.id)] = [[["related"], json.loads(event.model_dump_json())[
+                    "related"]]]
+    return out
+
+
+@pytest.mark.parametrize("path", sorted(FIXTURES.glob("*.jsonl")) + sorted(
+    SAMPLES.glob("*.jsonl")), ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_a_patch_only_where_prefect_breaks_what_the_builders_assume(path):
+    """Exactly that set: a builder that gets a field of Prefect's wrong puts
+    a patch on (nearly) every event, and one that stops rebuilding the
+    deferred or rolled-back cases loses theirs."""
+    scenario = path.name.split(".")[0]
+    raw = load_jsonl(path)
+    expected = expected_patches(scenario, runs_of(raw))
+    if scenario == "deferred":
+        assert len(expected) == 8
+    elif scenario == "rolled-back":
+        assert len(expected) == 1
+    got = {e.attributes["prefect.state.id"]: json.loads(e.attributes[ATTR_EVENT_PATCH])
+           for span in convert(raw) for e in span.events if ATTR_EVENT_PATCH in e.attributes}
+    assert got == expected

@@ -136,7 +136,7 @@ def test_cap_on_open_runs_ends_the_least_recently_active_run():
     feed(asm, first[:1] + second)
     feed(asm, first[1:])  # first is now the more recent
     (evicted,) = feed(asm, third)
-    assert evicted.name == "second"
+    assert evicted.attributes["prefect.run.name"] == "second"
     assert evicted.attributes["otel_bridge.synthetic.end"] == "evicted"
     assert asm.open_runs == 2
     assert asm.counts["spans_synthetic_end_evicted"] == 1

@@ -54,7 +54,9 @@ def test_bad_lines_are_reported_with_place_and_good_lines_still_converted(tmp_pa
     assert f"{second}:2: rejected (not_an_object)" in result.stderr
     (request,) = [parse_otlp_json_line(l) for l in out.read_text().splitlines()]
     (span,) = request.resource_spans[0].scope_spans[0].spans
-    assert [e.name for e in span.events] == [g["event"] for g in good]
+    assert [e.name for e in span.events] == [g["resource"]["prefect.state-name"] for g in good]
+    assert [{a.key: a.value.string_value for a in e.attributes}["prefect.state.id"]
+            for e in span.events] == [g["id"] for g in good]
 
 
 def test_clean_input_exits_zero_and_reads_stdin(tmp_path):
@@ -123,7 +125,9 @@ def test_tree_shows_the_nesting():
     result = run_cli("convert", str(SAMPLES / "task_retries.jsonl"), "--to", "tree")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert lines[1].startswith("└─ flow ")
+    # Each run by its own name; a flow run's span name says its flow.
+    assert lines[1].startswith("└─ flow ") and "(RUN f-task-retries) [Completed]" in lines[1]
+    assert "Pending > Running > Completed" in lines[1]
     assert any(l.startswith("   ├─ task flaky_immediate") and "Retrying" in l for l in lines)
     assert any("ERROR Task run encountered an exception RuntimeError" in l for l in lines)
 
@@ -155,3 +159,30 @@ def test_reverse_reads_a_pretty_printed_document(tmp_path):
     result = run_cli("convert", str(document), "--to", "events")
     assert result.returncode == 0, result.stderr
     assert len(result.stdout.splitlines()) == 6
+
+
+def span_attributes(stdout: str) -> list[dict]:
+    request = parse_otlp_json_line(stdout.splitlines()[0])
+    return [{a.key: a.value.string_value for a in span.attributes}
+            for span in request.resource_spans[0].scope_spans[0].spans]
+
+
+def test_prefects_ui_address_links_each_span_to_its_runs_page():
+    import os
+
+    base = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    source = str(SAMPLES / "task_fails.jsonl")
+    for env, ui in [({"PREFECT_UI_URL": "https://prefect.example/"}, "https://prefect.example"),
+                    ({"PREFECT_API_URL": "http://127.0.0.1:4200/api"}, "http://127.0.0.1:4200")]:
+        result = run_cli("convert", source, env={**base, **env})
+        assert result.returncode == 0, result.stderr
+        spans = span_attributes(result.stdout)
+        for attrs in spans:
+            if "cicd.pipeline.task.run.id" in attrs:
+                assert attrs["cicd.pipeline.task.run.url.full"] == (
+                    f"{ui}/runs/task-run/{attrs['cicd.pipeline.task.run.id']}")
+            else:
+                assert attrs["cicd.pipeline.run.url.full"] == (
+                    f"{ui}/runs/flow-run/{attrs['cicd.pipeline.run.id']}")
+    result = run_cli("convert", source, env=base)
+    assert not [k for attrs in span_attributes(result.stdout) for k in attrs if "url" in k]

@@ -47,11 +47,13 @@ def test_convert_exports_every_span_to_jaeger(jaeger, protocol, tmp_path):
                 assert got_tags["otel.status_description"] == span.status_message
             else:
                 assert "error" not in got_tags
-            # Span events arrive as logs, one per state, with their attributes.
+            assert got_tags["prefect.run.name"] == span.attributes["prefect.run.name"]
+            # Span events arrive as logs, one per state, named after it, with
+            # their attributes.
             logs = got["logs"]
             assert [tags({"tags": log["fields"]}).get("event") for log in logs] == [
                 e.name for e in span.events]
             assert [log["timestamp"] for log in logs] == [
                 e.time_unix_nano // 1000 for e in span.events]
-            assert [tags({"tags": log["fields"]})["prefect.event.id"] for log in logs] == [
-                e.attributes["prefect.event.id"] for e in span.events]
+            assert [{k: v for k, v in tags({"tags": log["fields"]}).items() if k != "event"}
+                    for log in logs] == [dict(e.attributes) for e in span.events]

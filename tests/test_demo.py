@@ -23,7 +23,7 @@ def test_demo_shows_and_writes_the_example_flows_trace(tmp_path):
     assert result.returncode == 0, result.stderr
     tree = result.stdout.splitlines()
     assert tree[0].startswith("trace ")
-    assert tree[1].startswith("└─ flow ") and "[Completed]" in tree[1]
+    assert tree[1].startswith("└─ flow ") and "(RUN otel-bridge-demo) [Completed]" in tree[1]
     assert any("task flaky_transform" in l and "Running > Retrying > Completed" in l for l in tree)
     assert any("task validate" in l and "ERROR" in l and "ValueError" in l for l in tree)
     checksum = next(l for l in tree if "task checksum" in l)
@@ -33,8 +33,10 @@ def test_demo_shows_and_writes_the_example_flows_trace(tmp_path):
 
     (line,) = otlp.read_text().splitlines()
     spans = parse_otlp_json_line(line).resource_spans[0].scope_spans[0].spans
-    assert sorted(s.name.split("-")[0] for s in spans if s.parent_span_id) == [
+    # Task spans named after their tasks, the flow run's after its flow.
+    assert sorted(s.name for s in spans if s.parent_span_id) == [
         "checksum", "extract", "flaky_transform", "load", "validate"]
+    assert [s.name for s in spans if not s.parent_span_id] == ["RUN otel-bridge-demo"]
     # The file holds exactly what converting the saved events gives.
     expected = convert(load_jsonl(events))
     assert sorted(s.span_id.hex() for s in spans) == sorted(s.span_id_hex for s in expected)

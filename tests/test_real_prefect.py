@@ -4,6 +4,7 @@ recorder made of the same events)."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from datetime import datetime, timedelta, timezone
@@ -11,6 +12,7 @@ from datetime import datetime, timedelta, timezone
 import httpx
 import pytest
 from helpers import ROOT, convert
+from opentelemetry.trace import SpanKind
 
 from otel_bridge.demo.run import settled_events
 from otel_bridge.demo.server import LocalPrefectServer
@@ -49,11 +51,19 @@ def micros(value: str) -> int:
 def test_spans_agree_with_the_servers_task_runs(server, scenario):
     raw = run_scenario(server, scenario)
     spans = convert(raw)
-    flow_spans = [s for s in spans if s.attributes["prefect.run.type"] == "flow"]
-    task_spans = {s.attributes["prefect.run.id"]: s
-                  for s in spans if s.attributes["prefect.run.type"] == "task"}
+    flow_spans = [s for s in spans if s.kind is SpanKind.SERVER]
+    task_spans = {s.attributes["cicd.pipeline.task.run.id"]: s
+                  for s in spans if s.kind is SpanKind.INTERNAL}
     assert flow_spans, "the flow run has a span"
-    flow_run_ids = {s.attributes["prefect.run.id"] for s in flow_spans}
+    assert len(task_spans) + len(flow_spans) == len(spans)
+    flow_run_ids = {s.attributes["cicd.pipeline.run.id"] for s in flow_spans}
+    for span in flow_spans:
+        run = httpx.get(f"{server.api_url}/flow_runs/{span.attributes['cicd.pipeline.run.id']}",
+                        timeout=10).json()
+        flow = httpx.get(f"{server.api_url}/flows/{run['flow_id']}", timeout=10).json()
+        assert span.name == f"RUN {flow['name']}"
+        assert span.attributes["prefect.run.name"] == run["name"]
+        assert span.attributes["prefect.resource.id"] == f"prefect.flow-run.{run['id']}"
     recorded = task_runs(server, flow_run_ids)
     assert recorded, "the server recorded task runs"
     assert set(task_spans) == {r["id"] for r in recorded}
@@ -62,7 +72,11 @@ def test_spans_agree_with_the_servers_task_runs(server, scenario):
         flow_run = f"prefect.flow-run.{run['flow_run_id']}"
         assert span.span_id == span_id_for(f"prefect.task-run.{run['id']}")
         assert span.trace_id == trace_id_for(flow_run)
-        assert span.name == run["name"]
+        # Named after its task (the key without its hash), the run by its name.
+        assert span.name == re.sub(r"-[0-9a-f]{8}$", "", run["task_key"])
+        assert span.attributes["prefect.run.name"] == run["name"]
+        assert span.attributes["prefect.task.key"] == run["task_key"]
+        assert span.attributes["prefect.related.flow-run.id"] == run["flow_run_id"]
         assert span.attributes["prefect.state-name"] == run["state_name"]
         assert span.attributes["prefect.state-type"] == run["state_type"]
         assert span.attributes["prefect.run-count"] == str(run["run_count"])

@@ -17,6 +17,7 @@ from helpers import FIXTURES, engine_trace, load_jsonl
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 
 from otel_bridge.demo.server import LocalPrefectServer
+from otel_bridge.model.events import parse_wire_event
 from otel_bridge.model.otlp import request_to_json
 from otel_bridge.sources.prefect_rest import read_events
 
@@ -128,10 +129,13 @@ def test_bridged_real_runs_go_back_into_prefect_unchanged(server, tmp_path, scen
     spans_file = tmp_path / "spans.jsonl"
     assert cli("convert", str(source), "-o", str(spans_file)).returncode == 0
     events = send_and_check(server, spans_file, tmp_path)
-    originals = {e["id"]: e for e in load_jsonl(source)}
-    for event in events:
-        original = {k: v for k, v in originals[event["id"]].items() if k != "received"}
-        assert event == original
+    # What was sent is what Prefect sent, byte for byte.
+    originals = {str(e.id): e.model_dump_json(exclude={"received"})
+                 for e in map(parse_wire_event, load_jsonl(source))}
+    sent = (tmp_path / "events.jsonl").read_text().splitlines()
+    assert len(sent) == len(events)
+    for line in sent:
+        assert line == originals[json.loads(line)["id"]]
     if scenario == "deferred":
         # Task runs with no flow run are recorded as sent. (A task run whose
         # flow run this server does not know fails the recorder's foreign

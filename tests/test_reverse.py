@@ -283,10 +283,6 @@ def test_a_state_span_event_without_a_name_that_says_its_type_is_rejected():
     assert caught.value.reason == "invalid_span"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "translate: a state's span event that lost prefect.state.id is taken for one a user "
-    "added and skipped: its event is lost, the states after it are rebuilt without it "
-    "(follows, initial_state, run counts differ from what went in), and no error is raised"))
 @pytest.mark.parametrize("index", [0, 1, 2])
 def test_a_state_span_event_without_its_id_is_rejected(index):
     from otel_bridge.model.events import EventRejected

@@ -194,14 +194,9 @@ def test_a_250000_character_message_prefect_did_not_cut_comes_back_uncut():
     assert_exact(raw)
 
 
-# -- known translate bugs (reported; each xfail is strict, so a fix shows) ----
+# -- what broke the round trip once ------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, raises=EventRejected, reason=(
-    "translate: a resource label named like a span attribute the builders read as "
-    "JSON stays on the span when the run does not set that attribute; the forward "
-    "bridge then patches each event whole (rebuild_events raised), but the reverse "
-    "calls rebuild_events unguarded and rejects the span"))
 @pytest.mark.parametrize("label, value", [
     ("prefect.task-run.inputs", "{not json"), ("prefect.task-run.labels", "[1]"),
     ("prefect.task-run.policy", "{"), ("prefect.related", "{}")])
@@ -213,10 +208,6 @@ def test_a_label_named_like_a_layout_attribute_comes_back(label, value):
     assert_exact(raw)
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason=(
-    "translate: a task run's flow_run_run_count beyond int64 goes on the span as an "
-    "integer attribute (prefect.task-run.flow-run-run-count), which OTLP cannot "
-    "carry: the OTLP/JSON line does not decode (and an SDK exporter fails the batch)"))
 def test_a_flow_run_run_count_beyond_int64_comes_back():
     raw = task_run_events(["Pending", "Running", "Completed"], flow_run=FlowRun())
     for event in raw:

@@ -29,6 +29,7 @@ from otel_bridge.translate.span_layout import (
     TRACEPARENT_OF_LINK,
     TRACEPARENT_OF_SELF,
     event_patch,
+    is_layout_attribute,
     rebuild_events,
     run_attributes,
     state_attributes,
@@ -412,11 +413,14 @@ def _run_attributes(
     """What a user searches on: the labels of the run's final state, its
     name, and the CI/CD conventions' attributes."""
     resource = last.resource
-    if max(map(len, resource.values()), default=0) <= MAX_SPAN_ATTRIBUTE_CHARS:
-        attributes: dict[str, AttributeValue] = dict(resource)  # nothing to cut
+    if max(map(len, resource.values()), default=0) <= MAX_SPAN_ATTRIBUTE_CHARS and not any(
+            map(is_layout_attribute, resource)):
+        attributes: dict[str, AttributeValue] = dict(resource)  # nothing to cut or leave out
     else:
         attributes = {}
         for label, value in resource.items():
+            if is_layout_attribute(label):
+                continue  # a name the builders read: the event's patch keeps the label
             if len(value) > MAX_SPAN_ATTRIBUTE_CHARS:
                 attributes[f"otel_bridge.truncated.{label}"] = len(value)
                 value = value[: MAX_SPAN_ATTRIBUTE_CHARS - 3] + "..."

@@ -109,8 +109,13 @@ def events_from_bridge_span(span: Span) -> list[Event]:
     if kind is None:
         return [_v1_event(e) for e in span.events if _V1_EVENT_ID in e.attributes]
     span_events = carried_state_events(span.events)
-    rebuilt = rebuild_events(kind, span.attributes, span_events,
-                             span_traceparents(span.trace_id, span.span_id, span.links))
+    try:
+        rebuilt = rebuild_events(kind, span.attributes, span_events,
+                                 span_traceparents(span.trace_id, span.span_id, span.links))
+    except EventRejected:
+        # As the forward bridge does when the builders cannot take a span:
+        # each event then comes whole in its patch, or the span is refused.
+        rebuilt = [None] * len(span_events)
     return [patched_event(base, span_event.attributes.get(ATTR_EVENT_PATCH))
             for base, span_event in zip(rebuilt, span_events)]
 

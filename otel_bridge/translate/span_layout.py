@@ -76,6 +76,21 @@ ATTR_FLOW_RUN_RUN_COUNT = "prefect.task-run.flow-run-run-count"  # only when not
 ATTR_RELATED = "prefect.related"
 RELATED_PREFIX = "prefect.related."
 
+# Span attributes the builders read, which a resource label of the same name
+# must not stand in for (`is_layout_attribute`).
+_LAYOUT_ATTRIBUTES = frozenset({
+    ATTR_TAGS, ATTR_TASK_KEY, ATTR_DYNAMIC_KEY, ATTR_TASK_INPUTS, ATTR_TASK_LABELS, ATTR_POLICY,
+    ATTR_EXPECTED_START, ATTR_NEXT_SCHEDULED_START, ATTR_FLOW_RUN_RUN_COUNT, ATTR_RELATED,
+})
+_INT64 = range(-2**63, 2**63)
+
+
+def is_layout_attribute(key: str) -> bool:
+    """Whether the builders read a span attribute of this name: a resource
+    label so named is not copied to the span (its event's patch keeps it)."""
+    return key in _LAYOUT_ATTRIBUTES or key.startswith(RELATED_PREFIX)
+
+
 # The order in which Prefect lists a run's context: the events worker for a
 # task run (after the task's own tags), the server for a flow run (tags
 # after these, the creator last).
@@ -228,7 +243,8 @@ def run_attributes(kind: str, events: Sequence[Event], basis: Event,
         if type(scheduled) is str:
             attributes[ATTR_NEXT_SCHEDULED_START] = scheduled
         count = task_run.get("flow_run_run_count")
-        if count != _default_flow_run_run_count(context) and type(count) is int:
+        if (count != _default_flow_run_run_count(context) and type(count) is int
+                and count in _INT64):  # (OTLP's integers are 64-bit: the patch has others)
             attributes[ATTR_FLOW_RUN_RUN_COUNT] = count
     else:
         tags = [r["prefect.resource.id"].removeprefix("prefect.tag.")
@@ -476,6 +492,12 @@ def traceparent_of(trace_id: int, span_id: int, flags: int) -> str:
 
 
 def carried_state_events(span_events: Iterable[SpanEvent]) -> list[SpanEvent]:
-    """The span events that stand for states (all but those a user or a
-    backend added)."""
-    return [e for e in span_events if ATTR_STATE_ID in e.attributes]
+    """The span events that stand for states: all but those a user or a
+    backend added (an `exception`, say). One named after a state, or with a
+    state's or a patch's attributes, is a state, so one that lost its id is
+    refused (`state_record`), not passed over."""
+    return [e for e in span_events if e.name in KNOWN_STATE_NAMES or any(
+        key.startswith(_STATE_PREFIX) or key == ATTR_EVENT_PATCH for key in e.attributes)]
+
+
+_STATE_PREFIX = "prefect.state."

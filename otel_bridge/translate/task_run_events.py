@@ -145,7 +145,7 @@ class TaskRunEventBuilder:
         # Until the run first starts, the engine has not yet set its flow run's
         # run count nor the trace context label.
         labels = dict(run.labels)
-        if not self._past_pending:
+        if not self._past_pending and state.type in _BEFORE_START:
             # Prefect's telemetry sets the label when it starts the run's
             # span, after the run's (first) Pending state.
             labels.pop(PREFECT_TRACEPARENT_LABEL, None)
@@ -241,6 +241,7 @@ def task_run_state_events(run: TaskRunRecord, states: Sequence[StateRecord]) -> 
     return [builder.add(state) for state in states]
 
 
+_BEFORE_START = frozenset({StateType.SCHEDULED, StateType.PENDING})
 # Bytes of an event's JSON besides its payload, related resources, state
 # message and names: keys, ids, timestamps, run count, state type (about 600).
 _EVENT_SIZE_SLACK = 2048

@@ -42,6 +42,18 @@ class FlowRunEventBuilder:
         self._previous: Optional[StateRecord] = None
 
     def add(self, state: StateRecord) -> Event:
+        """The run's next event, in `state`, checked as Prefect checks events.
+        Raises `EventRejected`."""
+        event = self.check(self.next_fields(state), state)
+        self.events.append(event)
+        return event
+
+    def check(self, fields: dict[str, Any], state: StateRecord) -> Event:
+        """The event of `next_fields(state)`, checked. Raises `EventRejected`."""
+        return validate_event(fields)
+
+    def next_fields(self, state: StateRecord) -> dict[str, Any]:
+        """The fields of the run's next event, in `state`, unchecked."""
         if state.type.value == "RUNNING":
             self._run_count += 1
         previous = self._previous
@@ -49,7 +61,7 @@ class FlowRunEventBuilder:
         follows = None
         if previous is not None and -TIGHT_TIMING < state.timestamp - previous.timestamp < TIGHT_TIMING:
             follows = previous.id
-        event = validate_event({
+        fields = {
             "occurred": state.timestamp,
             "event": f"prefect.flow-run.{state.name}",
             "resource": {
@@ -70,10 +82,9 @@ class FlowRunEventBuilder:
             },
             "id": state.id,
             "follows": follows,
-        })
-        self.events.append(event)
+        }
         self._previous = state
-        return event
+        return fields
 
 
 def _state_payload(state: Optional[StateRecord]) -> Optional[dict[str, Any]]:

@@ -413,23 +413,30 @@ def flow_run_record(attributes: Mapping[str, Any]) -> FlowRunRecord:
 
 
 def rebuild_events(kind: str, attributes: Mapping[str, Any], span_events: Sequence[SpanEvent],
-                   traceparents: Mapping[str, str]) -> list[Optional[Event]]:
-    """Each state span event's event as the builders make it from the span;
-    None where they cannot make it (the patch then holds the whole event).
-    Raises `EventRejected` for attributes that are not what the forward
-    bridge writes."""
+                   traceparents: Mapping[str, str], *, checked: bool = True) -> list[Any]:
+    """Each state span event's event as the builders make it from the span
+    (`checked`: as an `Event`, checked as Prefect checks events; else its
+    fields, as `Event` holds them); None where they cannot make it (the
+    patch then holds the whole event). Raises `EventRejected` for attributes
+    that are not what the forward bridge writes."""
     states = [state_record(e, traceparents) for e in span_events]
     if kind == TASK_RUN:
         builder: Any = TaskRunEventBuilder(task_run_record(
             attributes, states[0].timestamp if states else None, traceparents))
     else:
         builder = FlowRunEventBuilder(flow_run_record(attributes))
-    out: list[Optional[Event]] = []
+    out: list[Any] = []
     for state in states:
         try:
-            out.append(builder.add(state))
-        except (EventRejected, TypeError, ValueError, OverflowError):
+            fields = builder.next_fields(state)
+        except (TypeError, ValueError, OverflowError):  # the builder cannot go on
             return out + [None] * (len(states) - len(out))
+        if checked:
+            try:
+                fields = builder.check(fields, state)
+            except EventRejected:  # this one event only: the builder goes on
+                fields = None
+        out.append(fields)
     return out
 
 
@@ -438,33 +445,42 @@ def event_json(event: Event) -> dict[str, Any]:
     return event.model_dump(mode="json", exclude={"received"})
 
 
-def event_patch(rebuilt: Optional[Event], original: Event) -> Optional[str]:
-    """The patch (JSON) that makes `original` of `rebuilt`; None if none is
-    needed."""
-    if rebuilt is not None and _same_event(rebuilt, original):
+def event_patch(rebuilt: Optional[dict[str, Any]], original: Event) -> Optional[str]:
+    """The patch (JSON) that makes `original` of the fields the builders
+    made (`rebuild_events(checked=False)`); None if none is needed."""
+    if rebuilt is not None and _same_fields(rebuilt, original):
         return None
     target = event_json(original)
-    patch = [[[], target]] if rebuilt is None else diff(event_json(rebuilt), target)
+    patch = [[[], target]] if rebuilt is None else diff(_fields_json(rebuilt), target)
     return to_json(patch) if patch else None
 
 
-def _same_event(a: Event, b: Event) -> bool:
-    """Whether two events serialise to the same JSON, byte for byte. Equal
-    values (`==`, which takes 1, 1.0 and true for one another and ignores
-    key order) that orjson writes alike (types and key order kept) are the
-    same; orjson is a tenth of the cost of serialising each with pydantic."""
-    fields_a = [a.__dict__[name] for name in _EVENT_FIELDS]
-    fields_b = [b.__dict__[name] for name in _EVENT_FIELDS]
-    if fields_a != fields_b:
+def _same_fields(fields: dict[str, Any], event: Event) -> bool:
+    """Whether an event's fields serialise to the same JSON as `event`, byte
+    for byte. Equal values (`==`, which takes 1, 1.0 and true for one
+    another and ignores key order) that orjson writes alike (it keeps types
+    and key order) are the same; a tenth of the cost of serialising both
+    with pydantic. (Fields equal to a checked event's are checked too: the
+    reverse, which checks them, gets the same event.)"""
+    given = [fields[name] for name in _EVENT_FIELDS]
+    real = [event.__dict__[name] for name in _EVENT_FIELDS]
+    if given != real:
         return False
     try:
-        return orjson.dumps(fields_a) == orjson.dumps(fields_b)
+        return orjson.dumps(given) == orjson.dumps(real)
     except (TypeError, orjson.JSONEncodeError):  # what orjson does not write (huge ints)
-        return a.model_dump_json(exclude=_RECEIVED) == b.model_dump_json(exclude=_RECEIVED)
+        return to_json(given) == to_json(real)
+
+
+def _fields_json(fields: dict[str, Any]) -> Any:
+    """Fields as `event_json` gives an event's (a patch is worked out on these)."""
+    try:
+        return event_json(validate_event(fields))
+    except EventRejected:  # not an event as they stand (the reverse's check
+        return None        # refuses them too): the patch replaces them
 
 
 _EVENT_FIELDS = ("occurred", "event", "resource", "related", "payload", "id", "follows")
-_RECEIVED = {"received"}
 
 
 def patched_event(rebuilt: Optional[Event], patch: Any) -> Event:

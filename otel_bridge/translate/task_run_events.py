@@ -100,14 +100,13 @@ class TaskRunEventBuilder:
     checks it, but only where it can be wrong: the parts fixed for the run
     once, and per state the values given for it; anything unusual takes
     `validate_event` itself, so an invalid event is rejected the same way.
-    `payload_json` holds each event's payload as compact JSON, and
-    `related_json` the related resources (the same in every event), as the
-    forward bridge writes them on the span events."""
+    `next_fields` gives the next event's fields without checking them (what
+    the forward bridge compares a real event with)."""
 
     def __init__(self, run: TaskRunRecord):
         self.run = run
         self.events: list[Event] = []
-        self.payload_json: list[bytes] = []
+        self._last_id: Optional[UUID] = None
         self._run_count = 0
         self._start_time: Optional[datetime] = None
         self._start_json: Optional[str] = None
@@ -125,9 +124,18 @@ class TaskRunEventBuilder:
         self._expected_json = (None if run.expected_start_time is None
                                else prefect_json_time(run.expected_start_time))
         self._checked = _related_ok(self._related) and type(self._name) is str
-        self.related_json = to_json(self._related) if self._checked else b""
+        self._related_size = len(to_json(self._related)) if self._checked else 0
 
     def add(self, state: StateRecord) -> Event:
+        """The run's next event, in `state`, checked as Prefect checks events.
+        Raises `EventRejected`."""
+        event = self.check(self.next_fields(state), state)
+        self.events.append(event)
+        return event
+
+    def next_fields(self, state: StateRecord) -> dict[str, Any]:
+        """The fields of the run's next event, in `state`, as `Event` holds
+        them, unchecked."""
         previous = self._previous
         if previous is not None and previous.type is StateType.RUNNING:
             self._total_run_time += (state.timestamp - previous.timestamp).total_seconds()
@@ -198,22 +206,20 @@ class TaskRunEventBuilder:
             "related": [dict(labels) for labels in self._related],
             "payload": payload,
             "id": state.id,
-            "follows": self.events[-1].id if self.events else None,
+            "follows": self._last_id,
         }
-        event, payload_json = self._event(fields, state, message)
-        self.events.append(event)
-        self.payload_json.append(payload_json)
+        self._last_id = state.id
         self._past_pending = self._past_pending or state.type is StateType.PENDING
         self._previous = state
         self._previous_json = {"type": type_value, "name": state.name, "message": message,
                                "state_details": dict(state.state_details)}
-        return event
+        return fields
 
-    def _event(self, fields: dict[str, Any], state: StateRecord,
-               message: str) -> tuple[Event, bytes]:
-        """The event, checked: cheaply when every value is of the type it
-        must be and its size is clearly within Prefect's limit, else by
-        `validate_event`."""
+    def check(self, fields: dict[str, Any], state: StateRecord) -> Event:
+        """The event of `next_fields(state)`, checked: cheaply when every
+        value is of the type it must be and its size is clearly within
+        Prefect's limit, else by `validate_event`. Raises `EventRejected`."""
+        message = fields["resource"]["prefect.state-message"]
         moment = state.timestamp
         name = state.name
         if (self._checked and type(moment) is datetime and moment.tzinfo is not None
@@ -224,15 +230,14 @@ class TaskRunEventBuilder:
             except Exception:  # not serialisable: let validation say so
                 payload_json = None
             if payload_json is not None and (
-                len(payload_json) + len(self.related_json)
+                len(payload_json) + self._related_size
                 + 6 * (len(message) + 2 * len(name) + len(self._name)) + _EVENT_SIZE_SLACK
                 < MAX_EVENT_SIZE_BYTES
             ):
                 if moment.tzinfo is not timezone.utc:
                     fields["occurred"] = moment.astimezone(timezone.utc)
-                return _checked_event(fields), payload_json
-        event = validate_event(fields)
-        return event, to_json(event.payload)
+                return _checked_event(fields)
+        return validate_event(fields)
 
 
 def task_run_state_events(run: TaskRunRecord, states: Sequence[StateRecord]) -> list[Event]:

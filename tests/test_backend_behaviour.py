@@ -53,10 +53,14 @@ def real_spans(sample: str) -> list[Span]:
     return convert([json.loads(line) for line in text.splitlines() if line.strip()])
 
 
+def is_flow_run(span: Span) -> bool:
+    return span.attributes["prefect.resource.id"].startswith("prefect.flow-run.")
+
+
 def flow_and_task(sample: str = "task_fails.jsonl") -> tuple[Span, Span]:
     spans = real_spans(sample)
-    (flow,) = [s for s in spans if s.attributes["prefect.run.type"] == "flow"]
-    task = [s for s in spans if s.attributes["prefect.run.type"] == "task"][0]
+    (flow,) = [s for s in spans if is_flow_run(s)]
+    task = [s for s in spans if not is_flow_run(s)][0]
     return flow, task
 
 
@@ -90,10 +94,9 @@ def fields(log: dict) -> dict:
 
 def with_long_message(task: Span) -> Span:
     message = "ValueError: " + "x" * (LONG - 12)
-    events = [dataclasses.replace(e, attributes={
-        **e.attributes, "prefect.state-message": message,
-        "prefect.event.payload": json.dumps({"validated_state": {"message": message}})})
-        if e.name.endswith(".Failed") else e for e in task.events]
+    events = [dataclasses.replace(e, attributes={**e.attributes, "prefect.state.message": message})
+              if e.name == "Failed" else e for e in task.events]
+    assert events != list(task.events), "no Failed span event to put the message on"
     return dataclasses.replace(task, attributes={**task.attributes, "prefect.state-message": message},
                                status_message=message, events=events)
 
@@ -106,10 +109,9 @@ def test_jaeger_keeps_long_values_whole(jaeger):
     tags = backends.jaeger_tags(got["tags"])
     assert len(tags["prefect.state-message"]) == LONG
     assert len(tags["otel.status_description"]) == LONG
-    (failed,) = [fields(log) for log in got["logs"] if fields(log)["event"].endswith(".Failed")]
-    assert len(failed["prefect.state-message"]) == LONG
-    assert json.loads(failed["prefect.event.payload"])["validated_state"]["message"] == \
-        task.status_message
+    (failed,) = [fields(log) for log in got["logs"] if fields(log)["event"] == "Failed"]
+    assert len(failed["prefect.state.message"]) == LONG
+    assert failed["prefect.state.message"] == task.status_message
 
 
 def test_our_span_attribute_values_fit_tempo_2s_limit():
@@ -135,7 +137,8 @@ def test_our_span_attribute_values_fit_tempo_2s_limit():
         assert span.attributes[key].endswith("...")
         if key == "prefect.state-message":
             assert len(span.status_message) == length
-            assert length in [len(e.attributes.get(key, "")) for e in span.events]
+            assert length in [len(e.attributes.get("prefect.state.message", ""))
+                              for e in span.events]
 
 
 # ---------------------------------------------------------------- request size
@@ -221,10 +224,15 @@ def test_array_attributes(jaeger):
 def test_links_to_prefects_own_span(jaeger):
     """With __OTEL_TRACEPARENT the task span links to Prefect's span. Jaeger's
     /api/traces shows it as a FOLLOWS_FROM reference without the link's
-    attributes; Jaeger's /api/v3 keeps them."""
+    attributes; Jaeger's /api/v3 keeps them: prefect.traceparent, the
+    traceparent as Prefect wrote it. The link's trace flags are in nothing
+    else: the OTLP encoder sends a link's flags without them (only its
+    is-remote bits), and Jaeger gives back what it got."""
     spans = real_spans("task_completes.with-traceparent.jsonl")
     (span,) = [s for s in spans if s.links]
     (link,) = span.links
+    traceparent = f"00-{link.trace_id:032x}-{link.span_id:016x}-{link.trace_flags:02x}"
+    assert link.trace_flags & 1 and dict(link.attributes) == {"prefect.traceparent": traceparent}
     n = len([s for s in spans if s.trace_id == span.trace_id])
     send(jaeger.otlp_grpc_endpoint, spans, service())
 
@@ -235,7 +243,8 @@ def test_links_to_prefects_own_span(jaeger):
     (v3,) = [s for s in backends.otlp_json_spans(jaeger.trace_otlp(span.trace_id_hex))
              if s["spanId"] == span.span_id_hex]
     (v3link,) = v3["links"]
-    assert backends.otlp_attrs(v3link["attributes"]) == dict(link.attributes)
+    assert backends.otlp_attrs(v3link["attributes"]) == {"prefect.traceparent": traceparent}
+    assert int(v3link.get("flags", 0)) & 0xFF == 0
 
 
 # ---------------------------------------------------------------- event names
@@ -244,11 +253,11 @@ def test_links_to_prefects_own_span(jaeger):
 def test_span_event_attribute_named_event(jaeger):
     """Jaeger turns a span event into a log whose "event" field is the event's
     name, and an attribute named "event" overwrites it. otel-bridge's events
-    never have one (the id is prefect.event.id), so their names survive; a
+    never have one (the id is prefect.state.id), so their names survive; a
     span event that had one would lose its name in Jaeger."""
     spans = real_spans("task_retries.jsonl")
     assert not [e for s in spans for e in s.events if "event" in e.attributes]
-    flow = [s for s in spans if s.attributes["prefect.run.type"] == "flow"][0]
+    flow = [s for s in spans if is_flow_run(s)][0]
     clash = dataclasses.replace(flow, events=[SpanEvent(
         flow.events[0].name, flow.events[0].time_unix_nano,
         {**flow.events[0].attributes, "event": "an-attribute-value"})])
@@ -265,8 +274,8 @@ def test_span_event_attribute_named_event(jaeger):
     for span in spans:
         (got,) = [s for s in trace["spans"] if s["spanID"] == span.span_id_hex]
         assert [fields(log)["event"] for log in got["logs"]] == [e.name for e in span.events]
-        assert [fields(log)["prefect.event.id"] for log in got["logs"]] == [
-            e.attributes["prefect.event.id"] for e in span.events]
+        assert [fields(log)["prefect.state.id"] for log in got["logs"]] == [
+            e.attributes["prefect.state.id"] for e in span.events]
 
 
 # ---------------------------------------------------------------- clock skew

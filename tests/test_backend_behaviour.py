@@ -247,6 +247,26 @@ def test_links_to_prefects_own_span(jaeger):
     assert int(v3link.get("flags", 0)) & 0xFF == 0
 
 
+# ---------------------------------------------------------------- span kinds
+
+
+def test_span_kinds_and_operation_names(jaeger):
+    """Jaeger's model has no span kind: it becomes the span.kind tag, "server"
+    for a flow run's span and "internal" for a task run's. Its operation
+    list (/api/v3/operations) names each (span name, kind) once."""
+    spans = real_spans("task_retries.jsonl") + real_spans("task_completes.jsonl")
+    svc = service()
+    send(jaeger.otlp_grpc_endpoint, spans, svc)
+    for span in spans:
+        kind = backends.jaeger_tags(jaeger_span(jaeger, span, len(
+            [s for s in spans if s.trace_id == span.trace_id]))["tags"])["span.kind"]
+        assert kind == ("server" if is_flow_run(span) else "internal"), span.name
+    operations = jaeger.operations(svc)
+    assert sorted((o["name"], o["spanKind"]) for o in operations) == sorted(
+        {(s.name, "server" if is_flow_run(s) else "internal") for s in spans})
+    assert {o["name"] for o in operations} >= {"RUN f-task-retries", "flaky_immediate"}
+
+
 # ---------------------------------------------------------------- event names
 
 

@@ -450,6 +450,13 @@ class JaegerClient:
             return []
         return list((body or {}).get("data") or [])
 
+    def operations(self, service: str) -> list[dict]:
+        """``/api/v3/operations?service=...``: the service's operations as
+        [{"name", "spanKind"}] (``/api/services/<service>/operations`` gives
+        the names alone)."""
+        status, body = http_get_json(f"{self.query_url}/api/v3/operations", {"service": service})
+        return list((body or {}).get("operations") or []) if status == 200 else []
+
     def trace(self, trace_id: str | int) -> dict | None:
         """``/api/traces/<hex>``: the Jaeger-model trace, or None when not found."""
         status, body = http_get_json(f"{self.query_url}/api/traces/{_hex_trace_id(trace_id)}")

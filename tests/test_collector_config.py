@@ -22,9 +22,12 @@ from pathlib import Path
 import pytest
 import yaml
 from helpers import ROOT, SAMPLES, convert, convert_to_otlp, load_jsonl
+from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+from opentelemetry.sdk.resources import Resource
 from support import backends
 
 from otel_bridge.sinks.otlp import MAX_REQUEST_BYTES
+from otel_bridge.sinks.sdk import to_readable_spans
 
 # A cold cache builds Jaeger and the Collector from source first.
 pytestmark = pytest.mark.timeout(1800)
@@ -328,10 +331,13 @@ def test_sidecar_forwards_bridge_spans_to_jaeger_and_the_tempo_leg(sidecar, jaeg
             assert t["name"] == span.name
             assert t["resource"]["service.name"] == service
             assert (backends.otlp_id_hex(t["parentSpanId"], 8) if t.get("parentSpanId") else None) == parent
-            assert [e["name"] for e in t["events"]] == [e.name for e in span.events]
-            # What Tempo would get is otel-bridge's span, attribute for attribute.
+            assert backends.otlp_span_kind(t) == span.kind.name.lower()
+            # What Tempo would get is otel-bridge's span, attribute for
+            # attribute, each state's span event with its own attributes.
             assert backends.otlp_attrs(t["attributes"]) == {
                 k: plain(v) for k, v in span.attributes.items()}
+            assert [(e["name"], backends.otlp_attrs(e.get("attributes"))) for e in t["events"]] == [
+                (e.name, {k: plain(v) for k, v in e.attributes.items()}) for e in span.events]
             assert (t.get("status") or {}).get("message", "") == span.status_message
 
     log = sidecar.process.log()
@@ -341,11 +347,12 @@ def test_sidecar_forwards_bridge_spans_to_jaeger_and_the_tempo_leg(sidecar, jaeg
 
 def test_sidecar_cuts_large_batches_under_the_backends_limit(sidecar, jaeger, tempo_leg, tmp_path):
     """20 failed flow runs, each with a failed task run, all with
-    100,000-character state messages: 40 spans of about 300 kB in one request
-    of about 12 MB from the bridge, which the sidecar's receiver takes (64 MiB
-    limit) and both its exporters send on in pieces under the 4 MiB gRPC
-    limit of Jaeger's receiver and of the Tempo leg's (sent straight to
-    Jaeger it is refused: test_backend_behaviour).
+    100,000-character state messages: 40 spans of about 200 kB (the message
+    in the status and on the Failed span event) in one request of about
+    8 MB from the bridge, which the sidecar's receiver takes (64 MiB limit)
+    and both its exporters send on in pieces under the 4 MiB gRPC limit of
+    Jaeger's receiver and of the Tempo leg's (sent straight to Jaeger it is
+    refused: test_backend_behaviour).
 
     Not more: Tempo's default ingestion rate limit (15 MB/s, burst 20 MB)
     would refuse more at once, without retry info, which the Collector takes
@@ -365,6 +372,9 @@ def test_sidecar_cuts_large_batches_under_the_backends_limit(sidecar, jaeger, te
     (tmp_path / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in lines))
     expected = convert(lines)
     assert len(expected) == 40
+    # Else nothing here needs cutting.
+    assert encode_spans(to_readable_spans(expected, Resource({"service.name": service}))
+                        ).ByteSize() > GRPC_MAX
     run_convert(tmp_path / "events.jsonl", sidecar, "grpc", service)
     for trace_id in {s.trace_id for s in expected}:
         n = sum(1 for s in expected if s.trace_id == trace_id)

@@ -746,6 +746,18 @@ def otlp_attrs(items: list[dict] | None) -> dict[str, Any]:
     return {kv["key"]: otlp_any_value(kv.get("value", {})) for kv in items or []}
 
 
+_OTLP_SPAN_KINDS = ("unspecified", "internal", "server", "client", "producer", "consumer")
+
+
+def otlp_span_kind(span: dict) -> str:
+    """An OTLP/JSON span's kind as a lowercase name ("server"), as Jaeger's
+    span.kind tag writes it, whether the JSON has the enum's number or name."""
+    kind = span.get("kind", 0)
+    if isinstance(kind, str):
+        return kind.removeprefix("SPAN_KIND_").lower()
+    return _OTLP_SPAN_KINDS[kind]
+
+
 def otlp_json_spans(doc: dict) -> list[dict]:
     """Flatten OTLP/JSON traces into span dicts, each with ``resource`` (attrs
     dict) and ``scope`` added."""

@@ -149,9 +149,11 @@ def test_real_flows_reach_jaeger_and_the_tempo_leg_through_the_sidecar(prefect_r
         state_type = run["state_type"]
         message = (run.get("state") or {}).get("message") or ""
         result_key = "cicd.pipeline.result" if kind == "flow" else "cicd.pipeline.task.run.result"
+        run_id_key = "cicd.pipeline.run.id" if kind == "flow" else "cicd.pipeline.task.run.id"
         ref = reference[resource_id]
         expected_events = [e.name for e in ref.events]
-        assert sorted(expected_events) == sorted(e["event"] for e in state_events(raw, resource_id))
+        assert sorted(expected_events) == sorted(
+            e["resource"]["prefect.state-name"] for e in state_events(raw, resource_id))
 
         # ---- Jaeger
         trace = jaeger_traces[tid]
@@ -161,7 +163,8 @@ def test_real_flows_reach_jaeger_and_the_tempo_leg_through_the_sidecar(prefect_r
         (span,) = mine
         tags = backends.jaeger_tags(span["tags"])
         assert span["spanID"] == hex_span(resource_id)
-        assert span["operationName"] == run["name"]
+        assert tags[run_id_key] == run["id"]
+        assert tags["prefect.run.name"] == run["name"]
         assert trace["processes"][span["processID"]]["serviceName"] == service
         assert [r["spanID"] for r in span["references"] if r["refType"] == "CHILD_OF"] == (
             [parent] if parent else [])
@@ -182,14 +185,15 @@ def test_real_flows_reach_jaeger_and_the_tempo_leg_through_the_sidecar(prefect_r
         assert not [w for w in span.get("warnings") or [] if "skew" in w]
         skew_checked += 1
 
-        # ---- the Tempo leg
+        # ---- the Tempo leg: the span Jaeger got
         (tspan,) = [s for s in tempo_traces[tid]
                     if backends.otlp_attrs(s["attributes"]).get("prefect.resource.id") == resource_id]
         attrs = backends.otlp_attrs(tspan["attributes"])
         assert backends.otlp_id_hex(tspan["spanId"], 8) == hex_span(resource_id)
-        assert tspan["name"] == run["name"]
+        assert tspan["name"] == span["operationName"]
+        assert backends.otlp_span_kind(tspan) == tags["span.kind"]
         assert tspan["resource"]["service.name"] == service
-        assert attrs["prefect.run.id"] == run["id"]
+        assert attrs[run_id_key] == run["id"]
         got_parent = tspan.get("parentSpanId")
         assert (backends.otlp_id_hex(got_parent, 8) if got_parent else None) == parent
         assert [e["name"] for e in tspan["events"]] == expected_events
@@ -206,18 +210,15 @@ def test_real_flows_reach_jaeger_and_the_tempo_leg_through_the_sidecar(prefect_r
 
     # The scenarios' shapes made it: retries as Retrying events, nested
     # tasks under a task, a crash as an error.
-    def span_of(name_prefix: str) -> dict:
-        (s,) = [s for t in jaeger_traces.values() for s in t["spans"]
-                if s["operationName"].startswith(name_prefix)]
-        return s
+    def spans_named(name: str) -> list[dict]:
+        return [s for t in jaeger_traces.values() for s in t["spans"] if s["operationName"] == name]
 
-    flaky = span_of("flaky_then_ok-")
-    assert [backends.jaeger_tags(l["fields"])["event"].rsplit(".", 1)[1] for l in flaky["logs"]] == [
+    (flaky,) = spans_named("flaky_then_ok")
+    assert [backends.jaeger_tags(l["fields"])["event"] for l in flaky["logs"]] == [
         "Pending", "Running", "Retrying", "Retrying", "Completed"]
     assert "error" not in backends.jaeger_tags(flaky["tags"])
-    parent_task = span_of("parent_task-")
-    leaves = [s for t in jaeger_traces.values() for s in t["spans"]
-              if s["operationName"].startswith("leaf-")]
+    (parent_task,) = spans_named("parent_task")
+    leaves = spans_named("leaf")
     assert len(leaves) == 2 and all(
         [r["spanID"] for r in s["references"]] == [parent_task["spanID"]] for s in leaves)
     crashed = [f for f in flows if f["state_type"] == "CRASHED"]

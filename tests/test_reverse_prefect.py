@@ -18,8 +18,7 @@ from otel_bridge.demo.run import settled_events
 from otel_bridge.demo.server import LocalPrefectServer
 from otel_bridge.model.events import parse_wire_event
 from otel_bridge.sinks.prefect_events import PrefectEventSink
-from otel_bridge.sources.jsonl import read_lines
-from otel_bridge.sources.otlp_json import parse_spans
+from otel_bridge.sources.otlp_json import read_spans
 from otel_bridge.sources.prefect_rest import read_all_events
 from otel_bridge.translate.reverse import events_from_spans
 
@@ -35,8 +34,8 @@ def test_prefects_own_spans_give_the_events_the_server_has(tmp_path):
         assert run.returncode == 0, run.stderr
         stored = [parse_wire_event(e) for e in settled_events(server.api_url, since)]
         rejected = []
-        spans = [span for _, span in parse_spans(read_lines([str(spans_path)]),
-                                                 lambda line, err: rejected.append(err))]
+        spans = [span for _, span in read_spans([str(spans_path)],
+                                                lambda line, err: rejected.append(err))]
         assert not rejected
         assert {s.attributes.get("prefect.run.type") for s in spans} == {"flow", "task"}
         reversed_events = events_from_spans(spans)

@@ -1,0 +1,191 @@
+"""The fast-path figures, side by side with the straightforward route, in one run.
+
+    .venv/bin/python benchmarks/fast_path.py [N] [CAPTURE]
+
+The yardstick is the project's shared one (`shared/perf/` beside the repo:
+the straightforward route, a counting OTLP/gRPC receiver and the replicator),
+used as it is. CAPTURE (default: the real 500-task flow
+tests/fixtures/prefect-3.9.1-telemetry/map-500.jsonl) is replicated N times
+(default 40: about 60,000 events) with fresh ids. Then:
+
+- whole processes, alternating, three times each, against one counting
+  receiver: the straightforward route and `otel-bridge convert --to otlp`
+  over gRPC; the median time of each and their ratio (goal: convert at least
+  5x faster);
+- `convert --to otlp-json` to a file: time and peak resident memory (goal:
+  3x faster than before the fast path, under 150 MB);
+- open runs: the memory an assembler holds per open task run, by
+  tracemalloc over 10,000 runs that have started (goal: at most 1 KiB);
+- the pure path on one core, in process: bytes in to encoded OTLP request
+  bytes out, events per second (goal: at least 100,000).
+
+Prints figures; asserts nothing but that every span reached the receiver.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import tracemalloc
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PERF = ROOT.parent / "shared" / "perf"
+DEFAULT_CAPTURE = ROOT / "tests" / "fixtures" / "prefect-3.9.1-telemetry" / "map-500.jsonl"
+sys.path.insert(0, str(ROOT))
+
+from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans  # noqa: E402
+
+from otel_bridge.model.events import parse_wire_event  # noqa: E402
+from otel_bridge.sinks.sdk import resource_from_env, to_readable_spans  # noqa: E402
+from otel_bridge.translate.assembler import Assembler  # noqa: E402
+
+
+class Receiver:
+    """The shared counting receiver, as a process."""
+
+    def __init__(self, workdir: Path):
+        self.portfile = workdir / "receiver.port"
+        self.process = subprocess.Popen([sys.executable, str(PERF / "counting_receiver.py"),
+                                         str(self.portfile)])
+        deadline = time.monotonic() + 30
+        while not self.portfile.exists() or not self.portfile.read_text():
+            if time.monotonic() > deadline:
+                raise RuntimeError("the counting receiver did not start")
+            time.sleep(0.05)
+        self.endpoint = f"127.0.0.1:{self.portfile.read_text()}"
+
+    def count(self) -> int:
+        counted = Path(f"{self.portfile}.count")
+        counted.unlink(missing_ok=True)
+        self.process.send_signal(signal.SIGUSR1)
+        deadline = time.monotonic() + 10
+        while not counted.exists() or not counted.read_text():
+            if time.monotonic() > deadline:
+                raise RuntimeError("the counting receiver did not report")
+            time.sleep(0.02)
+        return int(counted.read_text())
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(10)
+
+
+def timed(command: list[str], env: dict[str, str]) -> float:
+    started = time.perf_counter()
+    subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL)
+    return time.perf_counter() - started
+
+
+def whole_processes(events: Path, receiver: Receiver, spans: int) -> tuple[float, float]:
+    """Median seconds of the straightforward route and of `convert --to otlp`."""
+    env = dict(os.environ, OTEL_EXPORTER_OTLP_ENDPOINT=f"http://{receiver.endpoint}",
+               OTEL_EXPORTER_OTLP_PROTOCOL="grpc", OTEL_EXPORTER_OTLP_INSECURE="true")
+    route, bridge = [], []
+    for _ in range(3):
+        before = receiver.count()
+        route.append(timed([sys.executable, str(PERF / "straightforward_route.py"), str(events),
+                            receiver.endpoint], env))
+        middle = receiver.count()
+        bridge.append(timed([sys.executable, "-m", "otel_bridge", "convert", str(events),
+                             "--to", "otlp"], env))
+        after = receiver.count()
+        # The route makes task spans only; the bridge flow spans too.
+        assert after - middle == spans, (after - middle, spans)
+        assert middle - before > 0
+    return statistics.median(route), statistics.median(bridge)
+
+
+def otlp_json(events: Path, out: Path) -> tuple[float, float]:
+    """Seconds and peak resident MB of `convert --to otlp-json` to a file."""
+    script = ("import resource, sys\nfrom otel_bridge.cli import main\n"
+              "status = main(sys.argv[1:])\n"
+              "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n"
+              "sys.exit(status)\n")
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", script, "convert", str(events), "-o", str(out)],
+                          check=True, capture_output=True, text=True)
+    seconds = time.perf_counter() - started
+    return seconds, int(done.stderr.strip().splitlines()[-1]) / 1024
+
+
+def open_run_bytes(lines: list[bytes], runs: int = 10_000) -> float:
+    """Bytes an assembler holds per open task run (its Pending and Running
+    states in), events included."""
+    chosen, seen = [], set()
+    for line in lines:
+        event = parse_wire_event(line)
+        rid = event.resource["prefect.resource.id"] if event is not None else ""
+        if (rid.startswith("prefect.task-run.") and (rid in seen or len(seen) < runs)
+                and event.resource.get("prefect.state-type") in ("PENDING", "RUNNING")):
+            seen.add(rid)
+            chosen.append(line)
+    tracemalloc.start()
+    assembler = Assembler()
+    for line in chosen:
+        assembler.add(parse_wire_event(line))
+    held, _ = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    return held / max(assembler.open_runs, 1)
+
+
+def pure_path(lines: list[bytes]) -> float:
+    """Events per second from bytes in to encoded OTLP request bytes out."""
+    resource = resource_from_env()
+    started = time.process_time()
+    assembler = Assembler()
+    for line in lines:
+        event = parse_wire_event(line)
+        if event is not None:
+            assembler.add(event)
+    spans = assembler.flush()
+    for i in range(0, len(spans), 512):
+        encode_spans(to_readable_spans(spans[i:i + 512], resource)).SerializeToString()
+    return len(lines) / (time.process_time() - started)
+
+
+def main(argv: list[str]) -> int:
+    copies = int(argv[0]) if argv else 40
+    capture = Path(argv[1]) if len(argv) > 1 else DEFAULT_CAPTURE
+    if not (PERF / "straightforward_route.py").exists():
+        print(f"the shared yardstick is not at {PERF}", file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        events = workdir / "events.jsonl"
+        with open(events, "w") as out:
+            subprocess.run([sys.executable, str(PERF / "replicate.py"), str(capture), str(copies)],
+                           stdout=out, check=True)
+        lines = events.read_bytes().splitlines()
+        assembler = Assembler()  # every run's span (task and flow), as convert makes them
+        for line in lines:
+            event = parse_wire_event(line)
+            if event is not None:
+                assembler.add(event)
+        spans = len(assembler.flush())
+        print(f"{len(lines)} events ({events.stat().st_size / 1e6:.0f} MB), {spans} runs: "
+              f"{capture.name} x {copies}")
+        receiver = Receiver(workdir)
+        try:
+            route, bridge = whole_processes(events, receiver, spans)
+        finally:
+            receiver.stop()
+        print("whole process, OTLP/gRPC to a counting receiver (median of 3):")
+        print(f"  straightforward route      {route:7.2f} s  {len(lines) / route:8.0f} events/s")
+        print(f"  convert --to otlp          {bridge:7.2f} s  {len(lines) / bridge:8.0f} events/s"
+              f"  {route / bridge:.2f}x the route's speed (goal >= 5x)")
+        seconds, peak = otlp_json(events, workdir / "out.jsonl")
+        print(f"convert --to otlp-json       {seconds:7.2f} s  peak {peak:.0f} MB (goal < 150 MB)")
+        print(f"open task run held           {open_run_bytes(lines):7.0f} B (goal <= 1024)")
+        print(f"pure path, one core          {pure_path(lines):8.0f} events/s (goal >= 100,000)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -97,16 +97,21 @@ def read_spans(sources: Iterable[str], on_reject: Reject,
 
 def _source_spans(stream: BinaryIO, source: str, on_reject: Reject,
                   limit: int) -> Iterator[tuple[Line, Span]]:
-    number = 0
+    number = 1  # the line the next byte is on
     while True:
         head = stream.readline(1)
         if not head:
             return
-        number += 1
-        if head.isspace():
-            continue  # a blank line
+        if head.isspace():  # a blank line, or white space before a value
+            number += head == b"\n"
+            continue
         line = _LineStream(stream, limit, head, keep=number == 1)
-        spans, error = _parse(line)
+        if head != b"{":
+            line.drain()
+            spans, error = [], EventRejected(
+                "not_an_object", "expected a JSON object (an OTLP/JSON request)")
+        else:
+            spans, error = _parse(line)
         if error == _PREMATURE_END and number == 1 and line.kept is not None:
             # Not a whole value on its first line: a pretty-printed document,
             # read again from its start (as one stream, several values allowed).
@@ -121,6 +126,7 @@ def _source_spans(stream: BinaryIO, source: str, on_reject: Reject,
         yield from ((where, span) for span in spans)
         if line.document:
             return
+        number += 1
 
 
 _PREMATURE_END = EventRejected("malformed_json", "the JSON ends before its value does")

@@ -14,16 +14,16 @@ from typing import Iterator, Optional, Sequence
 
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
 from otel_bridge.model.spans import Span
+from otel_bridge.sinks._otlp_size import field_size, span_size_bound
 from otel_bridge.sinks.sdk import to_readable_spans
 
 PROTOCOLS = ("grpc", "http/protobuf")
 # Bytes per request. Jaeger's and Tempo's OTLP receivers refuse a request over
 # gRPC's default 4 MiB whole, every span in it lost, and a span carries every
-# state event of its run, messages of up to 100,000 characters included; so
+# state of its run, messages of up to 100,000 characters included; so
 # requests are cut by encoded size, with room to spare. A span bigger than this
 # goes alone.
 MAX_REQUEST_BYTES = 3_000_000
@@ -56,20 +56,34 @@ def exporter_from_env(protocol: Optional[str] = None) -> SpanExporter:
 
 
 def batches_by_size(
-    spans: Sequence[ReadableSpan], limit: int = MAX_REQUEST_BYTES
-) -> Iterator[list[ReadableSpan]]:
-    """Consecutive runs of spans whose encoded request stays under `limit`."""
-    batch: list[ReadableSpan] = []
-    size = 0
+    spans: Sequence[Span], limit: int = MAX_REQUEST_BYTES, overhead: int = 0
+) -> Iterator[list[Span]]:
+    """Consecutive runs of spans whose encoded request stays under `limit`,
+    `overhead` being what a request takes besides its spans (its resource
+    and scope). Sizes are worked out, not encoded: the spans are encoded
+    once, when they are sent."""
+    batch: list[Span] = []
+    size = overhead
     for span in spans:
-        span_size = encode_spans([span]).ByteSize()
+        span_size = span_size_bound(span)
         if batch and size + span_size > limit:
             yield batch
-            batch, size = [], 0
+            batch, size = [], overhead
         batch.append(span)
         size += span_size
     if batch:
         yield batch
+
+
+def request_overhead(resource: Resource) -> int:
+    """What an OTLP request with `resource` takes besides its spans."""
+    request = encode_spans(to_readable_spans([_EMPTY], resource))
+    span = request.resource_spans[0].scope_spans[0].spans[0].ByteSize()
+    return request.ByteSize() - field_size(span)
+
+
+_EMPTY = Span(trace_id=1, span_id=1, parent_span_id=None, name="", start_time_unix_nano=0,
+              end_time_unix_nano=0)
 
 
 class OtlpSink:
@@ -79,11 +93,13 @@ class OtlpSink:
     def __init__(self, exporter: SpanExporter, resource: Resource):
         self._exporter = exporter
         self._resource = resource
+        self._overhead = request_overhead(resource)
         self.spans_written = 0
 
     def export(self, spans: Sequence[Span]) -> None:
-        for batch in batches_by_size(to_readable_spans(spans, self._resource)):
-            if self._exporter.export(batch) is not SpanExportResult.SUCCESS:
+        for batch in batches_by_size(spans, overhead=self._overhead):
+            if self._exporter.export(to_readable_spans(batch, self._resource)) \
+                    is not SpanExportResult.SUCCESS:
                 raise ExportFailed(
                     f"the OTLP endpoint did not accept {len(batch)} spans "
                     "(see the exporter's log above for the reason)"

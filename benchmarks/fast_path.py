@@ -31,7 +31,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import tracemalloc
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,6 +43,9 @@ from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans 
 from otel_bridge.model.events import parse_wire_event  # noqa: E402
 from otel_bridge.sinks.sdk import resource_from_env, to_readable_spans  # noqa: E402
 from otel_bridge.translate.assembler import Assembler  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from forward import open_runs_memory  # noqa: E402
 
 
 class Receiver:
@@ -126,13 +128,7 @@ def open_run_bytes(lines: list[bytes], runs: int = 10_000) -> float:
                 and event.resource.get("prefect.state-type") in ("PENDING", "RUNNING")):
             seen.add(rid)
             chosen.append(line)
-    tracemalloc.start()
-    assembler = Assembler()
-    for line in chosen:
-        assembler.add(parse_wire_event(line))
-    held, _ = tracemalloc.get_traced_memory()
-    tracemalloc.stop()
-    return held / max(assembler.open_runs, 1)
+    return open_runs_memory(chosen) / max(len(seen), 1)
 
 
 def convert_spans(lines: list[bytes]) -> list:

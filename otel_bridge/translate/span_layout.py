@@ -26,6 +26,7 @@ from datetime import datetime
 from typing import Any, Iterable, Mapping, Optional, Sequence
 from uuid import UUID
 
+import msgspec
 import orjson
 import pydantic_core
 
@@ -115,13 +116,20 @@ def from_json(text: Any, what: str) -> Any:
     if not isinstance(text, str):
         raise EventRejected("invalid_span", f"{what} is not a JSON string")
     try:
-        return json.loads(text)
-    except ValueError as exc:
+        return _decode(text)  # the values json.loads gives, in C
+    except msgspec.DecodeError:
+        pass
+    try:
+        return json.loads(text)  # what msgspec refuses that json takes (NaN, ...)
+    except (ValueError, RecursionError) as exc:
         # A span changed on its way: cut by a backend's attribute limit, say.
         raise EventRejected("invalid_span", f"{what} is not JSON ({exc})") from None
 
 
 # -- states <-> span events ---------------------------------------------------
+
+
+_decode = msgspec.json.Decoder().decode
 
 
 def state_name(kind: str, event: Event) -> str:

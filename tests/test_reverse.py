@@ -235,6 +235,8 @@ PATCH = "otel_bridge.event.patch"
                  id="patch-makes-an-invalid-event"),
     pytest.param(lambda s: with_span_attributes(s, **{"prefect.task-run.inputs": '{"x": ['}),
                  id="inputs-not-json"),
+    pytest.param(lambda s: with_span_attributes(s, **{"prefect.task-run.inputs": "[" * 100_000}),
+                 id="inputs-nested-too-deeply"),
     pytest.param(lambda s: with_span_attributes(s, **{"prefect.task-run.inputs": "[1]"}),
                  id="inputs-not-an-object"),
     pytest.param(lambda s: with_span_attributes(s, **{"prefect.task-run.inputs": 3}),

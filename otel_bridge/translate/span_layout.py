@@ -112,6 +112,9 @@ def to_json(value: Any) -> str:
     return pydantic_core.to_json(value).decode()
 
 
+_decode = msgspec.json.Decoder().decode
+
+
 def from_json(text: Any, what: str) -> Any:
     if not isinstance(text, str):
         raise EventRejected("invalid_span", f"{what} is not a JSON string")
@@ -119,6 +122,8 @@ def from_json(text: Any, what: str) -> Any:
         return _decode(text)  # the values json.loads gives, in C
     except msgspec.DecodeError:
         pass
+    except RecursionError:
+        raise EventRejected("invalid_span", f"{what} is nested too deeply") from None
     try:
         return json.loads(text)  # what msgspec refuses that json takes (NaN, ...)
     except (ValueError, RecursionError) as exc:
@@ -127,9 +132,6 @@ def from_json(text: Any, what: str) -> Any:
 
 
 # -- states <-> span events ---------------------------------------------------
-
-
-_decode = msgspec.json.Decoder().decode
 
 
 def state_name(kind: str, event: Event) -> str:

@@ -14,7 +14,7 @@ from typing import Any, Optional, Sequence
 from otel_bridge.model.events import Event, Labels, validate_event
 from otel_bridge.translate.task_run_events import StateRecord, truncated
 
-__all__ = ["FlowRunEventBuilder", "FlowRunRecord", "flow_run_state_events"]
+__all__ = ["FlowRunEventBuilder", "FlowRunRecord"]
 
 # The server chains an event to the one before (`follows`) only when the two
 # states are this close in time (`_timing_is_tight`).
@@ -97,9 +97,3 @@ def _state_payload(state: Optional[StateRecord]) -> Optional[dict[str, Any]]:
     if state.message:
         payload["message"] = truncated(state.message)
     return payload
-
-
-def flow_run_state_events(run: FlowRunRecord, states: Sequence[StateRecord]) -> list[Event]:
-    """The events of `run` passing through `states`, in order."""
-    builder = FlowRunEventBuilder(run)
-    return [builder.add(state) for state in states]

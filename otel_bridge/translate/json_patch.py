@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["PatchError", "apply_patch", "diff", "same"]
+__all__ = ["PatchError", "apply_patch", "diff"]
 
 Patch = list[list[Any]]
 
@@ -26,20 +26,10 @@ class PatchError(ValueError):
     """A patch that does not fit the value it is applied to."""
 
 
-def same(a: Any, b: Any) -> bool:
-    """Equal as JSON text: the same types (so 1, 1.0 and true differ), and
-    objects with their keys in the same order."""
-    if type(a) is not type(b):
-        return False
-    if type(a) is dict:
-        return len(a) == len(b) and list(a) == list(b) and all(same(a[k], b[k]) for k in a)
-    if type(a) is list:
-        return len(a) == len(b) and all(map(same, a, b))
-    return a == b
-
-
 def diff(base: Any, target: Any) -> Patch:
-    """The patch that makes `target` of `base`: empty when they are `same`."""
+    """The patch that makes `target` of `base`: empty when they serialise to
+    the same JSON (the same types, so 1, 1.0 and true differ, and objects
+    with their keys in the same order)."""
     out: Patch = []
     _diff(base, target, [], out)
     return out

@@ -38,10 +38,10 @@ PERF = ROOT.parent / "shared" / "perf"
 DEFAULT_CAPTURE = ROOT / "tests" / "fixtures" / "prefect-3.9.1-telemetry" / "map-500.jsonl"
 sys.path.insert(0, str(ROOT))
 
-from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans  # noqa: E402
-
 from otel_bridge.model.events import parse_wire_event  # noqa: E402
-from otel_bridge.sinks.sdk import resource_from_env, to_readable_spans  # noqa: E402
+from otel_bridge.model.otlp_protobuf import TraceRequest, encode_span  # noqa: E402
+from otel_bridge.sinks.otlp import requests_by_size, trace_request  # noqa: E402
+from otel_bridge.sinks.sdk import resource_from_env  # noqa: E402
 from otel_bridge.translate.assembler import Assembler  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -145,11 +145,11 @@ def convert_spans(lines: list[bytes]) -> list:
 
 def pure_path(lines: list[bytes]) -> float:
     """Events per second from bytes in to encoded OTLP request bytes out."""
-    resource = resource_from_env()
+    request = trace_request(resource_from_env())
     started = time.process_time()
-    spans = convert_spans(lines)
-    for i in range(0, len(spans), 512):
-        encode_spans(to_readable_spans(spans[i:i + 512], resource)).SerializeToString()
+    fields = [(span, TraceRequest.span_field(encode_span(span))) for span in convert_spans(lines)]
+    for batch in requests_by_size(fields, request):
+        request.encode(field for _, field in batch)
     return len(lines) / (time.process_time() - started)
 
 

@@ -169,7 +169,12 @@ class Service:
                                   resource_from_env()), "file"
         from otel_bridge.sinks.otlp import OtlpSink, exporter_from_env
 
-        return OtlpSink(exporter_from_env(), resource_from_env()), "otlp"
+        def unencodable(span, error) -> None:
+            logger.error("a span OTLP cannot carry is set aside", extra={
+                "trace_id": span.trace_id_hex, "span_id": span.span_id_hex, "error": str(error)})
+            self.metrics.dropped.labels(SPAN, "unencodable").inc()
+
+        return OtlpSink(exporter_from_env(), resource_from_env(), unencodable), "otlp"
 
     def _reverse_sink(self):
         s = self.settings

@@ -5,28 +5,46 @@ standard `OTEL_EXPORTER_OTLP_*` / `OTEL_EXPORTER_OTLP_TRACES_*` variables,
 read by the exporters themselves. The protocol comes from
 `OTEL_EXPORTER_OTLP_TRACES_PROTOCOL` or `OTEL_EXPORTER_OTLP_PROTOCOL`:
 `grpc` or `http/protobuf` (the specification's default).
+
+Each span is encoded once, by `model.otlp_protobuf`, and requests are cut by
+their encoded size. The bytes go out through the official exporter's own
+transport (its retries, TLS, headers and compression): the gRPC exporter's
+request hook, the HTTP exporter's client. Those are not public API, so they
+are used only with the exporter versions the tests ran with
+(`TESTED_EXPORTER_VERSIONS`); with any other the sink goes through the
+exporters' public `export` and the SDK's encoder, and says so once.
 """
 
 from __future__ import annotations
 
+import logging
 import os
-from typing import Iterator, Optional, Sequence
+from importlib import metadata
+from typing import Callable, Iterator, Optional, Sequence
 
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
+from otel_bridge.model.otlp_protobuf import TraceRequest, Unencodable, encode_span
 from otel_bridge.model.spans import Span
-from otel_bridge.sinks._otlp_size import field_size, span_size_bound
 from otel_bridge.sinks.sdk import to_readable_spans
+
+__all__ = ["ExportFailed", "MAX_REQUEST_BYTES", "OtlpSink", "exporter_from_env",
+           "protocol_from_env", "trace_request"]
+
+logger = logging.getLogger(__name__)
 
 PROTOCOLS = ("grpc", "http/protobuf")
 # Bytes per request. Jaeger's and Tempo's OTLP receivers refuse a request over
-# gRPC's default 4 MiB whole, every span in it lost, and a span carries every
-# state of its run, messages of up to 100,000 characters included; so
-# requests are cut by encoded size, with room to spare. A span bigger than this
-# goes alone.
+# gRPC's default 4 MiB whole, every span in it lost, and a span can carry
+# messages of up to 100,000 characters; so requests are cut by encoded size,
+# with room to spare. A span bigger than this goes alone.
 MAX_REQUEST_BYTES = 3_000_000
+# major.minor of opentelemetry-exporter-otlp-proto-{grpc,http} whose
+# transport the sink hands encoded requests to.
+TESTED_EXPORTER_VERSIONS = ("1.45",)
 
 
 class ExportFailed(RuntimeError):
@@ -47,59 +65,136 @@ def protocol_from_env() -> str:
 
 
 def exporter_from_env(protocol: Optional[str] = None) -> SpanExporter:
+    """The official exporter for the protocol, configured by the
+    environment; one that also takes encoded requests where its version
+    was tested."""
     protocol = protocol or protocol_from_env()
+    tested = _tested(f"opentelemetry-exporter-otlp-proto-{protocol.split('/')[0]}")
     if protocol == "grpc":
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-    else:
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-    return OTLPSpanExporter()
+
+        return _grpc_exporter_class()() if tested else OTLPSpanExporter()
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as Http
+
+    return _http_exporter_class()() if tested else Http()
 
 
-def batches_by_size(
-    spans: Sequence[Span], limit: int = MAX_REQUEST_BYTES, overhead: int = 0
-) -> Iterator[list[Span]]:
-    """Consecutive runs of spans whose encoded request stays under `limit`,
-    `overhead` being what a request takes besides its spans (its resource
-    and scope). Sizes are worked out, not encoded: the spans are encoded
-    once, when they are sent."""
-    batch: list[Span] = []
-    size = overhead
-    for span in spans:
-        span_size = span_size_bound(span)
-        if batch and size + span_size > limit:
-            yield batch
-            batch, size = [], overhead
-        batch.append(span)
-        size += span_size
-    if batch:
-        yield batch
+def _tested(distribution: str) -> bool:
+    try:
+        version = metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return False
+    if ".".join(version.split(".")[:2]) in TESTED_EXPORTER_VERSIONS:
+        return True
+    logger.warning("%s %s is not a version otel-bridge was tested with (%s): spans go through "
+                   "its public API, several times slower", distribution, version,
+                   ", ".join(TESTED_EXPORTER_VERSIONS))
+    return False
 
 
-def request_overhead(resource: Resource) -> int:
-    """What an OTLP request with `resource` takes besides its spans."""
-    request = encode_spans(to_readable_spans([_EMPTY], resource))
-    span = request.resource_spans[0].scope_spans[0].spans[0].ByteSize()
-    return request.ByteSize() - field_size(span)
+def trace_request(resource: Resource) -> TraceRequest:
+    """Requests of this resource and otel-bridge's scope, as the SDK's
+    encoder writes their resource and scope."""
+    from otel_bridge.sinks.sdk import SCOPE, to_readable_span
+
+    probe = Span(trace_id=1, span_id=1, parent_span_id=None, name="",
+                 start_time_unix_nano=0, end_time_unix_nano=0)
+    resource_spans = encode_spans([to_readable_span(probe, resource)]).resource_spans[0]
+    assert resource_spans.scope_spans[0].scope.name == SCOPE.name
+    return TraceRequest(resource_spans.resource.SerializeToString(),
+                        resource_spans.scope_spans[0].scope.SerializeToString())
 
 
-_EMPTY = Span(trace_id=1, span_id=1, parent_span_id=None, name="", start_time_unix_nano=0,
-              end_time_unix_nano=0)
+class _Encoded:
+    """An encoded `ExportTraceServiceRequest` and how many spans it holds."""
+
+    __slots__ = ("request", "spans")
+
+    def __init__(self, request: bytes, spans: int):
+        self.request, self.spans = request, spans
+
+
+def _grpc_exporter_class() -> type:
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+    class GrpcExporter(OTLPSpanExporter):
+        """The official gRPC exporter, which also sends an encoded request
+        (parsed back by protobuf's C parser, as the stub serialises messages)."""
+
+        def _translate_data(self, data):
+            if isinstance(data, _Encoded):
+                return ExportTraceServiceRequest.FromString(data.request)
+            return super()._translate_data(data)
+
+        def _count_data(self, data):
+            return data.spans if isinstance(data, _Encoded) else super()._count_data(data)
+
+        def export_encoded(self, request: bytes, spans: int) -> SpanExportResult:
+            return self._export(_Encoded(request, spans))
+
+    return GrpcExporter
+
+
+def _http_exporter_class() -> type:
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+    class HttpExporter(OTLPSpanExporter):
+        """The official HTTP exporter, which also sends an encoded request
+        through its client (retries, compression, headers)."""
+
+        def export_encoded(self, request: bytes, spans: int) -> SpanExportResult:
+            if self._shutdown:
+                return SpanExportResult.FAILURE
+            result = self._client.export(request)
+            if not result.success:
+                logger.warning("OTLP export of %d spans failed: %s", spans,
+                               result.error or result.reason or result.status_code)
+                return SpanExportResult.FAILURE
+            return SpanExportResult.SUCCESS
+
+    return HttpExporter
+
+
+OnUnencodable = Callable[[Span, Unencodable], None]
+
+
+def _log_unencodable(span: Span, error: Unencodable) -> None:
+    logger.error("span %s of trace %s cannot be encoded in OTLP and is set aside: %s",
+                 span.span_id_hex, span.trace_id_hex, error)
 
 
 class OtlpSink:
-    """Sends spans with an SDK exporter, in batches; the exporter retries what
-    the protocol says is retryable (gRPC UNAVAILABLE..., HTTP 429/502/503/504)."""
+    """Sends spans with an official exporter, in requests of at most
+    `MAX_REQUEST_BYTES`; the exporter retries what the protocol says is
+    retryable (gRPC UNAVAILABLE..., HTTP 429/502/503/504). A span OTLP
+    cannot carry is set aside alone, counted in `spans_unencodable` and
+    handed to `on_unencodable`: the others in its batch still go."""
 
-    def __init__(self, exporter: SpanExporter, resource: Resource):
+    def __init__(self, exporter: SpanExporter, resource: Resource,
+                 on_unencodable: OnUnencodable = _log_unencodable):
         self._exporter = exporter
         self._resource = resource
-        self._overhead = request_overhead(resource)
+        self._request = trace_request(resource)
+        self._send_encoded = getattr(exporter, "export_encoded", None)
+        self._on_unencodable = on_unencodable
         self.spans_written = 0
+        self.spans_unencodable = 0
 
     def export(self, spans: Sequence[Span]) -> None:
-        for batch in batches_by_size(spans, overhead=self._overhead):
-            if self._exporter.export(to_readable_spans(batch, self._resource)) \
-                    is not SpanExportResult.SUCCESS:
+        fields = []
+        for span in spans:
+            try:
+                fields.append((span, TraceRequest.span_field(encode_span(span))))
+            except Unencodable as error:
+                self.spans_unencodable += 1
+                self._on_unencodable(span, error)
+        for batch in requests_by_size(fields, self._request):
+            if self._send_encoded is not None:
+                result = self._send_encoded(self._request.encode(f for _, f in batch), len(batch))
+            else:
+                result = self._exporter.export(
+                    to_readable_spans([s for s, _ in batch], self._resource))
+            if result is not SpanExportResult.SUCCESS:
                 raise ExportFailed(
                     f"the OTLP endpoint did not accept {len(batch)} spans "
                     "(see the exporter's log above for the reason)"
@@ -108,3 +203,20 @@ class OtlpSink:
 
     def close(self) -> None:
         self._exporter.shutdown()
+
+
+def requests_by_size(
+    fields: Sequence[tuple[Span, bytes]], request: TraceRequest, limit: int = MAX_REQUEST_BYTES
+) -> Iterator[list[tuple[Span, bytes]]]:
+    """Consecutive runs of (span, encoded span field) whose request stays
+    under `limit` bytes; a span bigger than that alone."""
+    batch: list[tuple[Span, bytes]] = []
+    size = 0
+    for item in fields:
+        if batch and request.size(size + len(item[1])) > limit:
+            yield batch
+            batch, size = [], 0
+        batch.append(item)
+        size += len(item[1])
+    if batch:
+        yield batch

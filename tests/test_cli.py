@@ -186,3 +186,33 @@ def test_prefects_ui_address_links_each_span_to_its_runs_page():
                     f"{ui}/runs/flow-run/{attrs['cicd.pipeline.run.id']}")
     result = run_cli("convert", source, env=base)
     assert not [k for attrs in span_attributes(result.stdout) for k in attrs if "url" in k]
+
+
+def test_convert_streams_runs_out_as_they_finish_and_counts_a_state_past_the_window(tmp_path):
+    """A run's span is written once `--linger-events` more events are read
+    after its final state: memory holds the open runs, not the input. A
+    state read later than that is set aside, counted, and the exit status
+    says so."""
+    flow_run = FlowRun()
+    early = task_run_events(["Pending", "Running", "Completed"], name="early", flow_run=flow_run)
+    rolled_back = task_run_events(["Pending", "Running", "Completed", "RolledBack"],
+                                  name="rolled-back", flow_run=flow_run)
+    filler = [e for i in range(4) for e in task_run_events(
+        ["Pending", "Running", "Completed"], name=f"filler-{i}", flow_run=flow_run)]
+    events = write_jsonl(tmp_path / "in.jsonl",
+                         early + rolled_back[:3] + filler + rolled_back[3:])
+    out = tmp_path / "out.jsonl"
+
+    held = run_cli("convert", str(events), "-o", str(out), "--linger-events", "100")
+    assert held.returncode == 0, held.stderr
+    spans = {s.name: s for line in out.read_text().splitlines()
+             for s in parse_otlp_json_line(line).resource_spans[0].scope_spans[0].spans}
+    assert [e.name for e in spans["rolled-back"].events][-1] == "RolledBack"
+
+    streamed = run_cli("convert", str(events), "-o", str(out), "--linger-events", "3")
+    assert streamed.returncode == 1
+    assert "1 late events set aside" in streamed.stderr and "--linger-events" in streamed.stderr
+    spans = {s.name: s for line in out.read_text().splitlines()
+             for s in parse_otlp_json_line(line).resource_spans[0].scope_spans[0].spans}
+    assert len(spans) == 6
+    assert [e.name for e in spans["rolled-back"].events] == ["Pending", "Running", "Completed"]

@@ -113,20 +113,20 @@ def _big_spans() -> list[Span]:
 def test_requests_stay_under_the_limit_and_keep_every_span_in_order():
     spans = _big_spans()
     request = trace_request(RESOURCE)
-    fields = [(span, TraceRequest.span_field(encode_span(span))) for span in spans]
-    assert request.size(sum(len(f) for _, f in fields)) > 3 * MAX_REQUEST_BYTES
+    fields = [TraceRequest.span_field(encode_span(span)) for span in spans]
+    assert request.size(sum(map(len, fields))) > 3 * MAX_REQUEST_BYTES
     batches = list(requests_by_size(fields, request))
     assert len(batches) > 3
-    assert [s for batch in batches for s, _ in batch] == spans
+    assert [f for batch in batches for f in batch] == fields
     for batch in batches:
-        assert len(request.encode(f for _, f in batch)) <= MAX_REQUEST_BYTES
+        assert len(request.encode(batch)) <= MAX_REQUEST_BYTES
 
 
 def test_a_span_over_the_limit_goes_alone():
     span = convert(task_run_events(["Pending", "Running", "Completed"]))[0]
     field = TraceRequest.span_field(encode_span(span))
-    batches = list(requests_by_size([(span, field)] * 3, trace_request(RESOURCE), limit=10))
-    assert batches == [[(span, field)]] * 3
+    batches = list(requests_by_size([field] * 3, trace_request(RESOURCE), limit=10))
+    assert batches == [[field]] * 3
 
 
 # -- the sink ------------------------------------------------------------------

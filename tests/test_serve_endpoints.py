@@ -57,7 +57,7 @@ from otel_bridge.model.events import Event, parse_wire_event
 from otel_bridge.model.otlp import _span_json as span_json
 from otel_bridge.model.otlp import request_from_json, request_to_json, spans_from_request
 from otel_bridge.model.spans import Span
-from otel_bridge.service.pipeline import encode_span
+from otel_bridge.model.otlp_protobuf import encode_span
 from otel_bridge.sinks.sdk import to_readable_spans
 from otel_bridge.translate.reverse import events_from_span
 from otel_bridge.translate.span_layout import ATTR_EVENT_PATCH
@@ -223,7 +223,8 @@ def spans_in(path: Path) -> list[Span]:
     spans = []
     if not path.exists():
         return spans
-    for line in path.read_text().splitlines():
+    text = path.read_text()
+    for line in text[:text.rfind("\n") + 1].splitlines():  # (a line being written: not yet)
         if line.strip():
             for resource, span in spans_from_request(request_from_json(json.loads(line))):
                 assert resource.get("service.name") == "prefect", resource

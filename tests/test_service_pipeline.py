@@ -8,16 +8,22 @@ intake is committed before it returns).
 from __future__ import annotations
 
 import asyncio
+import json
+import sqlite3
 import subprocess
 import sys
 
+import pydantic_core
 import pytest
+from factories import FlowRun, task_run_events
 from helpers import FIXTURES, convert, events, load_jsonl
 
 from otel_bridge.service.config import ConfigError, load_settings
 from otel_bridge.service.delivery import Delivery
+from otel_bridge.model.events import parse_wire_event
+from otel_bridge.model.otlp_protobuf import encode_span
 from otel_bridge.service.metrics import Metrics
-from otel_bridge.service.pipeline import SPAN, Pipeline, decode, encode_span
+from otel_bridge.service.pipeline import SPAN, Pipeline, decode, encoded_span
 from otel_bridge.service.store import Store, StoreError
 from otel_bridge.translate.assembler import AssemblerOptions
 
@@ -44,6 +50,77 @@ def sample(name):
 def test_spans_survive_the_codec_of_the_outbox(scenario):
     for span in convert(load_jsonl(FIXTURES / f"{scenario}.jsonl")):
         assert decode(SPAN, encode_span(span)) == span
+        assert encoded_span(encode_span(span)) == encode_span(span)
+
+
+def _legacy_body(span) -> bytes:
+    """An outbox span as stores written before the OTLP bytes kept it."""
+    return pydantic_core.to_json((
+        span.trace_id_hex, span.span_id_hex,
+        None if span.parent_span_id is None else format(span.parent_span_id, "016x"),
+        span.name, span.start_time_unix_nano, span.end_time_unix_nano, span.attributes,
+        [(e.name, e.time_unix_nano, e.attributes) for e in span.events],
+        [(format(l.trace_id, "032x"), format(l.span_id, "016x"), l.attributes, l.trace_flags)
+         for l in span.links],
+        span.kind.value, span.status_code.value, span.status_message,
+    ))
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_an_outbox_written_before_the_otlp_bytes_is_still_delivered(scenario):
+    for span in convert(load_jsonl(FIXTURES / f"{scenario}.jsonl")):
+        assert decode(SPAN, _legacy_body(span)) == span
+        assert encoded_span(_legacy_body(span)) == encode_span(span)
+
+
+def test_a_span_otlp_cannot_carry_is_set_aside_alone_and_the_runs_due_with_it_go(tmp_path):
+    """A lone surrogate in a state message (JSON allows the escape; UTF-8
+    cannot carry it) once failed the whole tick: every run due in it was
+    lost from memory while /metrics counted it built."""
+    flow_run = FlowRun()
+    good = task_run_events(["Pending", "Running", "Completed"], name="good", flow_run=flow_run)
+    bad = task_run_events(["Pending", "Running", "Failed"], name="bad", flow_run=flow_run,
+                          messages={"Failed": "Task run encountered an exception \ud800"})
+    bad_lines = [json.dumps(e) for e in bad]  # the escape, as JSON allows it
+    clock, metrics, store = Clock(), Metrics(), Store(tmp_path / "store.sqlite3")
+    pipeline = Pipeline(store, metrics, AssemblerOptions(linger_seconds=1), clock=clock)
+    taken = [parse_wire_event(line) for line in bad_lines] + events(good)
+    assert "\ud800" in taken[2].resource["prefect.state-message"]
+    pipeline.take_events(taken, "test")
+    clock.now = 2.0
+    pipeline.tick()
+    assert [s.name for s in outbox_spans(store)] == ["good"]
+    assert metrics.dropped.labels(SPAN, "unencodable")._value.get() == 1
+    assert pipeline.assembler.open_runs == 0
+
+
+def test_a_transaction_that_rolls_back_leaves_memory_as_the_store_has_it(tmp_path, monkeypatch):
+    """The store failing in a tick (disk full, say) rolls its transaction
+    back; the runs it would have closed must stay open in memory too, and
+    go out at the next tick, not be taken for finished."""
+    clock, store = Clock(), Store(tmp_path / "store.sqlite3")
+    pipeline = Pipeline(store, Metrics(), AssemblerOptions(linger_seconds=1), clock=clock)
+    pipeline.take_events(sample("retries-immediate"), "test")
+    runs = pipeline.assembler.open_runs
+    clock.now = 2.0
+    put = store.put
+    calls = []
+
+    def failing_put(*args):
+        calls.append(args)
+        if len(calls) == 2:
+            raise sqlite3.OperationalError("database or disk is full")
+        put(*args)
+
+    monkeypatch.setattr(store, "put", failing_put)
+    with pytest.raises(sqlite3.OperationalError):
+        pipeline.tick()
+    assert pipeline.assembler.open_runs == runs and outbox_spans(store) == []
+    monkeypatch.setattr(store, "put", put)
+    clock.now = 4.0  # (restored runs linger from when they were restored)
+    pipeline.tick()
+    assert sorted(s.span_id for s in outbox_spans(store)) == sorted(
+        s.span_id for s in convert(load_jsonl(FIXTURES / "retries-immediate.jsonl")))
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)

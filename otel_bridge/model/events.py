@@ -159,7 +159,7 @@ def _loads(raw: str | bytes) -> Any:
     for what msgspec refuses that `json` takes (NaN, a lone surrogate)."""
     try:
         return _decode(raw)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, UnicodeEncodeError):  # (a str with a lone surrogate)
         pass
     except RecursionError:
         raise EventRejected("malformed_json", "nested too deeply") from None
@@ -226,7 +226,7 @@ def _event_as_written(raw: str | bytes) -> Optional[Event]:
     (tests/test_events_model.py)."""
     try:
         wire = _decode_wire(raw)
-    except (msgspec.MsgspecError, RecursionError):
+    except (msgspec.MsgspecError, RecursionError, UnicodeEncodeError):  # (a str not UTF-8)
         return None
     given = set(_REQUIRED)
     occurred = _utc_time(wire.occurred)

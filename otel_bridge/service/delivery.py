@@ -26,7 +26,7 @@ import time
 from typing import Any, Callable, Optional, Protocol, Sequence
 
 from otel_bridge.service.metrics import Metrics
-from otel_bridge.service.pipeline import decode
+from otel_bridge.service.pipeline import SPAN, decode, encoded_span
 from otel_bridge.service.store import OutboxItem, Store
 
 __all__ = ["Delivery", "Sink"]
@@ -122,8 +122,13 @@ class Delivery:
         return False
 
     async def _send(self, items: list[OutboxItem], timeout: Optional[float]) -> Optional[str]:
+        export_encoded = getattr(self.sink, "export_encoded", None)
+
         def export() -> None:
-            self.sink.export([decode(item.kind, item.body) for item in items])
+            if export_encoded is not None and self.kind == SPAN:  # the bytes as they are kept
+                export_encoded([encoded_span(item.body) for item in items])
+            else:
+                self.sink.export([decode(item.kind, item.body) for item in items])
 
         try:
             await asyncio.wait_for(self._worker.submit(export), timeout)

@@ -13,47 +13,43 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 from uuid import UUID
 
 import pydantic_core
+from opentelemetry.proto.trace.v1.trace_pb2 import Span as ProtoSpan
 from opentelemetry.trace import SpanKind, StatusCode
 
 from otel_bridge.model.events import Event, EventRejected
+from otel_bridge.model.otlp import span_from_proto
+from otel_bridge.model.otlp_protobuf import Unencodable, encode_span
 from otel_bridge.model.spans import Span, SpanEvent, SpanLink
 from otel_bridge.service.metrics import Metrics, event_label
 from otel_bridge.service.store import Store
 from otel_bridge.translate.assembler import Assembler, AssemblerOptions
 from otel_bridge.translate.reverse import events_from_span
 
-__all__ = ["EVENT", "SPAN", "Intake", "Pipeline", "decode", "encode_span"]
+__all__ = ["EVENT", "SPAN", "Intake", "Pipeline", "decode", "encoded_span"]
 
 logger = logging.getLogger(__name__)
 
 SPAN, EVENT = "span", "event"
 
 
-def encode_span(span: Span) -> bytes:
-    """A span as the outbox keeps it: compact JSON of its fields, in order
-    (OTLP/JSON would do, but reading it back through protobuf's JSON mapping
-    costs milliseconds a span, which would cap a delivery at a few hundred
-    spans a second)."""
-    return pydantic_core.to_json((
-        span.trace_id_hex, span.span_id_hex,
-        None if span.parent_span_id is None else format(span.parent_span_id, "016x"),
-        span.name, span.start_time_unix_nano, span.end_time_unix_nano, span.attributes,
-        [(e.name, e.time_unix_nano, e.attributes) for e in span.events],
-        [(format(l.trace_id, "032x"), format(l.span_id, "016x"), l.attributes, l.trace_flags)
-         for l in span.links],
-        span.kind.value, span.status_code.value, span.status_message,
-    ))
-
-
 def decode(kind: str, body: bytes) -> Span | Event:
+    """An outbox item as its sink takes it. A span is kept as its OTLP
+    `Span` message (`model.otlp_protobuf`): the OTLP sink sends those bytes
+    as they are, and a span OTLP cannot carry is found when the run closes,
+    not at each delivery attempt. Stores written before that keep compact
+    JSON of the span's fields, which starts with `[`, as no `Span` message
+    does (its first field is tag 0x0a)."""
     if kind == EVENT:
         return Event.model_validate_json(body)
+    if body[:1] != b"[":
+        return span_from_proto(ProtoSpan.FromString(body))
     (trace_id, span_id, parent, name, start, end, attributes, events, links, span_kind, status,
      message) = pydantic_core.from_json(body)
     return Span(
@@ -63,6 +59,15 @@ def decode(kind: str, body: bytes) -> Span | Event:
         tuple(SpanLink(int(t, 16), int(s, 16), a, f) for t, s, a, f in links),
         SpanKind(span_kind), StatusCode(status), message,
     )
+
+
+def encoded_span(body: bytes) -> bytes:
+    """An outbox span as its OTLP `Span` message (`decode` says why)."""
+    if body[:1] != b"[":
+        return body
+    span = decode(SPAN, body)
+    assert isinstance(span, Span)
+    return encode_span(span)
 
 
 @dataclass
@@ -85,16 +90,38 @@ class Pipeline:
         self.store = store
         self.metrics = metrics
         self.outbox_max_bytes = outbox_max_bytes
-        self.assembler = Assembler(options, clock, on_set_aside=self._set_aside, journal=self)
-        self.assembler.restore(store.open_events(), store.finished_runs())
+        self._options, self._clock = options, clock
+        self.assembler = self._assembler_from_store()
         self.on_output: Callable[[str], None] = lambda kind: None  # wakes a delivery
+
+    def _assembler_from_store(self) -> Assembler:
+        assembler = Assembler(self._options, self._clock, on_set_aside=self._set_aside,
+                              journal=self)
+        assembler.restore(self.store.open_events(), self.store.finished_runs())
+        return assembler
+
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """The store's transaction, with the assembler held to it: if the
+        transaction rolls back, the assembler is made again from the store,
+        so memory never holds an event or a closed run the disk does not (a
+        run kept in memory only would be lost at a restart, or its later
+        events taken for late ones)."""
+        try:
+            with self.store.transaction():
+                yield
+        except BaseException:
+            counts = self.assembler.counts
+            self.assembler = self._assembler_from_store()
+            self.assembler.counts = counts
+            raise
 
     # -- forward --------------------------------------------------------------------
 
     def take_events(self, events: Sequence[Event], source: str) -> Intake:
         intake = Intake()
         now = datetime.now(timezone.utc)
-        with self.store.transaction():
+        with self._transaction():
             for index, event in enumerate(events):
                 self.metrics.events_in.labels(source, event_label(event.event)).inc()
                 self.metrics.event_lag.observe(max(0.0, (now - event.occurred).total_seconds()))
@@ -113,11 +140,11 @@ class Pipeline:
     def tick(self, watermark: Optional[datetime] = None) -> None:
         """Emit what is due: runs that lingered long enough (and are behind
         the source's watermark), runs timed out."""
-        with self.store.transaction():
+        with self._transaction():
             self.assembler.expire(watermark)
 
     def flush_finished(self, watermark: Optional[datetime] = None) -> None:
-        with self.store.transaction():
+        with self._transaction():
             self.assembler.flush_finished(watermark)
 
     # -- reverse ---------------------------------------------------------------------
@@ -155,9 +182,15 @@ class Pipeline:
     def emitted(self, resource_id: str, event_ids: frozenset[UUID], span: Span) -> None:
         self.store.close_run(resource_id, event_ids)
         self.metrics.spans_built.labels(span.attributes.get("otel_bridge.synthetic.end", "final")).inc()
-        self._put(SPAN, encode_span(span), span.end_time_unix_nano / 1e9,
-                  {"trace_id": span.trace_id_hex, "span_id": span.span_id_hex, "span_name": span.name,
-                   "resource_id": resource_id})
+        what = {"trace_id": span.trace_id_hex, "span_id": span.span_id_hex, "span_name": span.name,
+                "resource_id": resource_id}
+        try:
+            body = encode_span(span)
+        except Unencodable as exc:  # this span alone: the runs due with it still go
+            self.metrics.dropped.labels(SPAN, "unencodable").inc()
+            logger.error("a span OTLP cannot carry is set aside", extra={**what, "error": str(exc)})
+            return
+        self._put(SPAN, body, span.end_time_unix_nano / 1e9, what)
 
     def _put(self, kind: str, body: bytes, stamp: float, what: dict) -> None:
         """`what` names the item in the log line if it has to be dropped."""

@@ -24,9 +24,11 @@ from typing import Callable, Iterator, Optional, Sequence
 
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.proto.trace.v1.trace_pb2 import Span as ProtoSpan
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
+from otel_bridge.model.otlp import span_from_proto
 from otel_bridge.model.otlp_protobuf import TraceRequest, Unencodable, encode_span
 from otel_bridge.model.spans import Span
 from otel_bridge.sinks.sdk import to_readable_spans
@@ -181,19 +183,26 @@ class OtlpSink:
         self.spans_unencodable = 0
 
     def export(self, spans: Sequence[Span]) -> None:
-        fields = []
+        encoded = []
         for span in spans:
             try:
-                fields.append((span, TraceRequest.span_field(encode_span(span))))
+                encoded.append(encode_span(span))
             except Unencodable as error:
                 self.spans_unencodable += 1
                 self._on_unencodable(span, error)
+        self.export_encoded(encoded)
+
+    def export_encoded(self, spans: Sequence[bytes]) -> None:
+        """Send spans already encoded (`model.otlp_protobuf.encode_span`),
+        as the service's outbox keeps them."""
+        fields = [TraceRequest.span_field(span) for span in spans]
         for batch in requests_by_size(fields, self._request):
             if self._send_encoded is not None:
-                result = self._send_encoded(self._request.encode(f for _, f in batch), len(batch))
+                result = self._send_encoded(self._request.encode(batch), len(batch))
             else:
-                result = self._exporter.export(
-                    to_readable_spans([s for s, _ in batch], self._resource))
+                result = self._exporter.export(to_readable_spans(
+                    [span_from_proto(ProtoSpan.FromString(_field_content(f))) for f in batch],
+                    self._resource))
             if result is not SpanExportResult.SUCCESS:
                 raise ExportFailed(
                     f"the OTLP endpoint did not accept {len(batch)} spans "
@@ -206,17 +215,25 @@ class OtlpSink:
 
 
 def requests_by_size(
-    fields: Sequence[tuple[Span, bytes]], request: TraceRequest, limit: int = MAX_REQUEST_BYTES
-) -> Iterator[list[tuple[Span, bytes]]]:
-    """Consecutive runs of (span, encoded span field) whose request stays
-    under `limit` bytes; a span bigger than that alone."""
-    batch: list[tuple[Span, bytes]] = []
+    fields: Sequence[bytes], request: TraceRequest, limit: int = MAX_REQUEST_BYTES
+) -> Iterator[list[bytes]]:
+    """Consecutive runs of encoded span fields (`TraceRequest.span_field`)
+    whose request stays under `limit` bytes; a span bigger than that alone."""
+    batch: list[bytes] = []
     size = 0
-    for item in fields:
-        if batch and request.size(size + len(item[1])) > limit:
+    for field in fields:
+        if batch and request.size(size + len(field)) > limit:
             yield batch
             batch, size = [], 0
-        batch.append(item)
-        size += len(item[1])
+        batch.append(field)
+        size += len(field)
     if batch:
         yield batch
+
+
+def _field_content(field: bytes) -> bytes:
+    """A length-delimited field's content: past its tag and length varint."""
+    at = 1
+    while field[at] & 0x80:
+        at += 1
+    return field[at + 1:]

@@ -109,7 +109,12 @@ TRACEPARENT_OF_SELF = "self"
 def to_json(value: Any) -> str:
     # Compact, UTF-8, key order kept: what json.dumps(separators=(",", ":"),
     # ensure_ascii=False) writes, several times faster.
-    return pydantic_core.to_json(value).decode()
+    try:
+        return pydantic_core.to_json(value).decode()
+    except pydantic_core.PydanticSerializationError:
+        # Text UTF-8 cannot carry (a lone surrogate, which JSON's escapes
+        # allow): written as it is, and the span is set aside when encoded.
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str)
 
 
 _decode = msgspec.json.Decoder().decode

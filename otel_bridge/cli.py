@@ -196,7 +196,7 @@ def _forward(lines, reject, args: argparse.Namespace, sink) -> tuple[str, int]:
     for line, event in parse_events(lines, reject):
         read += 1
         try:
-            spans.extend(assembler.add(event))
+            spans.extend(assembler.add(event, line.data))
         except EventRejected as error:
             reject(line, error)
         spans.extend(assembler.expire())

@@ -28,7 +28,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections import Counter, OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Callable, Iterable, Optional, Protocol
 from uuid import UUID
@@ -43,6 +43,7 @@ from otel_bridge.translate.forward import (
     run_key,
     run_span,
 )
+from otel_bridge.translate.packed_events import EventPacker
 
 ATTR_EVENTS_DROPPED = "otel_bridge.events.dropped"
 
@@ -58,10 +59,13 @@ class AssemblerOptions:
     forward: ForwardOptions = ForwardOptions()
 
 
-@dataclass
+@dataclass(slots=True)
 class _OpenRun:
     key: RunKey
-    events: dict[UUID, Event] = field(default_factory=dict)
+    # Its events, packed (`packed_events`), how many, and their ids, 16 bytes each.
+    events: tuple[bytes, ...] = ()
+    count: int = 0
+    event_ids: bytes = b""
     last_seen: float = 0.0
     final_seen: Optional[float] = None
     final_occurred: Optional[datetime] = None
@@ -100,13 +104,16 @@ class Assembler:
         # Emitted runs: their event ids, 16 bytes each in one `bytes` (a
         # tenth of a frozenset of UUIDs), to tell a duplicate from a late event.
         self._finished: OrderedDict[str, bytes] = OrderedDict()
+        self._packer = EventPacker()
 
     @property
     def open_runs(self) -> int:
         return len(self._open)
 
-    def add(self, event: Event) -> list[Span]:
+    def add(self, event: Event, raw: Optional[bytes] = None) -> list[Span]:
         """Take one event; returns spans it forced out (eviction), if any.
+        `raw`: the JSON the event was parsed from, if the caller has it (it
+        is kept, packed, instead of serialising the event again).
 
         Raises `EventRejected` for a run-state event that cannot be mapped."""
         self.counts["events_in"] += 1
@@ -128,16 +135,19 @@ class Assembler:
         else:
             self._open.move_to_end(key.resource_id)
         run.last_seen = now
-        if event.id in run.events:
+        id_bytes = event.id.bytes
+        if _holds(run.event_ids, id_bytes):
             self.counts["events_duplicate"] += 1
             return []
-        if len(run.events) >= self.options.max_events_per_run:
+        if run.count >= self.options.max_events_per_run:
             run.dropped += 1
             self._set_aside(event, "run_event_cap")
             return []
-        run.events[event.id] = event
-        if self._journal is not None:
+        if self._journal is not None:  # first: if it fails, nothing here has changed
             self._journal.kept(key.resource_id, event)
+        run.events = self._packer.append(run.events, event, raw)
+        run.count += 1
+        run.event_ids += id_bytes
         if run.final_seen is None and is_final(event):
             run.final_seen = now
             run.final_occurred = event.occurred
@@ -205,11 +215,12 @@ class Assembler:
     def _emit(self, resource_id: str, reason: SyntheticEnd) -> Span:
         run = self._open.pop(resource_id)
         self._lingering.pop(resource_id, None)
-        event_ids = frozenset(run.events)
-        self._finished[resource_id] = _id_blob(event_ids)
+        self._finished[resource_id] = run.event_ids
         while len(self._finished) > self.options.remember_finished_runs:
             self._finished.popitem(last=False)
-        span = run_span(run.events.values(), self.options.forward, synthetic_end=reason)
+        events = self._packer.unpack(run.events)
+        span = run_span(events, self.options.forward, synthetic_end=reason)
+        event_ids = frozenset(event.id for event in events)
         if run.dropped:
             span = dataclasses.replace(
                 span, attributes={**span.attributes, ATTR_EVENTS_DROPPED: run.dropped}

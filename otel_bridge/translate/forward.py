@@ -78,7 +78,7 @@ class ForwardOptions:
     ui_url: Optional[str] = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class RunKey:
     kind: str  # TASK_RUN or FLOW_RUN
     resource_id: str

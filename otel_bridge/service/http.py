@@ -80,13 +80,14 @@ def admin_app(
         except web.HTTPRequestEntityTooLarge:
             pipeline.reject(PUSH, "too_large")
             return _error(413, f"the body is over the limit of {max_body_bytes} bytes")
-        numbered, refused = events_from_body(body)
+        items, refused = events_from_body(body)
         for item in refused:
             pipeline.reject(PUSH, item.reason)
         # take_events counts its own refusals.
-        intake = pipeline.take_events([event for _, event in numbered], PUSH)
+        intake = pipeline.take_events([item.event for item in items], PUSH,
+                                      [item.raw for item in items])
         for index, exc in intake.rejected:
-            refused.append(BodyItemRejected(numbered[index][0], exc.reason, exc.detail))
+            refused.append(BodyItemRejected(items[index].number, exc.reason, exc.detail))
         refused.sort(key=lambda r: r.item)
         if refused:
             logger.warning("push: items rejected", extra={

@@ -118,7 +118,10 @@ class Pipeline:
 
     # -- forward --------------------------------------------------------------------
 
-    def take_events(self, events: Sequence[Event], source: str) -> Intake:
+    def take_events(self, events: Sequence[Event], source: str,
+                    raws: Optional[Sequence[Optional[bytes]]] = None) -> Intake:
+        """`raws`: the JSON each event was parsed from, when the source has
+        it; kept as it is (nothing serialised again)."""
         intake = Intake()
         now = datetime.now(timezone.utc)
         with self._transaction():
@@ -127,7 +130,7 @@ class Pipeline:
                 self.metrics.event_lag.observe(max(0.0, (now - event.occurred).total_seconds()))
                 duplicates = self.assembler.counts["events_duplicate"]
                 try:
-                    self.assembler.add(event)
+                    self.assembler.add(event, raws[index] if raws is not None else None)
                 except EventRejected as exc:
                     self.reject(source, exc.reason)
                     intake.rejected.append((index, exc))
@@ -176,8 +179,8 @@ class Pipeline:
         self.metrics.inputs_rejected.labels(endpoint, reason).inc(count)
 
     # Journal (see Assembler): the store follows every change of the assembler.
-    def kept(self, resource_id: str, event: Event) -> None:
-        self.store.keep_event(resource_id, event)
+    def kept(self, resource_id: str, event: Event, raw: bytes) -> None:
+        self.store.keep_event(resource_id, event, raw)
 
     def emitted(self, resource_id: str, event_ids: frozenset[UUID], span: Span) -> None:
         self.store.close_run(resource_id, event_ids)

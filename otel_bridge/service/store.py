@@ -29,9 +29,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 from uuid import UUID
 
-from pydantic_core import PydanticSerializationError
-
-from otel_bridge.model.events import Event, validate_event
+from otel_bridge.model.events import Event, parse_wire_event
 
 __all__ = ["OutboxItem", "Store", "StoreError"]
 
@@ -100,12 +98,6 @@ class OutboxItem:
     attempts: int
 
 
-def _escaped_event(body: str) -> Event:
-    # pydantic's JSON parser refuses a lone surrogate's escape, which
-    # `keep_event` writes for text UTF-8 cannot carry; `json` reads it.
-    return validate_event(json.loads(body))
-
-
 class Store:
     def __init__(self, path: str | Path, *, remember_finished_runs: int = 100_000):
         self.path = Path(path)
@@ -149,13 +141,11 @@ class Store:
 
     # -- open and finished runs -------------------------------------------------
 
-    def keep_event(self, run_id: str, event: Event) -> None:
-        try:
-            body = event.model_dump_json()
-        except PydanticSerializationError:  # text UTF-8 cannot carry (a lone surrogate):
-            body = json.dumps(event.model_dump(mode="json"))  # escaped, read back the same
+    def keep_event(self, run_id: str, event: Event, raw: bytes) -> None:
+        """`raw`: JSON that `parse_wire_event` reads back to `event` (what it
+        was parsed from, when known), kept as it is."""
         self._db.execute("INSERT OR IGNORE INTO run_events VALUES (?, ?, ?)",
-                         (str(event.id), run_id, body))
+                         (str(event.id), run_id, raw))
 
     def close_run(self, run_id: str, event_ids: frozenset[UUID]) -> None:
         self._db.execute("DELETE FROM run_events WHERE run_id = ?", (run_id,))
@@ -169,7 +159,11 @@ class Store:
 
     def open_events(self) -> Iterator[Event]:
         for (body,) in self._db.execute("SELECT body FROM run_events ORDER BY rowid"):
-            yield Event.model_validate_json(body) if "\\ud" not in body else _escaped_event(body)
+            # Any wire form, as taken (`parse_wire_event` reads each again to
+            # the very same event); JSON escapes of text UTF-8 cannot carry too.
+            event = parse_wire_event(body)
+            assert event is not None  # it was taken as an event
+            yield event
 
     def finished_runs(self) -> Iterator[tuple[str, list[UUID]]]:
         for run_id, ids in self._db.execute("SELECT run_id, event_ids FROM finished_runs ORDER BY seq"):

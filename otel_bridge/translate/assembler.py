@@ -43,7 +43,7 @@ from otel_bridge.translate.forward import (
     run_key,
     run_span,
 )
-from otel_bridge.translate.packed_events import EventPacker
+from otel_bridge.translate.packed_events import EventPacker, event_text
 
 ATTR_EVENTS_DROPPED = "otel_bridge.events.dropped"
 
@@ -76,8 +76,10 @@ SetAside = Callable[[Event, str], None]
 
 
 class Journal(Protocol):
-    def kept(self, resource_id: str, event: Event) -> None:
-        """`event` now belongs to the open run `resource_id`."""
+    def kept(self, resource_id: str, event: Event, raw: bytes) -> None:
+        """`event` now belongs to the open run `resource_id`; `raw` is JSON
+        `parse_wire_event` reads back to it (what it was parsed from, when
+        known)."""
 
     def emitted(self, resource_id: str, event_ids: frozenset[UUID], span: Span) -> None:
         """The run is closed: `span` is its one export; `event_ids` its events."""
@@ -143,8 +145,10 @@ class Assembler:
             run.dropped += 1
             self._set_aside(event, "run_event_cap")
             return []
+        if raw is None:
+            raw = event_text(event)  # once, for the journal and the packer
         if self._journal is not None:  # first: if it fails, nothing here has changed
-            self._journal.kept(key.resource_id, event)
+            self._journal.kept(key.resource_id, event, raw)
         run.events = self._packer.append(run.events, event, raw)
         run.count += 1
         run.event_ids += id_bytes

@@ -24,7 +24,7 @@ from pydantic_core import PydanticSerializationError
 
 from otel_bridge.model.events import Event, parse_wire_event
 
-__all__ = ["EventPacker"]
+__all__ = ["EventPacker", "event_text"]
 
 _DICTIONARY = zstandard.ZstdCompressionDict(
     resources.files(__package__).joinpath("prefect-events.zdict").read_bytes())
@@ -32,6 +32,14 @@ _DICTIONARY = zstandard.ZstdCompressionDict(
 # then a new frame starts: a long run is not compressed again whole at each
 # event.
 _FRAME_BYTES = 16 * 1024
+
+
+def event_text(event: Event) -> bytes:
+    """JSON that `parse_wire_event` reads back to exactly `event`."""
+    try:
+        return event.model_dump_json().encode()
+    except PydanticSerializationError:  # text UTF-8 cannot carry: JSON's escapes can
+        return json.dumps(event.model_dump(mode="json")).encode()
 
 
 class EventPacker:
@@ -49,10 +57,7 @@ class EventPacker:
         """A run's `frames` with `event` added. `raw`: the JSON text it was
         parsed from (`parse_wire_event`), when the caller has it."""
         if raw is None:
-            try:
-                raw = event.model_dump_json().encode()
-            except PydanticSerializationError:  # text UTF-8 cannot carry: JSON's escapes can
-                raw = json.dumps(event.model_dump(mode="json")).encode()
+            raw = event_text(event)
         record = len(raw).to_bytes(4, "big") + raw
         if frames and zstandard.frame_content_size(frames[-1]) + len(record) <= _FRAME_BYTES:
             record = self._decompress(frames[-1]) + record

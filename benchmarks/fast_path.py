@@ -184,7 +184,7 @@ def convert_spans(lines: list[bytes]) -> list:
     for line in lines:
         event = parse_wire_event(line)
         if event is not None:
-            spans.extend(assembler.add(event))
+            spans.extend(assembler.add(event, line))  # as convert does: the line is kept
     return spans + assembler.flush()
 
 

@@ -280,7 +280,7 @@ def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     except ConfigError as exc:
         print(f"otel-bridge serve: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    setup_logging(settings.log_format, settings.log_level)
+    setup_logging(settings.log_format, settings.log_level, settings.secret_values())
     try:
         return asyncio.run(Service(settings).run())
     except (StoreError, OSError) as exc:  # cannot start: store, a port in use

@@ -79,15 +79,18 @@ FINISHING = [s for s in SCENARIOS if s != "cancelled"]
 class Served:
     """One running `otel-bridge serve` process."""
 
-    def __init__(self, proc: subprocess.Popen, log_path: Path, ports: dict[str, int]):
+    def __init__(self, proc: subprocess.Popen, log_path: Path, ports: dict[str, int],
+                 ca: Optional[Path] = None):
         self.proc = proc
         self.log_path = log_path
         self.ports = ports
-        self.http = httpx.Client(base_url=f"http://127.0.0.1:{ports['http_port']}", timeout=60)
+        self.scheme = "https" if ca else "http"  # TLS: a certificate this CA file vouches for
+        self.http = httpx.Client(base_url=f"{self.scheme}://127.0.0.1:{ports['http_port']}",
+                                 timeout=60, verify=str(ca) if ca else True)
 
     @property
     def otlp_http_url(self) -> str:
-        return f"http://127.0.0.1:{self.ports['otlp_http_port']}/v1/traces"
+        return f"{self.scheme}://127.0.0.1:{self.ports['otlp_http_port']}/v1/traces"
 
     @property
     def otlp_grpc_target(self) -> str:
@@ -189,7 +192,9 @@ def serving(tmp_path: Path, *flags: str, env: Optional[dict[str, str]] = None,
             for line in _json_lines(log_path):
                 if line.get("message") == "serving":
                     ports = {k: v for k, v in line.items() if k.endswith("_port")}
-                    served = Served(proc, log_path, ports)
+                    ca = (Path(flags[flags.index("--tls-cert-file") + 1])
+                          if "--tls-cert-file" in flags else None)
+                    served = Served(proc, log_path, ports, ca)
             time.sleep(0.05)
         wait_for(lambda: served.http.get("/readyz").status_code == 200, 30, "/readyz 200")
         yield served
@@ -868,3 +873,70 @@ def test_what_the_outbox_cannot_hold_is_counted_and_logged_and_readyz_warns(tmp_
     named = {(line.get("trace_id"), line.get("span_id"), line.get("span_name")) for line in dropped}
     assert len(named) == lost
     assert named <= {(s.trace_id_hex, s.span_id_hex, s.name) for s in everything}
+
+
+# -- who may send: tokens and TLS ------------------------------------------------------
+
+
+def _self_signed(directory: Path) -> tuple[Path, Path]:
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    return cert, key
+
+
+def test_the_otlp_receiver_takes_spans_only_with_its_token_and_every_listener_speaks_tls(
+        tmp_path, monkeypatch):
+    """A stranger who can reach the port once made arbitrary Prefect events,
+    sent with the bridge's credentials. With a token (read from a secret
+    file, trailing newline and all) and TLS: the official exporters, given
+    the token as OTLP headers, get through over gRPC and HTTP; a request
+    without it, or with another, is refused, counted, and makes nothing."""
+    cert, key = _self_signed(tmp_path)
+    for name in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"):  # requests would take these over
+        monkeypatch.delenv(name, raising=False)             # the exporter's certificate_file
+    token_file = tmp_path / "otlp-token"
+    token_file.write_text("receiver-token\n")
+    events_out = tmp_path / "events.jsonl"
+    with serving(tmp_path, "--otlp-receiver", "--otlp-token-file", str(token_file),
+                 "--listen-host", "127.0.0.1", "--tls-cert-file", str(cert), "--tls-key-file",
+                 str(key), "--reverse-to", "file", "--reverse-file", str(events_out),
+                 "--push-token", TOKEN) as svc:
+        spans = to_readable_spans(convert(fixture("retries-immediate")),
+                                  Resource({"service.name": "prefect"}))
+        headers = {"authorization": "Bearer receiver-token"}
+        grpc_exporter = GrpcExporter(endpoint=f"https://{svc.otlp_grpc_target}",
+                                     credentials=grpc.ssl_channel_credentials(cert.read_bytes()),
+                                     headers=headers)
+        assert grpc_exporter.export(spans) is SpanExportResult.SUCCESS
+        http_exporter = HttpExporter(endpoint=svc.otlp_http_url, certificate_file=str(cert),
+                                     headers=headers)
+        assert http_exporter.export(spans) is SpanExportResult.SUCCESS
+        wanted = 2 * sum(len(span.events) for span in spans)  # a Prefect event per state, per export
+        wait_for(lambda: len(_json_lines(events_out)) >= wanted, 30, "the events")
+
+        body = encode_spans(spans).SerializeToString()
+        for given in (None, "Bearer another-token", "Basic cmVjZWl2ZXI="):
+            response = httpx.post(svc.otlp_http_url, content=body, verify=str(cert),
+                                  headers={"Content-Type": PROTOBUF,
+                                           **({"Authorization": given} if given else {})})
+            assert response.status_code == 401 and "WWW-Authenticate" in response.headers
+            with grpc.secure_channel(svc.otlp_grpc_target,
+                                     grpc.ssl_channel_credentials(cert.read_bytes())) as channel:
+                with pytest.raises(grpc.RpcError) as refused:
+                    channel.unary_unary(
+                        "/opentelemetry.proto.collector.trace.v1.TraceService/Export")(
+                        body, metadata=(("authorization", given),) if given else None, timeout=10)
+                assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with pytest.raises(httpx.HTTPError):  # TLS only: plain HTTP gets nowhere
+            httpx.post(svc.otlp_http_url.replace("https", "http"), content=body, timeout=5)
+        assert svc.push(b"{}").status_code == 400  # the admin endpoint over TLS too
+        assert svc.metric("otel_bridge_inputs_rejected_total", endpoint="otlp-http",
+                          reason="unauthorized") == 3
+        assert svc.metric("otel_bridge_inputs_rejected_total", endpoint="otlp-grpc",
+                          reason="unauthorized") == 3
+        time.sleep(1)
+        assert len(_json_lines(events_out)) == wanted
+        grpc_exporter.shutdown()
+        http_exporter.shutdown()

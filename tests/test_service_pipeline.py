@@ -245,7 +245,7 @@ def test_settings_layer_flags_over_env_over_file(tmp_path, monkeypatch):
     ({"http_port": "http"}, None, "bad setting http_port"),
     ({"max_open_runs": "0"}, None, "bad setting max_open_runs"),
     ({"forward_to": "file"}, None, "forward_file is not set"),
-    ({}, "max_open_run: 5\n", "bad setting max_open_run"),
+    ({}, "max_open_run: 5\n", "unknown setting 'max_open_run'"),
     ({}, "max_open_runs: [\n", "cannot read"),
 ])
 def test_a_bad_setting_is_one_clear_error(tmp_path, monkeypatch, flags, config, message):
@@ -264,3 +264,41 @@ def test_serve_exits_2_with_the_error_on_a_bad_setting(tmp_path):
         capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert result.returncode == 2
     assert "bad setting http_port" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_misspelt_or_bad_secret_is_never_printed(tmp_path, monkeypatch):
+    monkeypatch.setenv("OTEL_BRIDGE_PUSH_TOKEN", "t")
+    config = tmp_path / "bridge.yaml"
+    config.write_text("push_tokn: SECRET-1234\n")
+    with pytest.raises(ConfigError) as error:
+        load_settings({}, str(config))
+    assert "unknown setting 'push_tokn'" in str(error.value) and "SECRET" not in str(error.value)
+    with pytest.raises(ConfigError) as error:
+        load_settings({"push_token": "   "})
+    assert "push_token is empty" in str(error.value)
+
+
+def test_tokens_are_read_from_files_and_stripped(tmp_path, monkeypatch):
+    """A Kubernetes secret file ends in a newline; a token pasted into an
+    environment variable may carry spaces. Neither is part of the token."""
+    token_file = tmp_path / "token"
+    token_file.write_text("s3cret-token\n")
+    settings = load_settings({"push_token_file": str(token_file), "otlp_receiver": True,
+                              "reverse_to": "file", "reverse_file": str(tmp_path / "out")})
+    assert settings.push_token.get_secret_value() == "s3cret-token"
+    settings = load_settings({"push_token": " s3cret-token\t"})
+    assert settings.push_token.get_secret_value() == "s3cret-token"
+    with pytest.raises(ConfigError, match="both set"):
+        load_settings({"push_token": "a-token", "push_token_file": str(token_file)})
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_settings({"push_token_file": str(tmp_path / "missing")})
+
+
+def test_the_otlp_receiver_refuses_to_listen_beyond_loopback_without_a_token(tmp_path):
+    common = {"otlp_receiver": True, "reverse_to": "file", "reverse_file": str(tmp_path / "out")}
+    with pytest.raises(ConfigError, match="set otlp_token"):
+        load_settings({**common, "listen_host": "0.0.0.0"})
+    assert load_settings({**common, "listen_host": "0.0.0.0", "otlp_token": "a-token"})
+    assert load_settings({**common, "listen_host": "::1"})
+    with pytest.raises(ConfigError, match="tls_key_file"):
+        load_settings({**common, "tls_cert_file": str(tmp_path / "cert.pem")})

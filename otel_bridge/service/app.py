@@ -26,6 +26,7 @@ from aiohttp import web
 
 from otel_bridge._prefect_api import ui_url
 from otel_bridge.model.events import EventRejected, validate_event
+from otel_bridge.service.auth import server_tls
 from otel_bridge.service.config import ServeSettings
 from otel_bridge.service.delivery import Delivery
 from otel_bridge.service.http import admin_app
@@ -46,6 +47,9 @@ _READY_OUTBOX_FRACTION = 0.9
 
 class Service:
     def __init__(self, settings: ServeSettings):
+        # Every listener serves TLS when a certificate and key are set.
+        self._tls = (server_tls(settings.tls_cert_file, settings.tls_key_file)
+                     if settings.tls_cert_file and settings.tls_key_file else None)
         self.settings = settings
         self.metrics = Metrics()
         self.store: Optional[Store] = None
@@ -199,10 +203,15 @@ class Service:
             def rejected(transport: str, reason: str, count: int) -> None:
                 self.pipeline.reject(f"otlp-{transport}", reason, count)
 
+            token = s.otlp_token.get_secret_value() if s.otlp_token else None
+            tls = ((s.tls_cert_file.read_bytes(), s.tls_key_file.read_bytes())
+                   if s.tls_cert_file and s.tls_key_file else None)
             self._grpc, self.bound["otlp_grpc_port"] = await start_grpc_receiver(
-                self._receive_spans, s.listen_host, s.otlp_grpc_port, s.max_body_bytes, rejected)
+                self._receive_spans, s.listen_host, s.otlp_grpc_port, s.max_body_bytes, rejected,
+                token=token, tls=tls)
             otlp = web.Application(client_max_size=s.max_body_bytes)
-            otlp.add_routes(otlp_http_routes(self._receive_spans, s.max_body_bytes, rejected))
+            otlp.add_routes(otlp_http_routes(self._receive_spans, s.max_body_bytes, rejected,
+                                             token=token))
             # The receiver gunzips itself, capped; aiohttp's own unzipping is
             # bounded only in recent versions.
             self.bound["otlp_http_port"] = await self._serve(otlp, s.otlp_http_port, auto_decompress=False)
@@ -218,7 +227,7 @@ class Service:
     async def _serve(self, app: web.Application, port: int, **options: Any) -> int:
         runner = web.AppRunner(app, access_log=None, handle_signals=False, **options)
         await runner.setup()
-        site = web.TCPSite(runner, self.settings.listen_host, port)
+        site = web.TCPSite(runner, self.settings.listen_host, port, ssl_context=self._tls)
         await site.start()
         self._runners.append(runner)
         return site._server.sockets[0].getsockname()[1]

@@ -50,6 +50,8 @@ class ServeSettings(BaseSettings):
         None,
         validation_alias=AliasChoices("prefect_api_key", "OTEL_BRIDGE_PREFECT_API_KEY", "PREFECT_API_KEY"),
     )
+    prefect_api_key_file: Optional[Path] = Field(
+        None, description="read prefect_api_key from this file (a mounted secret)")
     subscribe: bool = Field(True, description="follow the server's events (needs prefect_api_url)")
     event_prefixes: list[str] = ["prefect.task-run.", "prefect.flow-run."]
     backfill_seconds: float = Field(
@@ -60,10 +62,21 @@ class ServeSettings(BaseSettings):
     listen_host: str = Field("127.0.0.1", description="where every endpoint binds")
     http_port: Port = Field(8686, ge=0, le=65535, description="/healthz /readyz /metrics /v1/events")
     push_token: Optional[SecretStr] = Field(
-        None, description="bearer token for POST /v1/events; the endpoint is off without one"
+        None, description="bearer token for POST /v1/events; the endpoint is off without one "
+                          "(as a flag it shows in ps: prefer the environment or push_token_file)"
     )
+    push_token_file: Optional[Path] = Field(
+        None, description="read push_token from this file (a mounted secret)")
     max_body_bytes: int = Field(16 * 1024 * 1024, gt=0)
     otlp_receiver: bool = Field(False, description="accept OTLP spans for the reverse path")
+    otlp_token: Optional[SecretStr] = Field(
+        None, description="bearer token the OTLP receiver requires (Authorization header, gRPC "
+                          "authorization metadata); required unless listen_host is loopback")
+    otlp_token_file: Optional[Path] = Field(
+        None, description="read otlp_token from this file (a mounted secret)")
+    tls_cert_file: Optional[Path] = Field(
+        None, description="PEM certificate (chain): every listener serves TLS with it")
+    tls_key_file: Optional[Path] = Field(None, description="PEM private key of tls_cert_file")
     otlp_grpc_port: Port = Field(4317, ge=0, le=65535)
     otlp_http_port: Port = Field(4318, ge=0, le=65535)
 
@@ -93,6 +106,31 @@ class ServeSettings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @model_validator(mode="after")
+    def _secrets(self) -> "ServeSettings":
+        """Secrets from their files; surrounding whitespace stripped (a
+        Kubernetes secret file ends in a newline), as the receiving side
+        strips what it is sent."""
+        for name in _SECRETS:
+            value, path = getattr(self, name), getattr(self, f"{name}_file")
+            if path is not None:
+                if value is not None:
+                    raise ValueError(f"{name} and {name}_file are both set: set one")
+                try:
+                    value = SecretStr(path.read_text())
+                except OSError as exc:
+                    raise ValueError(f"{name}_file: cannot read {path}: {exc.strerror}") from None
+            if value is not None:
+                stripped = value.get_secret_value().strip()
+                if not stripped:
+                    raise ValueError(f"{name} is empty")
+                setattr(self, name, SecretStr(stripped))
+        return self
+
+    def secret_values(self) -> list[str]:
+        """What no log line may show."""
+        return [getattr(self, n).get_secret_value() for n in _SECRETS if getattr(self, n)]
+
+    @model_validator(mode="after")
     def _consistent(self) -> "ServeSettings":
         if self.forward_to == "file" and self.forward_file is None:
             raise ValueError("forward_to is 'file' but forward_file is not set")
@@ -101,6 +139,11 @@ class ServeSettings(BaseSettings):
         if self.otlp_receiver and self.reverse_to == "prefect" and not self.prefect_api_url:
             raise ValueError("otlp_receiver sends events to Prefect: set PREFECT_API_URL "
                              "(or reverse_to: file)")
+        if self.otlp_receiver and not self.otlp_token and not _is_loopback(self.listen_host):
+            raise ValueError(f"the OTLP receiver would take spans from anyone who can reach "
+                             f"{self.listen_host}: set otlp_token (or listen on 127.0.0.1)")
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("TLS needs both tls_cert_file and tls_key_file")
         if not self.prefect_api_url and self.subscribe and not self.push_token and not self.otlp_receiver:
             raise ValueError("nothing to listen to: set PREFECT_API_URL to follow a Prefect server, "
                              "push_token for POST /v1/events, or otlp_receiver")
@@ -126,6 +169,18 @@ class ServeSettings(BaseSettings):
 
 
 _yaml_file: Optional[Path] = None
+_SECRETS = ("prefect_api_key", "push_token", "otlp_token")
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def load_settings(flags: dict[str, Any], config_file: Optional[str] = None) -> ServeSettings:
@@ -152,8 +207,13 @@ def _describe(exc: ValidationError) -> str:
         if not where:  # a rule across settings
             lines.append("bad settings: " + error["msg"].removeprefix("Value error, "))
             continue
+        if error["type"] == "extra_forbidden":
+            # A misspelt name may hold a secret (push_tokn: ...): never its value.
+            lines.append(f"unknown setting {where!r} (its value is not shown)")
+            continue
+        shown = "" if where in _SECRETS else f", got {error.get('input')!r}"
         lines.append(
             f"bad setting {where} (flag --{where.replace('_', '-')}, env {ENV_PREFIX}{where.upper()}, "
-            f"or `{where}:` in the config file): {error['msg']}, got {error.get('input')!r}"
+            f"or `{where}:` in the config file): {error['msg']}{shown}"
         )
     return "; ".join(lines)

@@ -17,13 +17,13 @@ retried push harmless.
 
 from __future__ import annotations
 
-import hmac
 import logging
 from typing import Any, Callable, Optional, Protocol
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from otel_bridge.service.auth import bearer_matches
 from otel_bridge.service.metrics import Metrics
 from otel_bridge.service.pipeline import Pipeline
 from otel_bridge.sources.event_body import BodyItemRejected, events_from_body
@@ -67,8 +67,7 @@ def admin_app(
         if not push_token:
             return _error(404, "the push endpoint is off: set push_token to turn it on")
         supplied = request.headers.get("Authorization", "")
-        scheme, _, token = supplied.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), push_token.encode()):
+        if not bearer_matches(supplied, push_token):
             pipeline.reject(PUSH, "unauthorized")
             return _error(401, "missing or wrong bearer token",
                           headers={"WWW-Authenticate": 'Bearer realm="otel-bridge"'})

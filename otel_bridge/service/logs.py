@@ -3,16 +3,34 @@
 Fields passed with ``extra=`` become keys of the object, so a log pipeline can
 filter on ``event_id``, ``sink``, ``reason``... without parsing messages.
 ``text`` keeps the same fields, as ``key=value`` after the message.
+
+Secrets never reach a log line: the credentials in a URL
+(``https://user:password@host``) and the configured tokens and API key are
+replaced by ``***`` in the finished line, whatever put them there (a
+message, a field, an exception from a library).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from datetime import datetime, timezone
+from typing import Iterable
 
-__all__ = ["setup_logging"]
+__all__ = ["redact", "setup_logging"]
+
+_URL_CREDENTIALS = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s@\"']+@")
+_secrets: list[str] = []
+
+
+def redact(text: str) -> str:
+    """`text` without URL credentials or the configured secrets."""
+    text = _URL_CREDENTIALS.sub(r"\1***@", text)
+    for secret in _secrets:
+        text = text.replace(secret, "***")
+    return text
 
 # Attributes every LogRecord has; anything else came from `extra=`.
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
@@ -33,7 +51,7 @@ class JsonFormatter(logging.Formatter):
         }
         if record.exc_info:
             out["exception"] = self.formatException(record.exc_info)
-        return json.dumps(out, default=str)
+        return redact(json.dumps(out, default=str))
 
 
 class TextFormatter(logging.Formatter):
@@ -43,10 +61,14 @@ class TextFormatter(logging.Formatter):
         line = f"{line} {extra}" if extra else line
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
-        return line
+        return redact(line)
 
 
-def setup_logging(fmt: str = "json", level: str = "INFO") -> None:
+def setup_logging(fmt: str = "json", level: str = "INFO", secrets: Iterable[str] = ()) -> None:
+    """`secrets`: values no line may show (tokens, API keys); as written and
+    as JSON escapes them."""
+    _secrets[:] = sorted({form for secret in secrets if len(secret) >= 4
+                          for form in (secret, json.dumps(secret)[1:-1])}, key=len, reverse=True)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()

@@ -8,20 +8,24 @@ cannot grow the series without bound.
 
 from __future__ import annotations
 
-import re
 from typing import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from otel_bridge.model.states import KNOWN_STATE_NAMES
+
 __all__ = ["Metrics", "event_label"]
 
-_RUN_STATE_EVENT = re.compile(r"^prefect\.(task-run|flow-run)\.[A-Za-z]{1,40}$")
+# The event label takes Prefect's run-state events by name and nothing else:
+# a sender chooses event names, and each new name would be a new series.
+_RUN_STATE_EVENTS = frozenset(f"prefect.{kind}.{state}" for kind in ("task-run", "flow-run")
+                              for state in KNOWN_STATE_NAMES)
 _LAG_BUCKETS = (0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 900, 3600)
 
 
 def event_label(name: str) -> str:
-    return name if _RUN_STATE_EVENT.match(name) else "other"
+    return name if name in _RUN_STATE_EVENTS else "other"
 
 
 class Metrics:

@@ -41,6 +41,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 
 from otel_bridge.model.otlp import request_from_json, span_from_proto
 from otel_bridge.model.spans import Span
+from otel_bridge.service.auth import bearer_matches
 
 logger = logging.getLogger(__name__)
 
@@ -150,14 +151,23 @@ def _retry_info(seconds: float) -> error_details_pb2.RetryInfo:
 
 async def start_grpc_receiver(
     handler: SpansHandler, host: str, port: int, max_message_bytes: int = 16 * 1024 * 1024,
-    on_reject: OnReject = _ignore,
+    on_reject: OnReject = _ignore, token: Optional[str] = None,
+    tls: Optional[tuple[bytes, bytes]] = None,
 ) -> tuple[grpc.aio.Server, int]:
     """Starts a grpc.aio server implementing opentelemetry.proto.collector.trace.v1 TraceService/Export;
-    returns (server, bound port) — port 0 means pick a free one. Caller stops it with await server.stop(grace)."""
+    returns (server, bound port) — port 0 means pick a free one. Caller stops it with await server.stop(grace).
+    `token`: the bearer token a caller must send as `authorization` metadata (the Collector's
+    bearertokenauth convention); `tls`: (certificate chain, private key), PEM."""
 
     # Raw bytes in and out: a request grpc failed to deserialize would be
     # answered INTERNAL, where OTLP wants INVALID_ARGUMENT.
     async def export(body: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        if token is not None:
+            given = dict(context.invocation_metadata() or ()).get("authorization")
+            if not bearer_matches(given if isinstance(given, str) else None, token):
+                on_reject("grpc", "unauthorized", 1)
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                                    "missing or wrong bearer token (authorization metadata)")
         try:
             request = ExportTraceServiceRequest.FromString(body)
         except DecodeError as exc:
@@ -179,7 +189,16 @@ async def start_grpc_receiver(
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", max_message_bytes)])
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
         _GRPC_SERVICE, {"Export": grpc.unary_unary_rpc_method_handler(export)}),))
-    bound = server.add_insecure_port(f"{host}:{port}")
+    if tls is None:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    else:
+        certificate_chain, private_key = tls
+        try:
+            bound = server.add_secure_port(
+                f"{host}:{port}", grpc.ssl_server_credentials([(private_key, certificate_chain)]))
+        except RuntimeError as exc:  # grpc's word for a certificate it cannot use
+            raise OSError(f"the OTLP/gRPC receiver cannot serve TLS on {host}:{port} with "
+                          f"this certificate and key: {exc}") from None
     await server.start()
     return server, bound
 
@@ -191,7 +210,8 @@ class _TooLarge(Exception):
 
 
 def otlp_http_routes(
-    handler: SpansHandler, max_body_bytes: int = 16 * 1024 * 1024, on_reject: OnReject = _ignore
+    handler: SpansHandler, max_body_bytes: int = 16 * 1024 * 1024, on_reject: OnReject = _ignore,
+    token: Optional[str] = None,
 ) -> list[web.RouteDef]:
     """POST /v1/traces accepting application/x-protobuf and application/json (OTLP/JSON: hex ids — use
     model.otlp.request_from_json), Content-Encoding gzip (decompressed size also capped by max_body_bytes,
@@ -199,6 +219,10 @@ def otlp_http_routes(
     with partial_success when spans were rejected)."""
 
     async def traces(request: web.Request) -> web.Response:
+        if not bearer_matches(request.headers.get("Authorization"), token):
+            on_reject("http", "unauthorized", 1)
+            return _error(401, code_pb2.UNAUTHENTICATED, "missing or wrong bearer token", _PROTOBUF,
+                          headers={"WWW-Authenticate": 'Bearer realm="otel-bridge"'})
         # Any method is routed here so that a wrong one, too, gets a Status body.
         if request.method != "POST":
             on_reject("http", "method_not_allowed", 1)

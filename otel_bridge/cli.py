@@ -251,7 +251,7 @@ def _open_sink(to: str, output: str):
     if to == "otlp":
         from otel_bridge.sinks.otlp import OtlpSink, exporter_from_env
 
-        return OtlpSink(exporter_from_env(), resource_from_env())
+        return OtlpSink(exporter_from_env(), resource_from_env(), _report_unencodable)
     stream = sys.stdout if output == "-" else open(output, "w", encoding="utf-8")
     if to == "events":
         from otel_bridge.sinks.events_jsonl import EventsJsonlWriter
@@ -263,7 +263,13 @@ def _open_sink(to: str, output: str):
         return TreeWriter(stream)
     from otel_bridge.sinks.otlp_json import OtlpJsonWriter
 
-    return OtlpJsonWriter(stream, resource_from_env())
+    return OtlpJsonWriter(stream, resource_from_env(), _report_unencodable)
+
+
+def _report_unencodable(span, error) -> None:
+    print(f"otel-bridge: span {span.span_id_hex} of trace {span.trace_id_hex} "
+          f"({span.attributes.get('prefect.resource.id', span.name)}) set aside "
+          f"(unencodable): {error}", file=sys.stderr)
 
 
 def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:

@@ -216,3 +216,24 @@ def test_convert_streams_runs_out_as_they_finish_and_counts_a_state_past_the_win
              for s in parse_otlp_json_line(line).resource_spans[0].scope_spans[0].spans}
     assert len(spans) == 6
     assert [e.name for e in spans["rolled-back"].events] == ["Pending", "Running", "Completed"]
+
+
+def test_a_run_otlp_cannot_carry_is_set_aside_and_the_others_are_written(tmp_path):
+    """A run dated 1900 (a negative time in OTLP) or a state message with a
+    lone surrogate escape once failed the whole output, every good span lost."""
+    good = task_run_events(["Pending", "Running", "Completed"], name="good")
+    old = task_run_events(["Pending", "Running", "Completed"], name="old")
+    for i, event in enumerate(old):
+        event["occurred"] = f"1900-01-01T00:00:0{i}Z"
+        event["resource"]["prefect.state-timestamp"] = f"1900-01-01T00:00:0{i}+00:00"
+    surrogate = task_run_events(["Pending", "Running", "Failed"], name="surrogate",
+                                messages={"Failed": "broken \ud800 text"})
+    events = write_jsonl(tmp_path / "in.jsonl", good + old + surrogate)  # (escaped by json.dumps)
+    out = tmp_path / "out.jsonl"
+    result = run_cli("convert", str(events), "-o", str(out))
+    assert result.returncode == 1
+    assert "2 spans OTLP cannot carry set aside" in result.stderr
+    assert "(unencodable): a time of" in result.stderr and "lone surrogate" in result.stderr
+    assert "\\ud800" not in result.stderr and "broken" not in result.stderr  # not its content
+    (request,) = [parse_otlp_json_line(line) for line in out.read_text().splitlines()]
+    assert [s.name for s in request.resource_spans[0].scope_spans[0].spans] == ["good"]

@@ -18,6 +18,7 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.trace.v1 import trace_pb2
 from opentelemetry.trace import SpanKind, StatusCode
 
+from otel_bridge.model.otlp_protobuf import Unencodable
 from otel_bridge.model.spans import AttributeValue, Span, SpanEvent, SpanLink
 
 _ID_FIELDS = ("traceId", "spanId", "parentSpanId")
@@ -160,8 +161,8 @@ def _span_json(span: Span) -> dict[str, Any]:
         out["parentSpanId"] = format(span.parent_span_id, "016x")
     out["name"] = span.name
     out["kind"] = span.kind.value + 1  # protobuf counts from UNSPECIFIED = 0
-    out["startTimeUnixNano"] = str(span.start_time_unix_nano)
-    out["endTimeUnixNano"] = str(span.end_time_unix_nano)
+    out["startTimeUnixNano"] = _fixed64(span.start_time_unix_nano)
+    out["endTimeUnixNano"] = _fixed64(span.end_time_unix_nano)
     if span.attributes:
         out["attributes"] = _attributes_json(span.attributes)
     if span.events:
@@ -178,8 +179,14 @@ def _span_json(span: Span) -> dict[str, Any]:
     return out
 
 
+def _fixed64(nanos: int) -> str:
+    if not 0 <= nanos < (1 << 64):
+        raise Unencodable(f"a time of {nanos} ns since 1970 does not fit OTLP's unsigned 64 bits")
+    return str(nanos)
+
+
 def _event_json(event: SpanEvent) -> dict[str, Any]:
-    out: dict[str, Any] = {"timeUnixNano": str(event.time_unix_nano), "name": event.name}
+    out: dict[str, Any] = {"timeUnixNano": _fixed64(event.time_unix_nano), "name": event.name}
     if event.attributes:
         out["attributes"] = _attributes_json(event.attributes)
     return out
@@ -202,6 +209,8 @@ def _value_json(value: Any) -> dict[str, Any]:
     if isinstance(value, bool):  # before int: bool is an int
         return {"boolValue": value}
     if isinstance(value, int):
+        if not -(1 << 63) <= value < (1 << 63):
+            raise Unencodable(f"the integer {value} is outside 64 bits")
         return {"intValue": str(value)}
     if isinstance(value, float):
         return {"doubleValue": value}

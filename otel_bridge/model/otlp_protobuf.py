@@ -80,7 +80,7 @@ def _text(value: str) -> bytes:
     try:
         return value.encode()
     except UnicodeEncodeError:
-        raise Unencodable(f"text that is not Unicode: {value[:40]!r}") from None
+        raise Unencodable("text that is not Unicode (a lone surrogate)") from None
 
 
 def _time(tag: bytes, nanos: int) -> bytes:

@@ -166,17 +166,19 @@ class Service:
     def _forward_sink(self):
         from otel_bridge.sinks.sdk import resource_from_env
 
-        if self.settings.forward_to == "file":
-            from otel_bridge.sinks.otlp_json import OtlpJsonWriter
-
-            return OtlpJsonWriter(open(self.settings.forward_file, "a", encoding="utf-8"),
-                                  resource_from_env()), "file"
-        from otel_bridge.sinks.otlp import OtlpSink, exporter_from_env
-
+        # (The pipeline sets aside what OTLP cannot carry when a run closes;
+        # this is for spans an older version put in the outbox.)
         def unencodable(span, error) -> None:
             logger.error("a span OTLP cannot carry is set aside", extra={
                 "trace_id": span.trace_id_hex, "span_id": span.span_id_hex, "error": str(error)})
             self.metrics.dropped.labels(SPAN, "unencodable").inc()
+
+        if self.settings.forward_to == "file":
+            from otel_bridge.sinks.otlp_json import OtlpJsonWriter
+
+            return OtlpJsonWriter(open(self.settings.forward_file, "a", encoding="utf-8"),
+                                  resource_from_env(), unencodable), "file"
+        from otel_bridge.sinks.otlp import OtlpSink, exporter_from_env
 
         return OtlpSink(exporter_from_env(), resource_from_env(), unencodable), "otlp"
 

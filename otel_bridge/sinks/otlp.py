@@ -160,7 +160,7 @@ def _http_exporter_class() -> type:
 OnUnencodable = Callable[[Span, Unencodable], None]
 
 
-def _log_unencodable(span: Span, error: Unencodable) -> None:
+def log_unencodable(span: Span, error: Unencodable) -> None:
     logger.error("span %s of trace %s cannot be encoded in OTLP and is set aside: %s",
                  span.span_id_hex, span.trace_id_hex, error)
 
@@ -173,7 +173,7 @@ class OtlpSink:
     handed to `on_unencodable`: the others in its batch still go."""
 
     def __init__(self, exporter: SpanExporter, resource: Resource,
-                 on_unencodable: OnUnencodable = _log_unencodable):
+                 on_unencodable: OnUnencodable = log_unencodable):
         self._exporter = exporter
         self._resource = resource
         self._request = trace_request(resource)

@@ -40,6 +40,7 @@ import httpx
 import pytest
 from google.protobuf import json_format
 from google.rpc import code_pb2, status_pb2
+from factories import task_run_events
 from helpers import FIXTURES, convert, engine_trace, load_jsonl
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
@@ -940,3 +941,30 @@ def test_the_otlp_receiver_takes_spans_only_with_its_token_and_every_listener_sp
         assert len(_json_lines(events_out)) == wanted
         grpc_exporter.shutdown()
         http_exporter.shutdown()
+
+
+def test_hostile_items_in_a_push_are_judged_alone_and_never_fail_the_body(tmp_path):
+    """Deep nesting, a time past year 9999 in UTC, a lone surrogate escape:
+    each once made the whole body a 500 (and the surrogate, the tick after
+    it lose every run due with it)."""
+    out = tmp_path / "spans.jsonl"
+    with serving(tmp_path, "--push-token", TOKEN, "--forward-to", "file", "--forward-file", str(out),
+                 "--linger-seconds", "0.5") as svc:
+        good = fixture("retries-immediate")
+        late_year = an_event(occurred="9999-12-31T23:59:59.999999-05:00")
+        surrogate = task_run_events(["Pending", "Running", "Failed"], name="surrogate",
+                                    messages={"Failed": "broken \ud800 text"})
+        body = "\n".join([json.dumps(good[0]), "[" * 100_000, json.dumps(late_year),
+                          *map(json.dumps, surrogate), *map(json.dumps, good[1:])])
+        response = svc.push(body)
+        assert response.status_code == 200, response.text
+        assert rejected_reasons(response.json()) == [(2, "malformed_json"), (3, "invalid_event")]
+        assert response.json()["accepted"] == len(good) + len(surrogate)
+        array = svc.push("[" + "[" * 100_000 + "]")
+        assert array.status_code == 400 and rejected_reasons(array.json()) == [(1, "malformed_json")]
+        want = expected_spans(good)
+        wait_for(lambda: svc.metric("otel_bridge_dropped_total", kind="span",
+                                    reason="unencodable") == 1, 30, "the surrogate's span set aside")
+        wait_for(lambda: len(spans_in(out)) >= len(want), 30, "the good spans")
+        assert svc.http.get("/healthz").status_code == 200
+    assert_same_spans(spans_in(out), want)

@@ -40,7 +40,7 @@ import httpx
 import pytest
 from google.protobuf import json_format
 from google.rpc import code_pb2, status_pb2
-from factories import task_run_events
+from factories import FlowRun, task_run_events
 from helpers import FIXTURES, convert, engine_trace, load_jsonl
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
@@ -968,3 +968,52 @@ def test_hostile_items_in_a_push_are_judged_alone_and_never_fail_the_body(tmp_pa
         wait_for(lambda: len(spans_in(out)) >= len(want), 30, "the good spans")
         assert svc.http.get("/healthz").status_code == 200
     assert_same_spans(spans_in(out), want)
+
+
+def test_a_request_can_make_only_so_many_events_and_never_holds_the_loop(tmp_path):
+    """2 MB of span events once made 100,000 events (110 MB of outbox) and
+    held the event loop 7.7 s, /healthz unanswered. A span with more states
+    than a run may keep is refused; a request past its event budget has the
+    rest of its spans refused (partial success); /healthz answers while a
+    large request is made into events."""
+    from otel_bridge.service.pipeline import MAX_EVENTS_PER_REQUEST, MAX_EVENTS_PER_SPAN
+
+    flow_run = FlowRun()
+    retries = ["AwaitingRetry", "Retrying"]
+    (run,) = convert(task_run_events(["Pending", "Running"] + retries * 300 + ["Completed"],
+                                     name="too-long", flow_run=flow_run))
+    too_long = [dataclasses.replace(run, events=tuple(run.events) * 2)]  # 1,206 span events
+    states = MAX_EVENTS_PER_SPAN - 10
+    runs = [convert(task_run_events(["Pending", "Running"] + retries * ((states - 3) // 2)
+                                    + ["Completed"], name=f"long-{i}", flow_run=flow_run))[0]
+            for i in range(MAX_EVENTS_PER_REQUEST // states + 2)]
+    events_out = tmp_path / "events.jsonl"
+    with serving(tmp_path, "--otlp-receiver", "--reverse-to", "file", "--reverse-file",
+                 str(events_out)) as svc:
+        resource = Resource({"service.name": "prefect"})
+        one = encode_spans(to_readable_spans(too_long, resource)).SerializeToString()
+        response = httpx.post(svc.otlp_http_url, content=one, headers={"Content-Type": PROTOBUF})
+        answer = ExportTraceServiceResponse.FromString(response.content)
+        assert response.status_code == 200 and answer.partial_success.rejected_spans == 1
+        assert "too_many_events" in answer.partial_success.error_message
+
+        big = encode_spans(to_readable_spans(runs, resource)).SerializeToString()
+        result: dict = {}
+        sender = threading.Thread(target=lambda: result.setdefault("response", httpx.post(
+            svc.otlp_http_url, content=big, headers={"Content-Type": PROTOBUF}, timeout=120)))
+        sender.start()
+        slowest = 0.0
+        while sender.is_alive():
+            started = time.perf_counter()
+            assert svc.http.get("/healthz").status_code == 200
+            slowest = max(slowest, time.perf_counter() - started)
+            time.sleep(0.02)
+        answer = ExportTraceServiceResponse.FromString(result["response"].content)
+        fit = MAX_EVENTS_PER_REQUEST // len(runs[0].events)
+        assert answer.partial_success.rejected_spans == len(runs) - fit
+        wait_for(lambda: len(_json_lines(events_out)) >= fit * len(runs[0].events), 30, "events")
+        assert svc.metric("otel_bridge_inputs_rejected_total", endpoint="otlp-http",
+                          reason="too_many_events") == 1 + len(runs) - fit
+    print(f"slowest /healthz while a {len(big)}-byte request was made into events: "
+          f"{slowest * 1000:.0f} ms")
+    assert slowest < 0.5  # the goal is 100 ms; a shared 2-core CI box gets slack

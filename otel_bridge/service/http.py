@@ -17,6 +17,7 @@ retried push harmless.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any, Callable, Optional, Protocol
 
@@ -31,6 +32,8 @@ from otel_bridge.sources.event_body import BodyItemRejected, events_from_body
 __all__ = ["admin_app"]
 
 logger = logging.getLogger(__name__)
+
+_EVENTS_PER_SLICE = 250  # pushed events taken between two turns of the event loop
 
 PUSH = "push"
 
@@ -82,19 +85,28 @@ def admin_app(
         items, refused = events_from_body(body)
         for item in refused:
             pipeline.reject(PUSH, item.reason)
-        # take_events counts its own refusals.
-        intake = pipeline.take_events([item.event for item in items], PUSH,
-                                      [item.raw for item in items])
-        for index, exc in intake.rejected:
-            refused.append(BodyItemRejected(items[index].number, exc.reason, exc.detail))
+        # take_events counts its own refusals. A slice at a time, each its
+        # own transaction, the event loop free between two; the answer
+        # comes once all are on disk (a crash before it: the sender sends
+        # again, and what was in already counts as duplicates).
+        accepted = 0
+        for start in range(0, len(items), _EVENTS_PER_SLICE):
+            if start:
+                await asyncio.sleep(0)
+            chunk = items[start:start + _EVENTS_PER_SLICE]
+            intake = pipeline.take_events([item.event for item in chunk], PUSH,
+                                          [item.raw for item in chunk])
+            accepted += intake.accepted
+            for index, exc in intake.rejected:
+                refused.append(BodyItemRejected(chunk[index].number, exc.reason, exc.detail))
         refused.sort(key=lambda r: r.item)
         if refused:
             logger.warning("push: items rejected", extra={
-                "accepted": intake.accepted, "rejected": len(refused),
+                "accepted": accepted, "rejected": len(refused),
                 "first": refused[0].as_json()})
-        status = 400 if refused and not intake.accepted else 200
+        status = 400 if refused and not accepted else 200
         return web.json_response(
-            {"accepted": intake.accepted, "rejected": [r.as_json() for r in refused[:100]],
+            {"accepted": accepted, "rejected": [r.as_json() for r in refused[:100]],
              "rejected_count": len(refused)},
             status=status)
 

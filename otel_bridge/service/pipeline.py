@@ -11,6 +11,7 @@ method returns once its input is committed: a caller may then acknowledge it
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from contextlib import contextmanager
@@ -32,7 +33,8 @@ from otel_bridge.service.store import Store
 from otel_bridge.translate.assembler import Assembler, AssemblerOptions
 from otel_bridge.translate.reverse import events_from_span
 
-__all__ = ["EVENT", "SPAN", "Intake", "Pipeline", "decode", "encoded_span"]
+__all__ = ["EVENT", "MAX_EVENTS_PER_REQUEST", "MAX_EVENTS_PER_SPAN", "SPAN", "Intake", "Pipeline",
+           "ReversedSpans", "decode", "encoded_span", "reverse_spans"]
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +70,76 @@ def encoded_span(body: bytes) -> bytes:
     span = decode(SPAN, body)
     assert isinstance(span, Span)
     return encode_span(span)
+
+
+# What one OTLP request may make: a span carries a run's states, and a run
+# keeps at most `AssemblerOptions.max_events_per_run` (1,000) of them; a
+# request, what a Collector's largest batches of such spans make (8,192
+# spans of a few states each), about 55 MB of events at most. Past these,
+# the span (or the rest of the request) is refused: 2 MB of span events once
+# made 100,000 events and held the event loop for 7.7 s.
+MAX_EVENTS_PER_SPAN = 1_000
+MAX_EVENTS_PER_REQUEST = 50_000
+# Events put in the outbox per transaction: between two, the event loop
+# serves the other requests (a request is answered once all are in).
+_EVENTS_PER_TRANSACTION = 500
+_REVERSE_SLICE = 500  # spans and events made between two turns of the event loop
+
+
+@dataclass
+class ReversedSpans:
+    """The events of a request's spans, serialised for the outbox, and the
+    spans refused (their index, why)."""
+
+    spans: int
+    events: list[tuple[bytes, float, dict]] = field(default_factory=list)
+    rejected: list[tuple[int, EventRejected]] = field(default_factory=list)
+
+
+async def reverse_spans(spans: Sequence[Span]) -> ReversedSpans:
+    """Each span judged alone (a span nothing can read is refused with its
+    reason, never the request), within the bounds above. A big request is
+    reversed a slice at a time, letting the event loop serve the others
+    between two (a thread would contend with it for the GIL at every system
+    call it makes, and its SQLite writes make many)."""
+    out = ReversedSpans(len(spans))
+    # A Prefect task span finds its flow run through its parent span.
+    by_id = {span.span_id: span for span in spans}
+    work = 0
+    for index, span in enumerate(spans):
+        try:
+            if len(span.events) > MAX_EVENTS_PER_SPAN:
+                raise EventRejected("too_many_events", f"{len(span.events)} span events, over "
+                                                       f"{MAX_EVENTS_PER_SPAN}")
+            events = events_from_span(span, by_id)
+            if len(out.events) + len(events) > MAX_EVENTS_PER_REQUEST:
+                raise EventRejected("too_many_events", f"the request makes over "
+                                                       f"{MAX_EVENTS_PER_REQUEST} events")
+            made = [(_event_body(event), event.occurred.timestamp(),
+                     {"event_id": str(event.id), "event": event.event,
+                      "resource_id": event.resource_id}) for event in events]
+        except EventRejected as exc:
+            out.rejected.append((index, exc))
+            continue
+        except Exception as exc:  # what no rule foresaw: this span alone, and loudly
+            logger.exception("a span could not be reversed", extra={
+                "trace_id": span.trace_id_hex, "span_id": span.span_id_hex})
+            out.rejected.append((index, EventRejected("invalid_span", type(exc).__name__)))
+            continue
+        out.events.extend(made)
+        work += 1 + len(made)
+        if work >= _REVERSE_SLICE:
+            work = 0
+            await asyncio.sleep(0)
+    return out
+
+
+def _event_body(event: Event) -> bytes:
+    """An event as Prefect's client sends it (without `received`)."""
+    try:
+        return event.model_dump_json(exclude={"received"}).encode()
+    except pydantic_core.PydanticSerializationError:  # text UTF-8 cannot carry
+        raise EventRejected("invalid_span", "text that is not Unicode (a lone surrogate)") from None
 
 
 @dataclass
@@ -140,11 +212,12 @@ class Pipeline:
                 intake.accepted += 1
         return intake
 
-    def tick(self, watermark: Optional[datetime] = None) -> None:
+    def tick(self, watermark: Optional[datetime] = None, limit: Optional[int] = None) -> int:
         """Emit what is due: runs that lingered long enough (and are behind
-        the source's watermark), runs timed out."""
+        the source's watermark), runs timed out; at most `limit` of them.
+        Returns how many."""
         with self._transaction():
-            self.assembler.expire(watermark)
+            return len(self.assembler.expire(watermark, limit))
 
     def flush_finished(self, watermark: Optional[datetime] = None) -> None:
         with self._transaction():
@@ -152,25 +225,38 @@ class Pipeline:
 
     # -- reverse ---------------------------------------------------------------------
 
-    def take_spans(self, spans: Sequence[Span], transport: str) -> Intake:
+    async def take_spans(self, spans: Sequence[Span], transport: str) -> Intake:
+        """Reverse the spans and put their events in the outbox."""
+        return await self.store_reversed(await reverse_spans(spans), transport)
+
+    async def store_reversed(self, reversed_spans: "ReversedSpans", transport: str) -> Intake:
+        """Put the events of `reverse_spans` in the outbox, a few thousand a
+        transaction, letting the event loop go between two. (A crash part way
+        leaves the request unanswered; the sender sends it again, and the
+        events already in go out twice with the same ids, which Prefect
+        takes once.)"""
         intake = Intake()
-        # A Prefect task span finds its flow run through its parent span.
-        by_id = {span.span_id: span for span in spans}
-        with self.store.transaction():
-            for index, span in enumerate(spans):
-                self.metrics.spans_in.labels(transport).inc()
-                try:
-                    events = events_from_span(span, by_id)
-                except EventRejected as exc:
-                    self.reject(f"otlp-{transport}", exc.reason)
-                    intake.rejected.append((index, exc))
-                    continue
-                for event in events:
-                    self._put(EVENT, event.model_dump_json(exclude={"received"}).encode(),
-                              event.occurred.timestamp(),
-                              {"event_id": str(event.id), "event": event.event,
-                               "resource_id": event.resource_id})
-                intake.accepted += 1
+        self.metrics.spans_in.labels(transport).inc(reversed_spans.spans)
+        for index, exc in reversed_spans.rejected:
+            self.reject(f"otlp-{transport}", exc.reason)
+            intake.rejected.append((index, exc))
+        events = reversed_spans.events
+        for start in range(0, len(events), _EVENTS_PER_TRANSACTION):
+            if start:
+                await asyncio.sleep(0)
+            with self._transaction():
+                room = self.outbox_max_bytes - self.store.outbox_bytes(EVENT)
+                fits = []
+                for body, occurred, what in events[start:start + _EVENTS_PER_TRANSACTION]:
+                    if len(body) > room:  # the rest, one by one, counted and logged
+                        self._put(EVENT, body, occurred, what)
+                        continue
+                    room -= len(body)
+                    fits.append((body, occurred))
+                self.store.put_many(EVENT, fits)
+            if fits:
+                self.on_output(EVENT)
+        intake.accepted = reversed_spans.spans - len(reversed_spans.rejected)
         return intake
 
     # -- both --------------------------------------------------------------------------

@@ -178,12 +178,16 @@ class Store:
         return self._outbox_items.get(kind, 0)
 
     def put(self, kind: str, body: bytes, stamp: float) -> None:
-        self._db.execute(
+        self.put_many(kind, [(body, stamp)])
+
+    def put_many(self, kind: str, items: list[tuple[bytes, float]]) -> None:
+        """(body, stamp) items, in one statement."""
+        self._db.executemany(
             "INSERT INTO outbox (kind, body, size, stamp) VALUES (?, ?, ?, ?)",
-            (kind, body, len(body), stamp),
+            [(kind, body, len(body), stamp) for body, stamp in items],
         )
-        self._outbox_bytes[kind] = self.outbox_bytes(kind) + len(body)
-        self._outbox_items[kind] = self.outbox_items(kind) + 1
+        self._outbox_bytes[kind] = self.outbox_bytes(kind) + sum(len(body) for body, _ in items)
+        self._outbox_items[kind] = self.outbox_items(kind) + len(items)
 
     def peek(self, kind: str, max_items: int, max_bytes: int, after: int = 0) -> list[OutboxItem]:
         """The oldest items of `kind` (after seq `after`): at least one, then

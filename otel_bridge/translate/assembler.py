@@ -162,8 +162,10 @@ class Assembler:
             spans.append(self._emit(oldest, SyntheticEnd.EVICTED))
         return spans
 
-    def expire(self, watermark: Optional[datetime] = None) -> list[Span]:
-        """Spans that are due now: lingered long enough, or timed out.
+    def expire(self, watermark: Optional[datetime] = None,
+               limit: Optional[int] = None) -> list[Span]:
+        """Spans that are due now: lingered long enough, or timed out; at
+        most `limit` of them (the rest stay due, for the next call).
 
         With a `watermark` (a source's promise that every event that occurred
         before it has been delivered), a finished run also waits until its
@@ -172,14 +174,14 @@ class Assembler:
         now = self._clock()
         due = []
         for resource_id, since in self._lingering.items():
-            if now - since < self.options.linger_seconds:
+            if now - since < self.options.linger_seconds or len(due) == limit:
                 break
             final_occurred = self._open[resource_id].final_occurred
             if watermark is not None and final_occurred is not None and final_occurred > watermark:
                 continue
             due.append(resource_id)
         spans = [self._emit(resource_id, SyntheticEnd.TIMEOUT) for resource_id in due]
-        while self._open:
+        while self._open and len(spans) != limit:
             resource_id, run = next(iter(self._open.items()))
             if now - run.last_seen < self.options.run_timeout_seconds:
                 break

@@ -66,6 +66,8 @@ class Delivery:
         self.retry_initial = retry_initial
         self.retry_max = retry_max
         self.failures = 0  # in a row
+        # While set, items up to this seq go one at a time (`deliver_once`).
+        self._suspects_until: Optional[int] = None
         self._wake = asyncio.Event()
         self._worker = _Worker(f"otel-bridge-{sink_name}")
 
@@ -96,8 +98,13 @@ class Delivery:
 
     async def deliver_once(self, timeout: Optional[float] = None) -> bool:
         """One batch; False when there was nothing to do or it failed."""
-        alone = self.failures >= _ALONE_AFTER
+        alone = self.failures >= _ALONE_AFTER or self._suspects_until is not None
         items = self.store.peek(self.kind, 1 if alone else self.batch_items, self.batch_bytes)
+        if alone and items and self._suspects_until is not None \
+                and items[0].seq > self._suspects_until and self.failures < _ALONE_AFTER:
+            # Past every item of the batch that kept failing: batches again.
+            self._suspects_until, alone = None, False
+            items = self.store.peek(self.kind, self.batch_items, self.batch_bytes)
         if not items:
             return False
         error = await self._send(items, timeout)
@@ -105,6 +112,12 @@ class Delivery:
             self.failures = 0
             return True
         self.failures += 1
+        if not alone and self.failures >= _ALONE_AFTER:
+            # One item in it may be what the sink refuses: the batch's items
+            # go one at a time until the one refused is found and set aside
+            # (going back to whole batches after each success cost every
+            # good item ahead of it three failed attempts).
+            self._suspects_until = items[-1].seq
         self.store.failed(items)
         self.metrics.export_failures.labels(self.sink_name).inc()
         logger.warning("export failed, will retry", extra={

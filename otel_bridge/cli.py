@@ -69,6 +69,20 @@ def _parser() -> argparse.ArgumentParser:
                               "read later (a RolledBack far behind) is set aside and counted")
     convert.set_defaults(run=_convert)
 
+    store = commands.add_parser(
+        "store",
+        help="check a damaged store, or salvage what can be read of it",
+        description=(
+            "`check PATH`: what SQLite finds wrong with the store and, table by table, how many "
+            "rows can be read (exit 0: no damage, 1: damaged). `salvage PATH NEW`: copy every "
+            "row that can be read into a new store at NEW, for `serve --store-path NEW`, and say "
+            "what was left behind (exit 0 once NEW is made)."),
+    )
+    store.add_argument("action", choices=("check", "salvage"))
+    store.add_argument("path", help="the store (serve's --store-path)")
+    store.add_argument("new_path", nargs="?", metavar="NEW", help="salvage: the new store")
+    store.set_defaults(run=_store)
+
     demo = commands.add_parser(
         "demo",
         help="start a local Prefect server, run an example flow, show its trace",
@@ -292,6 +306,28 @@ def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     except (StoreError, OSError) as exc:  # cannot start: store, a port in use
         print(f"otel-bridge serve: {exc}", file=sys.stderr)
         return EXIT_REJECTED
+
+
+def _store(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from pathlib import Path
+
+    from otel_bridge.service.store import StoreError
+    from otel_bridge.service.store_repair import check, salvage
+
+    try:
+        if args.action == "check":
+            report = check(Path(args.path))
+        elif args.new_path is None:
+            parser.error("salvage needs the new store's path: store salvage PATH NEW")
+        else:
+            report = salvage(Path(args.path), Path(args.new_path))
+    except (OSError, StoreError) as exc:
+        print(f"otel-bridge store: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print("\n".join(report.lines()))
+    if args.action == "salvage":
+        print(f"salvaged into {args.new_path}: serve --store-path {args.new_path}")
+    return EXIT_OK if report.clean or args.action == "salvage" else EXIT_REJECTED
 
 
 def _demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:

@@ -120,6 +120,11 @@ class Service:
             logger.info("store opened", extra={
                 "store_path": str(s.store_path), "open_runs": self.pipeline.assembler.open_runs,
                 "outbox_spans": self.store.outbox_items(SPAN), "outbox_events": self.store.outbox_items(EVENT)})
+            if self.store.unreadable_rows:
+                self.metrics.dropped.labels(EVENT, "unreadable").inc(self.store.unreadable_rows)
+                logger.error("store rows that could not be read were passed over", extra={
+                    "store_path": str(s.store_path), "rows": self.store.unreadable_rows,
+                    "hint": f"otel-bridge store check {s.store_path}"})
             self._start_deliveries()
             await self._bind()
             if s.follows_prefect:

@@ -66,7 +66,8 @@ class Metrics:
             "otel_bridge_dropped",
             "Output lost: outbox_full (the disk bound was hit), refused (the sink refused the item "
             "while accepting the ones after it; kept in the store's dead_letters table), unencodable "
-            "(a span OTLP cannot carry: a time before 1970, text that is not Unicode; logged)",
+            "(a span OTLP cannot carry: a time before 1970, text that is not Unicode; logged), unreadable "
+            "(store rows restore could not read; see `otel-bridge store check`)",
             ["kind", "reason"], registry=r)
         self.event_lag = Histogram(
             "otel_bridge_event_lag_seconds",

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 from uuid import UUID
 
-from otel_bridge.model.events import Event, parse_wire_event
+from otel_bridge.model.events import Event, EventRejected, parse_wire_event
 
 __all__ = ["OutboxItem", "Store", "StoreError"]
 
@@ -68,8 +68,35 @@ CREATE TABLE IF NOT EXISTS meta (
 """
 
 
+def read_event(body: object) -> Optional[Event]:
+    """A `run_events` row's event, or None if the row holds none."""
+    if not isinstance(body, (str, bytes)):
+        return None
+    try:
+        return parse_wire_event(body)
+    except EventRejected:
+        return None
+
+
+def read_event_ids(text: object) -> Optional[list[UUID]]:
+    """A `finished_runs` row's event ids, or None if the row holds none."""
+    try:
+        ids = json.loads(text)  # type: ignore[arg-type]
+        return [UUID(i) for i in ids]
+    except (TypeError, ValueError, AttributeError):
+        return None
+
+
 class StoreError(RuntimeError):
-    """The store cannot be opened (path, permissions, another process)."""
+    """The store cannot be opened (path, permissions, another process) or
+    is damaged."""
+
+
+def damaged(path: Path, exc: Exception) -> StoreError:
+    return StoreError(
+        f"the store at {path} is damaged ({exc}). `otel-bridge store check {path}` says what "
+        f"can be read; `otel-bridge store salvage {path} NEW` copies it to a new store, which "
+        f"serve can then use (--store-path NEW); or move the file away to start afresh.")
 
 
 def _exclusive_lock(path: Path):
@@ -111,11 +138,24 @@ class Store:
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute("PRAGMA busy_timeout=5000")
             self._db.executescript(_SCHEMA)
+            # Damage found now, with what to do, rather than as a traceback
+            # in whatever reads the damaged page first (once over the file).
+            found = [row[0] for row in self._db.execute("PRAGMA quick_check(5)")]
+            if found != ["ok"]:
+                raise sqlite3.DatabaseError("; ".join(found))
+        except sqlite3.DatabaseError as exc:
+            raise damaged(self.path, exc) from None
         except (OSError, sqlite3.Error) as exc:
             raise StoreError(f"cannot open the store at {self.path}: {exc}") from None
         self._lock = _exclusive_lock(self.path.with_name(self.path.name + ".lock"))
         self._depth = 0
-        self._reload_outbox_totals()
+        # Rows restore could not read (`open_events`, `finished_runs`):
+        # passed over, counted, logged by the service.
+        self.unreadable_rows = 0
+        try:
+            self._reload_outbox_totals()
+        except sqlite3.DatabaseError as exc:
+            raise damaged(self.path, exc) from None
 
     def close(self) -> None:
         self._db.close()
@@ -158,16 +198,31 @@ class Store:
         )
 
     def open_events(self) -> Iterator[Event]:
-        for (body,) in self._db.execute("SELECT body FROM run_events ORDER BY rowid"):
+        """The open runs' events; a row that is not one is passed over and
+        counted (`unreadable_rows`). Raises `StoreError` if the file is damaged."""
+        for (body,) in self._rows("SELECT body FROM run_events ORDER BY rowid"):
             # Any wire form, as taken (`parse_wire_event` reads each again to
             # the very same event); JSON escapes of text UTF-8 cannot carry too.
-            event = parse_wire_event(body)
-            assert event is not None  # it was taken as an event
+            event = read_event(body)
+            if event is None:
+                self.unreadable_rows += 1
+                continue
             yield event
 
     def finished_runs(self) -> Iterator[tuple[str, list[UUID]]]:
-        for run_id, ids in self._db.execute("SELECT run_id, event_ids FROM finished_runs ORDER BY seq"):
-            yield run_id, [UUID(i) for i in json.loads(ids)]
+        """As `open_events`, for the runs already emitted."""
+        for run_id, ids in self._rows("SELECT run_id, event_ids FROM finished_runs ORDER BY seq"):
+            event_ids = read_event_ids(ids)
+            if not isinstance(run_id, str) or event_ids is None:
+                self.unreadable_rows += 1
+                continue
+            yield run_id, event_ids
+
+    def _rows(self, query: str) -> Iterator[tuple]:
+        try:
+            yield from self._db.execute(query)
+        except sqlite3.DatabaseError as exc:
+            raise damaged(self.path, exc) from None
 
     # -- outbox -----------------------------------------------------------------
 

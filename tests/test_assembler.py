@@ -181,3 +181,29 @@ def test_unknown_state_type_is_rejected_without_harming_the_run():
     feed(asm, raw[1:])
     (span,) = asm.flush()
     assert state_names(span) == ["Pending", "Running", "Completed"]
+
+
+def test_a_run_whose_span_cannot_be_made_costs_that_run_alone(monkeypatch):
+    """Whatever breaks building one run's span (a bug, input nothing
+    foresaw) must not hold back the runs due with it: raised again at every
+    tick, it once would have."""
+    from otel_bridge.translate import assembler as module
+
+    flow_run = FlowRun()
+    raw = [e for name in ("a", "b", "c") for e in task_run_events(
+        ["Pending", "Running", "Completed"], name=name, flow_run=flow_run)]
+    real = module.run_span
+
+    def breaks_on_b(events, *args, **kwargs):
+        if events[0].resource.get("prefect.resource.name") == "b":
+            raise KeyError("a bug")
+        return real(events, *args, **kwargs)
+
+    monkeypatch.setattr(module, "run_span", breaks_on_b)
+    set_aside = []
+    assembler = Assembler(on_set_aside=lambda event, why: set_aside.append(why))
+    for event in events(raw):
+        assembler.add(event)
+    spans = assembler.flush()
+    assert sorted(s.name for s in spans) == ["a", "c"]
+    assert set_aside == ["unbuildable"] * 3 and assembler.counts["runs_unbuildable"] == 1

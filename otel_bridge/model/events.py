@@ -18,6 +18,7 @@ from uuid import UUID
 
 import msgspec
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_core import PydanticSerializationError
 
 # Prefect's defaults (PREFECT_EVENTS_MAXIMUM_LABELS_PER_RESOURCE,
 # PREFECT_EVENTS_MAXIMUM_RELATED_RESOURCES, PREFECT_SERVER_EVENTS_MAXIMUM_SIZE_BYTES).
@@ -189,7 +190,10 @@ def _within_size(event: Event, size: Optional[int]) -> Event:
     # Prefect measures the serialised client-side event; only look closer when
     # the raw text is near the limit, since serialising costs as much as parsing.
     if size is None or size > MAX_EVENT_SIZE_BYTES:
-        encoded = len(event.model_dump_json(exclude={"received"}).encode())
+        try:
+            encoded = len(event.model_dump_json(exclude={"received"}).encode())
+        except PydanticSerializationError:  # text UTF-8 cannot carry: as JSON escapes it
+            encoded = len(json.dumps(event.model_dump(mode="json", exclude={"received"})))
         if encoded > MAX_EVENT_SIZE_BYTES:
             raise EventRejected(
                 "too_large",

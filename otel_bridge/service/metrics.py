@@ -67,7 +67,8 @@ class Metrics:
             "Output lost: outbox_full (the disk bound was hit), refused (the sink refused the item "
             "while accepting the ones after it; kept in the store's dead_letters table), unencodable "
             "(a span OTLP cannot carry: a time before 1970, text that is not Unicode; logged), unreadable "
-            "(store rows restore could not read; see `otel-bridge store check`)",
+            "(store rows restore could not read; see `otel-bridge store check`), unbuildable (a run "
+            "whose span could not be made: a bug; its events are set aside and logged)",
             ["kind", "reason"], registry=r)
         self.event_lag = Histogram(
             "otel_bridge_event_lag_seconds",

@@ -268,8 +268,14 @@ class Pipeline:
     def kept(self, resource_id: str, event: Event, raw: bytes) -> None:
         self.store.keep_event(resource_id, event, raw)
 
-    def emitted(self, resource_id: str, event_ids: frozenset[UUID], span: Span) -> None:
+    def emitted(self, resource_id: str, event_ids: frozenset[UUID],
+                span: Optional[Span]) -> None:
         self.store.close_run(resource_id, event_ids)
+        if span is None:  # its events were set aside, each counted and logged
+            self.metrics.dropped.labels(SPAN, "unbuildable").inc()
+            logger.error("a run's span could not be made: its events are set aside",
+                         extra={"resource_id": resource_id})
+            return
         self.metrics.spans_built.labels(span.attributes.get("otel_bridge.synthetic.end", "final")).inc()
         what = {"trace_id": span.trace_id_hex, "span_id": span.span_id_hex, "span_name": span.name,
                 "resource_id": resource_id}

@@ -43,6 +43,7 @@ _decode = msgspec.json.Decoder().decode
 
 def events_from_body(body: bytes) -> tuple[list[BodyItem], list[BodyItemRejected]]:
     """The body's events and what was not."""
+    lines = [(n, line) for n, line in enumerate(body.split(b"\n"), 1) if line.strip()]
     if body.lstrip()[:1] == b"[":
         try:
             raws = _items_of_array(body)
@@ -50,10 +51,13 @@ def events_from_body(body: bytes) -> tuple[list[BodyItem], list[BodyItemRejected
             try:  # what msgspec refuses that json takes (NaN, ...)
                 values = json.loads(body)
             except (ValueError, UnicodeDecodeError, RecursionError):
+                if len(lines) > 1 and _is_json(lines[0][1]):  # JSON lines, the first a list
+                    return _judge(lines, parsed=False)
                 return [], [BodyItemRejected(1, "malformed_json", "the body is not valid JSON")]
+            if not isinstance(values, list):
+                return _judge([(1, values)], parsed=True)
             return _judge(enumerate(values, 1), parsed=True)
         return _judge(((i, bytes(raw)) for i, raw in enumerate(raws, 1)), parsed=True)
-    lines = [(n, line) for n, line in enumerate(body.split(b"\n"), 1) if line.strip()]
     if len(lines) > 1 and not _is_json(lines[0][1]) and _is_json(body):
         return _judge([(1, body)], parsed=False)  # one JSON document over several lines
     return _judge(lines, parsed=False)

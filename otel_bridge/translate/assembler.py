@@ -81,8 +81,10 @@ class Journal(Protocol):
         `parse_wire_event` reads back to it (what it was parsed from, when
         known)."""
 
-    def emitted(self, resource_id: str, event_ids: frozenset[UUID], span: Span) -> None:
-        """The run is closed: `span` is its one export; `event_ids` its events."""
+    def emitted(self, resource_id: str, event_ids: frozenset[UUID],
+                span: Optional[Span]) -> None:
+        """The run is closed: `span` is its one export (None: it could not be
+        made, and its events were set aside); `event_ids` its events."""
 
 
 class Assembler:
@@ -160,7 +162,7 @@ class Assembler:
         while len(self._open) > self.options.max_open_runs:
             oldest = next(iter(self._open))
             spans.append(self._emit(oldest, SyntheticEnd.EVICTED))
-        return spans
+        return _made(spans)
 
     def expire(self, watermark: Optional[datetime] = None,
                limit: Optional[int] = None) -> list[Span]:
@@ -186,11 +188,11 @@ class Assembler:
             if now - run.last_seen < self.options.run_timeout_seconds:
                 break
             spans.append(self._emit(resource_id, SyntheticEnd.TIMEOUT))
-        return spans
+        return _made(spans)
 
     def flush(self, reason: SyntheticEnd = SyntheticEnd.END_OF_INPUT) -> list[Span]:
         """End every open run now (end of input, or shutdown)."""
-        return [self._emit(resource_id, reason) for resource_id in list(self._open)]
+        return _made([self._emit(resource_id, reason) for resource_id in list(self._open)])
 
     def flush_finished(self, watermark: Optional[datetime] = None) -> list[Span]:
         """Emit, without waiting out the linger, every run whose final state
@@ -198,7 +200,7 @@ class Assembler:
         stopping. The others stay open."""
         due = [resource_id for resource_id in self._lingering
                if watermark is None or self._open[resource_id].final_occurred <= watermark]
-        return [self._emit(resource_id, SyntheticEnd.TIMEOUT) for resource_id in due]
+        return _made([self._emit(resource_id, SyntheticEnd.TIMEOUT) for resource_id in due])
 
     def restore(
         self,
@@ -218,15 +220,26 @@ class Assembler:
             self._journal = journal
             self.counts = counts
 
-    def _emit(self, resource_id: str, reason: SyntheticEnd) -> Span:
+    def _emit(self, resource_id: str, reason: SyntheticEnd) -> Optional[Span]:
         run = self._open.pop(resource_id)
         self._lingering.pop(resource_id, None)
         self._finished[resource_id] = run.event_ids
         while len(self._finished) > self.options.remember_finished_runs:
             self._finished.popitem(last=False)
         events = self._packer.unpack(run.events)
-        span = run_span(events, self.options.forward, synthetic_end=reason)
         event_ids = frozenset(event.id for event in events)
+        try:
+            span = run_span(events, self.options.forward, synthetic_end=reason)
+        except Exception:
+            # What no rule foresaw (a bug, or input nothing anticipated) must
+            # cost this run alone: raised again at every tick, it would hold
+            # back every run due with it. Its events are set aside, counted.
+            self.counts["runs_unbuildable"] += 1
+            for event in events:
+                self._set_aside(event, "unbuildable")
+            if self._journal is not None:
+                self._journal.emitted(resource_id, event_ids, None)
+            return None
         if run.dropped:
             span = dataclasses.replace(
                 span, attributes={**span.attributes, ATTR_EVENTS_DROPPED: run.dropped}
@@ -257,3 +270,7 @@ def _holds(blob: bytes, id_bytes: bytes) -> bool:
             return True
         at = blob.find(id_bytes, at + 1)
     return False
+
+
+def _made(spans: list[Optional[Span]]) -> list[Span]:
+    return [span for span in spans if span is not None]

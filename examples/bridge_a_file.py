@@ -45,4 +45,6 @@ def main(path: str) -> int:
 
 
 if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit(__doc__.split("\n\n")[1])  # the usage line, exit status 1
     sys.exit(main(sys.argv[1]))

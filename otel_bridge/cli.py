@@ -9,6 +9,7 @@ import sys
 from typing import Optional, Sequence
 
 from otel_bridge._prefect_api import ui_url
+from otel_bridge._version import __version__
 from otel_bridge.model.events import EventRejected
 from otel_bridge.sources.jsonl import Line, parse_events, read_lines
 from otel_bridge.translate.assembler import Assembler, AssemblerOptions
@@ -33,6 +34,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="otel-bridge",
         description="Prefect task-run events <-> OpenTelemetry traces.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     convert = commands.add_parser(
@@ -67,7 +69,7 @@ def _parser() -> argparse.ArgumentParser:
                          help="forward: a run's span is written once N more events have been read "
                               "after its final state (default: %(default)s); a state of the run "
                               "read later (a RolledBack far behind) is set aside and counted")
-    convert.set_defaults(run=_convert)
+    convert.set_defaults(run=_convert, command_parser=convert)
 
     store = commands.add_parser(
         "store",
@@ -140,6 +142,7 @@ def _settings_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _convert(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    parser = args.command_parser  # errors show convert's usage, not the top level's
     missing = [p for p in args.inputs if p != "-" and not os.path.isfile(p)]
     if missing:
         parser.error(f"no such file: {', '.join(missing)}")
@@ -170,6 +173,9 @@ def _convert(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     except Exception as exc:  # an output's failure must not look like success
         print(f"otel-bridge: output failed: {exc}", file=sys.stderr)
         return EXIT_REJECTED
+    if args.to in REVERSE_OUTPUTS and rejected and _looks_like_events(args.inputs):
+        print("otel-bridge: this input looks like Prefect events, not OTLP spans: the forward "
+              "direction reads events (--to otlp-json, otlp or tree)", file=sys.stderr)
     unencodable = getattr(sink, "spans_unencodable", 0)
     if unencodable:
         summary += f", {unencodable} spans OTLP cannot carry set aside (see above)"
@@ -229,6 +235,21 @@ def _forward(lines, reject, args: argparse.Namespace, sink) -> tuple[str, int]:
         + (f", {late} late events set aside (a state more than --linger-events after its "
            "run's final state; raise it to keep them)" if late else "")
     ), late
+
+
+def _looks_like_events(inputs: list[str]) -> bool:
+    """Whether the first line of the first file is a Prefect event."""
+    from otel_bridge.model.events import parse_wire_event
+
+    first = next((path for path in inputs if path != "-"), None)
+    if first is None:
+        return False
+    with open(first, "rb") as stream:
+        line = stream.readline(2_000_000)
+    try:
+        return parse_wire_event(line) is not None
+    except EventRejected:
+        return False
 
 
 def _count(text: str) -> int:

@@ -237,3 +237,22 @@ def test_a_run_otlp_cannot_carry_is_set_aside_and_the_others_are_written(tmp_pat
     assert "\\ud800" not in result.stderr and "broken" not in result.stderr  # not its content
     (request,) = [parse_otlp_json_line(line) for line in out.read_text().splitlines()]
     assert [s.name for s in request.resource_spans[0].scope_spans[0].spans] == ["good"]
+
+
+def test_the_first_hour_slips(tmp_path):
+    """What a new user met: no --version, the top-level usage for a missing
+    file, two line numbers in one message, silence for events given to the
+    reverse direction, an example that crashed without its argument."""
+    assert run_cli("--version").stdout.startswith("otel-bridge ")
+    missing = run_cli("convert", str(tmp_path / "nope.jsonl"))
+    assert missing.returncode == 2 and "usage: otel-bridge convert" in missing.stderr
+    broken = write_jsonl(tmp_path / "broken.jsonl", ['{"a":'])
+    message = run_cli("convert", str(broken)).stderr
+    assert "broken.jsonl:1: rejected (malformed_json)" in message and "line 2" not in message
+    events = write_jsonl(tmp_path / "events.jsonl", task_run_events(["Pending", "Running"]))
+    reverse = run_cli("convert", str(events), "--to", "events")
+    assert reverse.returncode == 1 and "looks like Prefect events" in reverse.stderr
+    example = subprocess.run([sys.executable, str(Path(__file__).parent.parent / "examples"
+                                                  / "minimal_engine.py")],
+                             capture_output=True, text=True, timeout=60)
+    assert example.returncode == 1 and "minimal_engine.py EVENTS.jsonl" in example.stderr

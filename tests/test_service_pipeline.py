@@ -319,3 +319,17 @@ def test_the_otlp_receiver_refuses_to_listen_beyond_loopback_without_a_token(tmp
     assert load_settings({**common, "listen_host": "::1"})
     with pytest.raises(ConfigError, match="tls_key_file"):
         load_settings({**common, "tls_cert_file": str(tmp_path / "cert.pem")})
+
+
+def test_choices_take_any_case_and_the_store_lives_in_a_state_directory(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    settings = load_settings({"push_token": "a-token", "log_level": "warning",
+                              "forward_to": "OTLP"})
+    assert (settings.log_level, settings.forward_to) == ("WARNING", "otlp")
+    assert settings.store_path == tmp_path / "state" / "otel-bridge" / "store.sqlite3"
+    monkeypatch.delenv("XDG_STATE_HOME")
+    assert load_settings({"push_token": "a-token"}).store_path.parts[-4:] == (
+        ".local", "state", "otel-bridge", "store.sqlite3")
+    with pytest.raises(ConfigError) as error:
+        load_settings({})
+    assert "PREFECT_API_URL" in str(error.value) and "--push-token" in str(error.value)

@@ -166,6 +166,10 @@ def _loads(raw: str | bytes) -> Any:
         raise EventRejected("malformed_json", "nested too deeply") from None
     try:
         return json.loads(raw)
+    except json.JSONDecodeError as exc:
+        # Its own position, not json's "line 2 column 1": the caller says
+        # where the text came from (a file's line, a body's item).
+        raise EventRejected("malformed_json", f"{exc.msg}, at character {exc.pos + 1}") from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise EventRejected("malformed_json", str(exc)) from None
     except RecursionError:

@@ -17,7 +17,14 @@ import os
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from pydantic import AliasChoices, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    AliasChoices,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -87,7 +94,10 @@ class ServeSettings(BaseSettings):
     reverse_file: Optional[Path] = Field(None, description="event JSON lines, with reverse_to: file")
 
     # -- nothing lost
-    store_path: Path = Field(Path("otel-bridge-data/store.sqlite3"))
+    store_path: Path = Field(
+        default_factory=lambda: default_store_path(),
+        description="the SQLite store (default: $XDG_STATE_HOME/otel-bridge/store.sqlite3, "
+                    "else ~/.local/state/otel-bridge/store.sqlite3)")
     outbox_max_bytes: int = Field(1024**3, gt=0, description="disk held for undelivered output")
     export_batch_items: int = Field(512, gt=0)
     retry_initial_seconds: float = Field(0.5, gt=0)
@@ -104,6 +114,17 @@ class ServeSettings(BaseSettings):
     # -- logs
     log_format: Literal["json", "text"] = "json"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        return value.strip().upper() if isinstance(value, str) else value
+
+    @field_validator("log_format", "forward_to", "reverse_to", "prefect_trace_context",
+                     mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.strip().lower() if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _secrets(self) -> "ServeSettings":
@@ -145,8 +166,9 @@ class ServeSettings(BaseSettings):
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ValueError("TLS needs both tls_cert_file and tls_key_file")
         if not self.prefect_api_url and self.subscribe and not self.push_token and not self.otlp_receiver:
-            raise ValueError("nothing to listen to: set PREFECT_API_URL to follow a Prefect server, "
-                             "push_token for POST /v1/events, or otlp_receiver")
+            raise ValueError("nothing to listen to: follow a Prefect server (PREFECT_API_URL or "
+                             "--prefect-api-url), take pushed events (--push-token or "
+                             "OTEL_BRIDGE_PUSH_TOKEN), or receive OTLP spans (--otlp-receiver)")
         return self
 
     @property
@@ -169,6 +191,14 @@ class ServeSettings(BaseSettings):
 
 
 _yaml_file: Optional[Path] = None
+
+
+def default_store_path() -> Path:
+    """Where a service keeps its state when not told: the XDG state
+    directory, not wherever it was started (a container sets
+    OTEL_BRIDGE_STORE_PATH to its volume)."""
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "otel-bridge" / "store.sqlite3"
 _SECRETS = ("prefect_api_key", "push_token", "otlp_token")
 
 

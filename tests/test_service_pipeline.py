@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import sqlite3
 import subprocess
 import sys
@@ -333,3 +334,31 @@ def test_choices_take_any_case_and_the_store_lives_in_a_state_directory(tmp_path
     with pytest.raises(ConfigError) as error:
         load_settings({})
     assert "PREFECT_API_URL" in str(error.value) and "--push-token" in str(error.value)
+
+
+def test_an_outage_is_one_clear_line_then_quiet_then_a_line_when_it_ends(tmp_path, caplog):
+    """No Collector running once meant 13 warnings in 46 s, the last saying
+    `items: 1` with 6 spans waiting and `TimeoutError: ` with no message."""
+    store = Store(tmp_path / "s.sqlite3")
+    spans = fill_outbox(store)
+    sink = RecordingSink()
+    delivery = Delivery(store, SPAN, sink, "test", Metrics(), batch_items=2)
+    sink.down = True
+    with caplog.at_level(logging.DEBUG, logger="otel_bridge.service.delivery"):
+        asyncio.run(drive(delivery, 20))
+        sink.down = False
+        asyncio.run(drive(delivery, 100))
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1, [r.getMessage() for r in warnings]
+    assert warnings[0].waiting == len(spans) and "sent again" in warnings[0].getMessage()
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.INFO] == [
+        "delivering again"]
+    assert sink.got == spans
+
+
+def test_an_error_with_no_message_still_says_what_it_was():
+    from otel_bridge.service.delivery import _describe
+
+    assert _describe(TimeoutError()) == "TimeoutError: no answer in time"
+    assert _describe(ValueError("bad")) == "ValueError: bad"
+    assert _describe(KeyError()) == "KeyError"

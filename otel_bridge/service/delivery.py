@@ -34,6 +34,15 @@ __all__ = ["Delivery", "Sink"]
 logger = logging.getLogger(__name__)
 
 _ALONE_AFTER = 3  # failures in a row before items go one at a time
+_REMIND_SECONDS = 300.0  # while a sink keeps failing, a log line this often
+
+
+def _describe(exc: BaseException) -> str:
+    """An error in a few words, also one whose message is empty (a
+    TimeoutError says nothing by itself)."""
+    text = str(exc) or {TimeoutError: "no answer in time",
+                        asyncio.TimeoutError: "no answer in time"}.get(type(exc), "")
+    return (f"{type(exc).__name__}: {text}" if text else type(exc).__name__)[:500]
 
 
 class Sink(Protocol):
@@ -68,6 +77,10 @@ class Delivery:
         self.failures = 0  # in a row
         # While set, items up to this seq go one at a time (`deliver_once`).
         self._suspects_until: Optional[int] = None
+        # An outage, as the logs tell it (`_report_failure`).
+        self._failing_since: Optional[float] = None
+        self._last_reminder = 0.0
+        self._failed_attempts = 0
         self._wake = asyncio.Event()
         self._worker = _Worker(f"otel-bridge-{sink_name}")
 
@@ -109,9 +122,16 @@ class Delivery:
             return False
         error = await self._send(items, timeout)
         if error is None:
+            if self._failing_since is not None:
+                logger.info("delivering again", extra={
+                    "sink": self.sink_name, "failed_attempts": self._failed_attempts,
+                    "down_seconds": round(time.monotonic() - self._failing_since, 1),
+                    "waiting": self.store.outbox_items(self.kind)})
+                self._failing_since, self._failed_attempts = None, 0
             self.failures = 0
             return True
         self.failures += 1
+        self._report_failure(items, error)
         if not alone and self.failures >= _ALONE_AFTER:
             # One item in it may be what the sink refuses: the batch's items
             # go one at a time until the one refused is found and set aside
@@ -120,9 +140,6 @@ class Delivery:
             self._suspects_until = items[-1].seq
         self.store.failed(items)
         self.metrics.export_failures.labels(self.sink_name).inc()
-        logger.warning("export failed, will retry", extra={
-            "sink": self.sink_name, "items": len(items), "failures_in_a_row": self.failures,
-            "error": error})
         if alone and items[0].attempts >= 1:  # it had failed alone before
             behind = self.store.peek(self.kind, 1, self.batch_bytes, after=items[0].seq)
             if behind and await self._send(behind, timeout) is None:
@@ -133,6 +150,28 @@ class Delivery:
                 self.failures = 0
                 return True
         return False
+
+    def _report_failure(self, items: list[OutboxItem], error: str) -> None:
+        """One clear line when a sink stops taking output (the endpoint down,
+        say), what is kept, and then quiet: a reminder every few minutes, and
+        a line when it takes output again. Each failure is in the metrics."""
+        self._failed_attempts += 1
+        now = time.monotonic()
+        first = self._failing_since is None
+        if first:
+            self._failing_since = self._last_reminder = now
+        elif now - self._last_reminder < _REMIND_SECONDS:
+            logger.debug("export failed again", extra={"sink": self.sink_name, "error": error})
+            return
+        self._last_reminder = now
+        logger.warning(
+            "the sink does not take output: it is kept in the store and sent again with backoff"
+            if first else "the sink still does not take output", extra={
+                "sink": self.sink_name, "error": error, "batch": len(items),
+                "waiting": self.store.outbox_items(self.kind),
+                "waiting_bytes": self.store.outbox_bytes(self.kind),
+                "failed_attempts": self._failed_attempts,
+                "retry_in_seconds": round(self._pause(), 1)})
 
     async def _send(self, items: list[OutboxItem], timeout: Optional[float]) -> Optional[str]:
         export_encoded = getattr(self.sink, "export_encoded", None)
@@ -146,7 +185,7 @@ class Delivery:
         try:
             await asyncio.wait_for(self._worker.submit(export), timeout)
         except Exception as exc:  # the sink's failure, whatever its type
-            return f"{type(exc).__name__}: {exc}"[:500]
+            return _describe(exc)
         self.store.remove(items)
         now = time.time()
         self.metrics.exported.labels(self.sink_name).inc(len(items))

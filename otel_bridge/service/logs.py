@@ -74,6 +74,9 @@ def setup_logging(fmt: str = "json", level: str = "INFO", secrets: Iterable[str]
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    # The OTLP exporters log every retry of theirs; the deliveries say, once,
+    # that the endpoint does not take output, with the exporter's reason.
+    logging.getLogger("opentelemetry.exporter.otlp").propagate = False
     # Third-party chatter at INFO (every websocket connect) is not ours to log.
     for noisy in ("websockets", "httpx", "httpcore", "aiohttp.access", "grpc"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))

@@ -149,8 +149,9 @@ def _http_exporter_class() -> type:
                 return SpanExportResult.FAILURE
             result = self._client.export(request)
             if not result.success:
-                logger.warning("OTLP export of %d spans failed: %s", spans,
-                               result.error or result.reason or result.status_code)
+                logging.getLogger(EXPORTER_LOGGER).warning(
+                    "OTLP/HTTP export of %d spans failed: %s", spans,
+                    result.error or result.reason or result.status_code)
                 return SpanExportResult.FAILURE
             return SpanExportResult.SUCCESS
 
@@ -163,6 +164,23 @@ OnUnencodable = Callable[[Span, Unencodable], None]
 def log_unencodable(span: Span, error: Unencodable) -> None:
     logger.error("span %s of trace %s cannot be encoded in OTLP and is set aside: %s",
                  span.span_id_hex, span.trace_id_hex, error)
+
+
+class _ExporterComplaints(logging.Handler):
+    """The official exporters say why an export failed only in their log;
+    the last thing they said, for `ExportFailed`'s message."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.last = ""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.last = record.getMessage()[:300]
+
+
+EXPORTER_LOGGER = "opentelemetry.exporter.otlp"
+_complaints = _ExporterComplaints()
+logging.getLogger(EXPORTER_LOGGER).addHandler(_complaints)
 
 
 class OtlpSink:
@@ -204,10 +222,8 @@ class OtlpSink:
                     [span_from_proto(ProtoSpan.FromString(_field_content(f))) for f in batch],
                     self._resource))
             if result is not SpanExportResult.SUCCESS:
-                raise ExportFailed(
-                    f"the OTLP endpoint did not accept {len(batch)} spans "
-                    "(see the exporter's log above for the reason)"
-                )
+                raise ExportFailed(f"the OTLP endpoint did not take {len(batch)} spans: "
+                                   f"{_complaints.last or 'the exporter said no more'}")
             self.spans_written += len(batch)
 
     def close(self) -> None:

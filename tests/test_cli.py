@@ -256,3 +256,18 @@ def test_the_first_hour_slips(tmp_path):
                                                   / "minimal_engine.py")],
                              capture_output=True, text=True, timeout=60)
     assert example.returncode == 1 and "minimal_engine.py EVENTS.jsonl" in example.stderr
+
+
+def test_the_tree_shows_the_flow_tags_and_why_a_run_was_retried(tmp_path):
+    """What a person reading the tree asked for. (Prefect 3.9 writes no
+    message on its retry states; an engine that does gets it shown.)"""
+    flow_run = FlowRun()
+    raw = flow_run_events(["Pending", "Running", "Completed"], flow_run) + task_run_events(
+        ["Pending", "Running", "AwaitingRetry", "Retrying", "Completed"], name="load-1a2",
+        flow_run=flow_run, tags=["etl", "db"],
+        messages={"AwaitingRetry": "Task run encountered an exception TimeoutError: db slow"})
+    tree = run_cli("convert", str(write_jsonl(tmp_path / "in.jsonl", raw)), "--to", "tree").stdout
+    flow_line, task_line = [line for line in tree.splitlines() if "[" in line]
+    assert f"(RUN {flow_run.flow_name})" in flow_line
+    assert "#db #etl" in task_line  # (Prefect sorts a run's tags)
+    assert "AwaitingRetry (TimeoutError: db slow) > Retrying" in task_line

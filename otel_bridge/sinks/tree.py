@@ -45,8 +45,18 @@ def _describe(span: Span, parent: int | None, by_id: dict) -> str:
     if span.name and not run_name.startswith(span.name):
         text += f" ({span.name})"
     text += f" [{state}] {_seconds(duration)}"
-    # A span event per state, named after it.
-    states = [e.name for e in span.events]
+    tags = span.attributes.get("prefect.tags")
+    if isinstance(tags, (list, tuple)) and tags:
+        text += " " + " ".join(f"#{tag}" for tag in tags)
+    # A span event per state, named after it; why a run is retried (the
+    # exception Prefect's engine wrote) beside the retry.
+    states = []
+    for event in span.events:
+        message = event.attributes.get("prefect.state.message")
+        if event.name in _RETRIES and isinstance(message, str) and message:
+            states.append(f"{event.name} ({_short(message)})")
+        else:
+            states.append(event.name)
     if states:
         text += "  " + " > ".join(states)
     if span.status_code is StatusCode.ERROR:
@@ -61,6 +71,15 @@ def _describe(span: Span, parent: int | None, by_id: dict) -> str:
     if synthetic:
         text += "  synthetic " + ",".join(synthetic)
     return text
+
+
+_RETRIES = frozenset({"Retrying", "AwaitingRetry"})
+
+
+def _short(message: str) -> str:
+    """A state message's gist: Prefect's engine prefixes the exception."""
+    first = message.splitlines()[0].removeprefix("Task run encountered an exception ")
+    return first if len(first) <= 60 else first[:57] + "..."
 
 
 def _seconds(value: float) -> str:

@@ -7,15 +7,22 @@ PY := $(VENV)/bin/python
 
 .PHONY: demo test backends clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+
+# What the tests need (Prefect, pytest, ...), and what the demo needs.
+$(VENV)/.installed: pyproject.toml $(VENV)/bin/python
 	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+$(VENV)/.demo-installed: pyproject.toml $(VENV)/bin/python
+	$(PY) -m pip install --quiet -e '.[demo]'
 	touch $@
 
 # The embedded default: a real local Prefect server, the bundled example
 # flow, and its trace as a tree on the terminal and as OTLP/JSON in a file.
-demo: $(VENV)/.installed
+demo: $(VENV)/.demo-installed
 	$(VENV)/bin/otel-bridge demo
 
 # The whole test suite, real Prefect server and real Jaeger/Collector included.

@@ -11,13 +11,13 @@ import asyncio
 import base64
 import json
 import ssl
-import subprocess
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import httpx
 import pytest
 from factories import task_run_events
+from helpers import self_signed_certificate
 from support.relay import relay
 
 from otel_bridge._prefect_api import PrefectConfigError, events_socket_url, resolve_api
@@ -118,17 +118,9 @@ class TlsGateway:
                              return_exceptions=True)
 
 
-def _self_signed(directory: Path) -> tuple[Path, Path]:
-    cert, key = directory / "cert.pem", directory / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
-                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
-    return cert, key
-
-
 @pytest.mark.timeout(300)
 def test_sink_subscription_and_rest_reach_prefect_behind_tls_and_a_gateway(tmp_path, monkeypatch):
-    cert, key = _self_signed(tmp_path)
+    cert, key = self_signed_certificate(tmp_path)
     for name in ("PREFECT_API_URL", "PREFECT_API_KEY", "PREFECT_API_TLS_INSECURE_SKIP_VERIFY"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("PREFECT_API_AUTH_STRING", AUTH_STRING)

@@ -41,7 +41,7 @@ import pytest
 from google.protobuf import json_format
 from google.rpc import code_pb2, status_pb2
 from factories import FlowRun, task_run_events
-from helpers import FIXTURES, convert, engine_trace, load_jsonl
+from helpers import FIXTURES, convert, engine_trace, load_jsonl, self_signed_certificate
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
@@ -879,14 +879,6 @@ def test_what_the_outbox_cannot_hold_is_counted_and_logged_and_readyz_warns(tmp_
 # -- who may send: tokens and TLS ------------------------------------------------------
 
 
-def _self_signed(directory: Path) -> tuple[Path, Path]:
-    cert, key = directory / "cert.pem", directory / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
-                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
-    return cert, key
-
-
 def test_the_otlp_receiver_takes_spans_only_with_its_token_and_every_listener_speaks_tls(
         tmp_path, monkeypatch):
     """A stranger who can reach the port once made arbitrary Prefect events,
@@ -894,7 +886,7 @@ def test_the_otlp_receiver_takes_spans_only_with_its_token_and_every_listener_sp
     file, trailing newline and all) and TLS: the official exporters, given
     the token as OTLP headers, get through over gRPC and HTTP; a request
     without it, or with another, is refused, counted, and makes nothing."""
-    cert, key = _self_signed(tmp_path)
+    cert, key = self_signed_certificate(tmp_path)
     for name in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"):  # requests would take these over
         monkeypatch.delenv(name, raising=False)             # the exporter's certificate_file
     token_file = tmp_path / "otlp-token"

@@ -25,6 +25,7 @@ from otel_bridge.translate.ids import span_id_for, trace_id_for
 from otel_bridge.translate.span_layout import (
     ATTR_EVENT_PATCH,
     FLOW_RUN,
+    RUN_KIND_PREFIXES,
     TASK_RUN,
     TRACEPARENT_OF_LINK,
     TRACEPARENT_OF_SELF,
@@ -38,7 +39,6 @@ from otel_bridge.translate.span_layout import (
 )
 from otel_bridge.translate.times import to_unix_nano
 
-_RUN_PREFIXES = {f"prefect.{TASK_RUN}.": TASK_RUN, f"prefect.{FLOW_RUN}.": FLOW_RUN}
 
 # Span attributes longer than this are cut (the state message: its whole text
 # stays in the status description and on the span event), and
@@ -90,7 +90,7 @@ def run_key(event: Event) -> Optional[RunKey]:
 
     Raises `EventRejected` for a run-state event that cannot be mapped."""
     resource_id = event.resource_id
-    for prefix, kind in _RUN_PREFIXES.items():
+    for prefix, kind in RUN_KIND_PREFIXES.items():
         if resource_id.startswith(prefix) and event.event.startswith(prefix):
             break
     else:

@@ -39,8 +39,7 @@ from otel_bridge.translate.ids import uuid_for
 from otel_bridge.translate.span_layout import (
     ATTR_EVENT_PATCH,
     ATTR_STATE_ID,
-    FLOW_RUN,
-    TASK_RUN,
+    RUN_KIND_PREFIXES,
     carried_state_events,
     patched_event,
     rebuild_events,
@@ -58,7 +57,6 @@ _V1_EVENT_FOLLOWS = "prefect.event.follows"
 _V1_EVENT_PAYLOAD = "prefect.event.payload"
 _V1_RELATED = "prefect.related"
 _V1_EVENT_FIELDS = frozenset({_V1_EVENT_ID, _V1_EVENT_FOLLOWS, _V1_EVENT_PAYLOAD, _V1_RELATED})
-_RUN_KINDS = {f"prefect.{TASK_RUN}.": TASK_RUN, f"prefect.{FLOW_RUN}.": FLOW_RUN}
 
 
 def events_from_spans(spans: Sequence[Span]) -> list[Event]:
@@ -97,7 +95,7 @@ def _bridge_run_kind(span: Span) -> Optional[str]:
     resource_id = span.attributes.get("prefect.resource.id")
     if not isinstance(resource_id, str):
         return None
-    for prefix, kind in _RUN_KINDS.items():
+    for prefix, kind in RUN_KIND_PREFIXES.items():
         if resource_id.startswith(prefix):
             return kind if any(ATTR_STATE_ID in e.attributes for e in span.events) else None
     return None

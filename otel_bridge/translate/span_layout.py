@@ -51,6 +51,8 @@ from otel_bridge.translate.times import from_unix_nano, prefect_json_time
 
 TASK_RUN = "task-run"
 FLOW_RUN = "flow-run"
+# A run's resource id starts with its kind's prefix.
+RUN_KIND_PREFIXES = {f"prefect.{TASK_RUN}.": TASK_RUN, f"prefect.{FLOW_RUN}.": FLOW_RUN}
 
 # -- span event attributes: one state each (Prefect's own spans name these
 # `prefect.state.*` too) ----------------------------------------------------

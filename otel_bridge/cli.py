@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import collections
 import gc
 import os
 import sys
@@ -65,6 +66,10 @@ def _parser() -> argparse.ArgumentParser:
                          default="link",
                          help="what to do with the trace context Prefect puts on task runs "
                               "(__OTEL_TRACEPARENT): link to it (default), adopt its trace, ignore it")
+    convert.add_argument("--jobs", type=_count, default=default_jobs(), metavar="N",
+                         help="forward: build spans in N worker processes, about 45 MB each "
+                              "(default: %(default)s, the CPUs this process may use, up to 4; "
+                              "1 builds them here); the output is the same")
     convert.add_argument("--linger-events", type=_count, default=10_000, metavar="N",
                          help="forward: a run's span is written once N more events have been read "
                               "after its final state (default: %(default)s); a state of the run "
@@ -194,47 +199,136 @@ def _tune_gc() -> None:
 
 # Spans are handed to the sink in chunks of this many, as runs finish.
 _CHUNK_SPANS = 2048
+# Closed runs sent to a worker process at a time, and batches in flight.
+_BATCH_RUNS = 256
+_IN_FLIGHT_PER_WORKER = 4
 
 
 def _forward(lines, reject, args: argparse.Namespace, sink) -> tuple[str, int]:
     """Events -> spans, streamed: a run's span leaves once `--linger-events`
     more events have been read after its final state, so memory is bounded
     by the runs open at a time, not by the input. A tree needs its whole
-    trace, so it is written at the end."""
+    trace, so it is written at the end. With `--jobs` over 1 the spans are
+    built in worker processes (`translate.span_workers`), in order."""
     read = 0
+    options = ForwardOptions(prefect_trace_context=args.prefect_trace_context, ui_url=ui_url())
+    jobs = args.jobs if args.to != "tree" else 1
     assembler = Assembler(
         AssemblerOptions(
             linger_seconds=args.linger_events,  # the clock counts events read
             run_timeout_seconds=float("inf"),  # a file's runs end at its end
-            forward=ForwardOptions(prefect_trace_context=args.prefect_trace_context,
-                                   ui_url=ui_url())),
+            forward=options),
         clock=lambda: read,
+        defer_spans=jobs > 1,
     )
-    streamed = args.to != "tree"
-    spans: list = []
-    written = 0
-    for line, event in parse_events(lines, reject):
-        read += 1
-        try:
-            spans.extend(assembler.add(event, line.data))
-        except EventRejected as error:
-            reject(line, error)
-        spans.extend(assembler.expire())
-        if streamed and len(spans) >= _CHUNK_SPANS:
-            sink.export(spans)
-            written, spans = written + len(spans), []
-    spans.extend(assembler.flush())
-    sink.export(spans)
-    written += len(spans)
+    out = _Output(sink, jobs, options, streamed=args.to != "tree")
+    try:
+        for line, event in parse_events(lines, reject):
+            read += 1
+            try:
+                out.take(assembler.add(event, line.data))
+            except EventRejected as error:
+                reject(line, error)
+            out.take(assembler.expire())
+        out.take(assembler.flush())
+        out.finish()
+    finally:
+        out.close()
     counts = assembler.counts
     late = counts["events_set_aside_late"]
+    unbuildable = counts["runs_unbuildable"] + out.unbuildable
     return (
-        f"{counts['events_in']} events -> {written} spans, "
+        f"{counts['events_in']} events -> {out.written} spans, "
         f"{counts['events_duplicate']} duplicates ignored, "
         f"{counts['events_not_run_state']} other events passed over"
         + (f", {late} late events set aside (a state more than --linger-events after its "
            "run's final state; raise it to keep them)" if late else "")
-    ), late
+        + (f", {unbuildable} runs whose span could not be made" if unbuildable else "")
+    ), late + unbuildable
+
+
+class _Output:
+    """Where `_forward`'s spans go: to the sink in chunks, built here or, with
+    several jobs, by worker processes (closed runs in, spans out, in order)."""
+
+    def __init__(self, sink, jobs: int, options: ForwardOptions, streamed: bool):
+        self._sink, self._streamed = sink, streamed
+        self._pending: list = []  # closed runs, for the workers
+        self._chunk: list = []  # spans (or encoded spans) ready for the sink
+        self._encoded = hasattr(sink, "export_encoded")
+        self._pool = None
+        self._in_flight: "collections.deque" = collections.deque()
+        self.written = self.unbuildable = 0
+        if jobs > 1:
+            import concurrent.futures
+            import multiprocessing
+
+            from otel_bridge.translate.span_workers import start_worker
+
+            self._jobs = jobs
+            self._pool = concurrent.futures.ProcessPoolExecutor(
+                jobs, mp_context=multiprocessing.get_context("spawn"),
+                initializer=start_worker, initargs=(options, self._encoded))
+
+    def take(self, items: list) -> None:
+        if not items:
+            return
+        if self._pool is None:
+            self._ready(items)
+            return
+        self._pending.extend(items)
+        while len(self._pending) >= _BATCH_RUNS:
+            self._submit(self._pending[:_BATCH_RUNS])
+            del self._pending[:_BATCH_RUNS]
+
+    def finish(self) -> None:
+        if self._pool is not None:
+            if self._pending:
+                self._submit(self._pending)
+            while self._in_flight:
+                self._collect()
+        self._pending = []
+        self._write(self._chunk)  # the rest, or (a tree) everything
+        self._chunk = []
+
+    def _ready(self, spans: list) -> None:
+        """Spans go out in chunks of exactly `_CHUNK_SPANS`, however they
+        were built: the output is the same with any number of jobs."""
+        self._chunk.extend(spans)
+        while self._streamed and len(self._chunk) >= _CHUNK_SPANS:
+            self._write(self._chunk[:_CHUNK_SPANS])
+            del self._chunk[:_CHUNK_SPANS]
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
+
+    def _submit(self, batch: list) -> None:
+        from otel_bridge.translate.span_workers import build_spans
+
+        while len(self._in_flight) >= self._jobs * _IN_FLIGHT_PER_WORKER:
+            self._collect()
+        self._in_flight.append(self._pool.submit(build_spans, batch))
+
+    def _collect(self) -> None:
+        built = self._in_flight.popleft().result()
+        spans = []
+        for span, why, unencodable in built:
+            if span is not None:
+                spans.append(span)
+            elif unencodable is not None:
+                self._sink.spans_unencodable += 1
+                _report_unencodable(unencodable, why)
+            else:
+                self.unbuildable += 1
+        self._ready(spans)
+
+    def _write(self, spans: list) -> None:
+        if self._pool is not None and self._encoded:
+            self._sink.export_encoded(spans)
+        else:
+            self._sink.export(spans)
+        self.written += len(spans)
 
 
 def _looks_like_events(inputs: list[str]) -> bool:
@@ -250,6 +344,15 @@ def _looks_like_events(inputs: list[str]) -> bool:
         return parse_wire_event(line) is not None
     except EventRejected:
         return False
+
+
+def default_jobs() -> int:
+    """The CPUs this process may use, up to 4 (each worker holds ~45 MB)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(cpus, 4))
 
 
 def _count(text: str) -> int:

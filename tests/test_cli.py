@@ -271,3 +271,26 @@ def test_the_tree_shows_the_flow_tags_and_why_a_run_was_retried(tmp_path):
     assert f"(RUN {flow_run.flow_name})" in flow_line
     assert "#db #etl" in task_line  # (Prefect sorts a run's tags)
     assert "AwaitingRetry (TimeoutError: db slow) > Retrying" in task_line
+
+
+def test_spans_built_in_worker_processes_are_byte_for_byte_the_same(tmp_path):
+    """--jobs builds spans in other processes; the output does not depend on
+    how many, a run OTLP cannot carry is set aside the same way."""
+    from helpers import FIXTURES
+
+    events = tmp_path / "in.jsonl"
+    old = task_run_events(["Pending", "Running", "Completed"], name="old")
+    for i, event in enumerate(old):
+        event["occurred"] = f"1900-01-01T00:00:0{i}Z"
+    with open(events, "w") as out:
+        for path in sorted(FIXTURES.glob("*.jsonl")):
+            if not path.name.endswith(".ws.jsonl"):
+                out.write(path.read_text())
+        out.write("".join(json.dumps(e) + "\n" for e in old))
+    outputs = {}
+    for jobs in ("1", "2", "3"):
+        out = tmp_path / f"out-{jobs}.jsonl"
+        result = run_cli("convert", str(events), "-o", str(out), "--jobs", jobs)
+        assert result.returncode == 1 and "1 spans OTLP cannot carry" in result.stderr, jobs
+        outputs[jobs] = out.read_bytes()
+    assert outputs["1"] == outputs["2"] == outputs["3"] and len(outputs["1"]) > 100_000

@@ -75,6 +75,33 @@ class _OpenRun:
 SetAside = Callable[[Event, str], None]
 
 
+@dataclass(frozen=True, slots=True)
+class ClosedRun:
+    """A run the assembler closed, its events still packed: what
+    `build_span` makes its span of, in this process or another (an
+    `Assembler(defer_spans=True)` hands these out instead of spans)."""
+
+    resource_id: str
+    frames: tuple[bytes, ...]
+    reason: SyntheticEnd
+    dropped: int
+
+
+def build_span(closed: ClosedRun, options: ForwardOptions,
+               packer: EventPacker) -> tuple[Optional[Span], list[Event]]:
+    """The span of a closed run (None if it cannot be made: see `_emit`),
+    and the run's events."""
+    events = packer.unpack(closed.frames)
+    try:
+        span = run_span(events, options, synthetic_end=closed.reason)
+    except Exception:  # what no rule foresaw: this run alone (`_emit`)
+        return None, events
+    if closed.dropped:
+        span = dataclasses.replace(
+            span, attributes={**span.attributes, ATTR_EVENTS_DROPPED: closed.dropped})
+    return span, events
+
+
 class Journal(Protocol):
     def kept(self, resource_id: str, event: Event, raw: bytes) -> None:
         """`event` now belongs to the open run `resource_id`; `raw` is JSON
@@ -94,8 +121,14 @@ class Assembler:
         clock: Callable[[], float] = time.monotonic,
         on_set_aside: Optional[SetAside] = None,
         journal: Optional[Journal] = None,
+        defer_spans: bool = False,
     ):
         self.options = options
+        # Hand out `ClosedRun`s, for the caller to build (`build_span`)
+        # elsewhere, in other processes say; not with a journal, which
+        # must be told each span in the transaction that closes its run.
+        assert not (defer_spans and journal), "a journal needs the spans"
+        self._defer_spans = defer_spans
         self._journal = journal
         self.counts: Counter[str] = Counter()
         self._clock = clock
@@ -226,27 +259,25 @@ class Assembler:
         self._finished[resource_id] = run.event_ids
         while len(self._finished) > self.options.remember_finished_runs:
             self._finished.popitem(last=False)
-        events = self._packer.unpack(run.events)
+        closed = ClosedRun(resource_id, run.events, reason, run.dropped)
+        self.counts["spans_out"] += 1
+        if self._defer_spans:
+            return closed  # type: ignore[return-value]  # (see defer_spans)
+        span, events = build_span(closed, self.options.forward, self._packer)
         event_ids = frozenset(event.id for event in events)
-        try:
-            span = run_span(events, self.options.forward, synthetic_end=reason)
-        except Exception:
+        if span is None:
             # What no rule foresaw (a bug, or input nothing anticipated) must
             # cost this run alone: raised again at every tick, it would hold
             # back every run due with it. Its events are set aside, counted.
+            self.counts["spans_out"] -= 1
             self.counts["runs_unbuildable"] += 1
             for event in events:
                 self._set_aside(event, "unbuildable")
             if self._journal is not None:
                 self._journal.emitted(resource_id, event_ids, None)
             return None
-        if run.dropped:
-            span = dataclasses.replace(
-                span, attributes={**span.attributes, ATTR_EVENTS_DROPPED: run.dropped}
-            )
         if self._journal is not None:
             self._journal.emitted(resource_id, event_ids, span)
-        self.counts["spans_out"] += 1
         end = span.attributes.get("otel_bridge.synthetic.end")
         if end:
             self.counts[f"spans_synthetic_end_{end}"] += 1

@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test backends clean
+.PHONY: demo test unit backends clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,11 @@ demo: $(VENV)/.demo-installed
 # The whole test suite, real Prefect server and real Jaeger/Collector included.
 test: $(VENV)/.installed backends
 	$(PY) -m pytest
+
+# Everything that needs no Prefect server, backend or service process: about
+# a minute, for the edit-test loop. (`make test` runs these too.)
+unit: $(VENV)/.installed
+	$(PY) -m pytest -m "not integration"
 
 # Jaeger and the OpenTelemetry Collector, built from source at pinned versions
 # into a cache outside the repo. Not Grafana Tempo: it is AGPL-3.0 (the tests

@@ -11,6 +11,8 @@ import pytest
 from helpers import convert, load_jsonl
 from test_cli import parse_otlp_json_line
 
+pytestmark = pytest.mark.integration
+
 
 @pytest.mark.prefect_server
 def test_demo_shows_and_writes_the_example_flows_trace(tmp_path):

@@ -10,6 +10,8 @@ import pytest
 from helpers import SAMPLES, convert, convert_to_otlp, load_jsonl
 from support.backends import wait_until
 
+pytestmark = pytest.mark.integration
+
 
 def tags(obj) -> dict:
     return {t["key"]: t["value"] for t in obj.get("tags", [])}

@@ -15,6 +15,8 @@ import pytest
 from helpers import FIXTURES
 from support.backends import free_port
 
+pytestmark = pytest.mark.integration
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -27,6 +27,8 @@ from otel_bridge.sinks.prefect_events import PrefectEventSink
 from otel_bridge.sources.prefect_rest import read_all_events
 from otel_bridge.sources.prefect_subscription import PrefectSubscription
 
+pytestmark = pytest.mark.integration
+
 AUTH_STRING = "admin:s3cret"
 GATE = ("X-Gateway-Token", "let-me-in")
 

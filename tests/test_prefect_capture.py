@@ -18,6 +18,8 @@ from otel_bridge.demo.server import LocalPrefectServer
 from otel_bridge.sources.prefect_rest import read_all_events
 from otel_bridge.sources.prefect_ws import PrefectEventStream
 
+pytestmark = pytest.mark.integration
+
 REPO = Path(__file__).resolve().parent.parent
 
 # scenario -> {task name without its 3-character suffix: terminal states}

@@ -25,6 +25,8 @@ from otel_bridge.translate.ids import span_id_for, trace_id_for
 from otel_bridge.translate.reverse import events_from_spans
 from otel_bridge.translate.span_layout import event_json
 
+pytestmark = pytest.mark.integration
+
 EXAMPLE = ROOT / "examples" / "prefect_flow_dual_emission.py"
 
 # The child process: installs an SDK TracerProvider that writes OTLP/JSON
@@ -48,6 +50,7 @@ import otel_bridge.engine.prefect as bridge
 assert bridge.flush() == []  # every task run's span recorded
 
 from prefect import flow, task
+
 tracer = trace.get_tracer("example-user-code")
 
 @task

@@ -24,6 +24,8 @@ from otel_bridge.sinks.prefect_events import (
 )
 from otel_bridge.sources.prefect_rest import read_events
 
+pytestmark = pytest.mark.integration
+
 AUTH_STRING = "otel:bridge-secret"
 BASIC = {"Authorization": "Basic " + base64.b64encode(AUTH_STRING.encode()).decode()}
 WIRE_FIELDS = ("id", "event", "occurred", "resource", "related", "payload", "follows")

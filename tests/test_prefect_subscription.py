@@ -31,6 +31,8 @@ from otel_bridge.sources.prefect_ws import (
     resolve_api,
 )
 
+pytestmark = pytest.mark.integration
+
 REPO = Path(__file__).resolve().parent.parent
 N_TASKS = 500
 

@@ -19,6 +19,8 @@ from otel_bridge.demo.server import LocalPrefectServer
 from otel_bridge.translate.forward import to_unix_nano
 from otel_bridge.translate.ids import span_id_for, trace_id_for
 
+pytestmark = pytest.mark.integration
+
 SCENARIOS = ["success", "failure", "retries-immediate", "nested-tasks"]
 
 

@@ -22,6 +22,8 @@ from otel_bridge.sources.otlp_json import read_spans
 from otel_bridge.sources.prefect_rest import read_all_events
 from otel_bridge.translate.reverse import events_from_spans
 
+pytestmark = pytest.mark.integration
+
 
 @pytest.mark.prefect_server
 def test_prefects_own_spans_give_the_events_the_server_has(tmp_path):

@@ -21,7 +21,7 @@ from otel_bridge.model.events import parse_wire_event
 from otel_bridge.model.otlp import request_to_json
 from otel_bridge.sources.prefect_rest import read_events
 
-pytestmark = pytest.mark.prefect_server
+pytestmark = [pytest.mark.prefect_server, pytest.mark.integration]
 
 
 @pytest.fixture

@@ -63,6 +63,8 @@ from otel_bridge.sinks.sdk import to_readable_spans
 from otel_bridge.translate.reverse import events_from_span
 from otel_bridge.translate.span_layout import ATTR_EVENT_PATCH
 
+pytestmark = pytest.mark.integration
+
 TOKEN = "push-token-for-tests"
 EXPORT = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
 PROTOBUF, JSON = "application/x-protobuf", "application/json"

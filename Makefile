@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test unit backends clean
+.PHONY: demo test unit newest-python backends clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,14 +25,31 @@ $(VENV)/.demo-installed: pyproject.toml $(VENV)/bin/python
 demo: $(VENV)/.demo-installed
 	$(VENV)/bin/otel-bridge demo
 
-# The whole test suite, real Prefect server and real Jaeger/Collector included.
-test: $(VENV)/.installed backends
+# The whole test suite, real Prefect server and real Jaeger/Collector included,
+# and the unit tests on the newest Python too.
+test: $(VENV)/.installed backends newest-python
 	$(PY) -m pytest
 
 # Everything that needs no Prefect server, backend or service process: about
 # a minute, for the edit-test loop. (`make test` runs these too.)
 unit: $(VENV)/.installed
 	$(PY) -m pytest -m "not integration"
+
+# The unit tests on the newest Python the package supports, when this machine
+# has it (pyenv's, or on the PATH); said plainly when it does not.
+PYTHON_NEWEST ?= $(shell for p in $(HOME)/.pyenv/versions/3.13*/bin/python python3.13; do \
+	$$p -c 'import sys; assert sys.version_info[:2] == (3, 13)' 2>/dev/null && { echo $$p; break; }; done)
+NEWEST_VENV := .venv-newest
+
+newest-python:
+	@set -e; if [ -z "$(PYTHON_NEWEST)" ]; then \
+	  echo "newest-python: no Python 3.13 here: the unit tests ran on one Python only"; \
+	else \
+	  [ -x $(NEWEST_VENV)/bin/python ] || $(PYTHON_NEWEST) -m venv $(NEWEST_VENV); \
+	  $(NEWEST_VENV)/bin/python -m pip install --quiet --upgrade pip; \
+	  $(NEWEST_VENV)/bin/python -m pip install --quiet -e '.[test]'; \
+	  $(NEWEST_VENV)/bin/python -m pytest -q -m "not integration" -p no:cacheprovider; \
+	fi
 
 # Jaeger and the OpenTelemetry Collector, built from source at pinned versions
 # into a cache outside the repo. Not Grafana Tempo: it is AGPL-3.0 (the tests
@@ -41,4 +58,4 @@ backends:
 	scripts/build-backends.sh
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis
+	rm -rf $(VENV) $(NEWEST_VENV) .pytest_cache .hypothesis

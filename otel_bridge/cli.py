@@ -7,6 +7,7 @@ import collections
 import gc
 import os
 import sys
+from pathlib import Path
 from typing import Optional, Sequence
 
 from otel_bridge._prefect_api import ui_url
@@ -135,15 +136,41 @@ def _settings_flags(parser: argparse.ArgumentParser) -> None:
 
     for name, field in ServeSettings.model_fields.items():
         flag = "--" + name.replace("_", "-")
-        help_text = field.description or ""
-        if field.annotation is bool:
+        help_text = (field.description or "") + _shown_default(name, field)
+        annotation = field.annotation
+        if typing.get_origin(annotation) is typing.Union:  # Optional[X]: X
+            annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+        if annotation is bool:
             parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction,
                                 default=None, help=help_text)
-        elif typing.get_origin(field.annotation) is list:
+        elif typing.get_origin(annotation) is list:
             parser.add_argument(flag, dest=name, default=None, metavar="A,B",
                                 type=lambda v: [p for p in v.split(",") if p], help=help_text)
+        elif typing.get_origin(annotation) is typing.Literal:
+            choices = "|".join(str(c).lower() for c in typing.get_args(annotation))
+            parser.add_argument(flag, dest=name, default=None, metavar=f"{{{choices}}}",
+                                help=help_text + " (any case)")
         else:
-            parser.add_argument(flag, dest=name, default=None, metavar="VALUE", help=help_text)
+            metavar = {int: "N", float: "SECONDS" if "seconds" in name else "N",
+                       Path: "PATH"}.get(annotation, "VALUE")
+            parser.add_argument(flag, dest=name, default=None, metavar=metavar, help=help_text)
+
+
+def _shown_default(name: str, field) -> str:
+    from otel_bridge.service.config import ENV_PREFIX
+
+    env = f"{ENV_PREFIX}{name.upper()}"
+    aliases = getattr(field.validation_alias, "choices", ())
+    prefect = [a for a in aliases if isinstance(a, str) and a.startswith("PREFECT_")]
+    if prefect:
+        env = f"{prefect[0]} or {env}"
+    if field.default_factory is not None or field.default is None or "token" in name \
+            or "key" in name:
+        return f"; env {env}"
+    default = field.default
+    if isinstance(default, list):
+        default = ",".join(default)
+    return f" (default: {str(default).lower() if isinstance(default, str) else default}; env {env})"
 
 
 def _convert(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -433,7 +460,7 @@ def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 
 def _store(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from pathlib import Path
+
 
     from otel_bridge.service.store import StoreError
     from otel_bridge.service.store_repair import check, salvage

@@ -294,3 +294,20 @@ def test_spans_built_in_worker_processes_are_byte_for_byte_the_same(tmp_path):
         assert result.returncode == 1 and "1 spans OTLP cannot carry" in result.stderr, jobs
         outputs[jobs] = out.read_bytes()
     assert outputs["1"] == outputs["2"] == outputs["3"] and len(outputs["1"]) > 100_000
+
+
+def test_serve_help_teaches_every_setting():
+    """Once about 20 options showed as bare VALUE, with no help, default or
+    choices."""
+    import re
+
+    from otel_bridge.service.config import ServeSettings
+
+    text = run_cli("serve", "--help").stdout
+    flat = re.sub(r"\s+", " ", text)
+    for name, field in ServeSettings.model_fields.items():
+        assert f"--{name.replace('_', '-')}" in text, name
+        assert f"OTEL_BRIDGE_{name.upper()}" in flat.replace("OTEL_BRIDGE_ ", "OTEL_BRIDGE_"), name
+        assert field.description, name
+    assert "--log-level {debug|info|warning|error}" in flat
+    assert "(default: 5.0; env OTEL_BRIDGE_LINGER_SECONDS)" in flat

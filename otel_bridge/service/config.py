@@ -56,11 +56,13 @@ class ServeSettings(BaseSettings):
     prefect_api_key: Optional[SecretStr] = Field(
         None,
         validation_alias=AliasChoices("prefect_api_key", "OTEL_BRIDGE_PREFECT_API_KEY", "PREFECT_API_KEY"),
+        description="Prefect Cloud's API key",
     )
     prefect_api_key_file: Optional[Path] = Field(
         None, description="read prefect_api_key from this file (a mounted secret)")
     subscribe: bool = Field(True, description="follow the server's events (needs prefect_api_url)")
-    event_prefixes: list[str] = ["prefect.task-run.", "prefect.flow-run."]
+    event_prefixes: list[str] = Field(["prefect.task-run.", "prefect.flow-run."],
+                                      description="the events to follow, by name prefix")
     backfill_seconds: float = Field(
         600.0, ge=0, description="on a first start, also read events this far back"
     )
@@ -74,7 +76,9 @@ class ServeSettings(BaseSettings):
     )
     push_token_file: Optional[Path] = Field(
         None, description="read push_token from this file (a mounted secret)")
-    max_body_bytes: int = Field(16 * 1024 * 1024, gt=0)
+    max_body_bytes: int = Field(16 * 1024 * 1024, gt=0,
+                                description="bytes a request may carry, on every endpoint "
+                                            "(also once gunzipped)")
     otlp_receiver: bool = Field(False, description="accept OTLP spans for the reverse path")
     otlp_token: Optional[SecretStr] = Field(
         None, description="bearer token the OTLP receiver requires (Authorization header, gRPC "
@@ -84,13 +88,15 @@ class ServeSettings(BaseSettings):
     tls_cert_file: Optional[Path] = Field(
         None, description="PEM certificate (chain): every listener serves TLS with it")
     tls_key_file: Optional[Path] = Field(None, description="PEM private key of tls_cert_file")
-    otlp_grpc_port: Port = Field(4317, ge=0, le=65535)
-    otlp_http_port: Port = Field(4318, ge=0, le=65535)
+    otlp_grpc_port: Port = Field(4317, ge=0, le=65535, description="the OTLP/gRPC receiver")
+    otlp_http_port: Port = Field(4318, ge=0, le=65535, description="the OTLP/HTTP receiver")
 
     # -- where things go
-    forward_to: Literal["otlp", "file"] = "otlp"
+    forward_to: Literal["otlp", "file"] = Field(
+        "otlp", description="spans to OTLP (the OTEL_EXPORTER_OTLP_* variables) or to a file")
     forward_file: Optional[Path] = Field(None, description="OTLP/JSON lines, with forward_to: file")
-    reverse_to: Literal["prefect", "file"] = "prefect"
+    reverse_to: Literal["prefect", "file"] = Field(
+        "prefect", description="events made of received spans: to Prefect, or to a file")
     reverse_file: Optional[Path] = Field(None, description="event JSON lines, with reverse_to: file")
 
     # -- nothing lost
@@ -99,21 +105,31 @@ class ServeSettings(BaseSettings):
         description="the SQLite store (default: $XDG_STATE_HOME/otel-bridge/store.sqlite3, "
                     "else ~/.local/state/otel-bridge/store.sqlite3)")
     outbox_max_bytes: int = Field(1024**3, gt=0, description="disk held for undelivered output")
-    export_batch_items: int = Field(512, gt=0)
-    retry_initial_seconds: float = Field(0.5, gt=0)
-    retry_max_seconds: float = Field(30.0, gt=0)
-    shutdown_grace_seconds: float = Field(20.0, ge=0)
+    export_batch_items: int = Field(512, gt=0, description="items sent to a sink at a time")
+    retry_initial_seconds: float = Field(0.5, gt=0, description="the first wait after a failed "
+                                                                "export; it doubles")
+    retry_max_seconds: float = Field(30.0, gt=0, description="the longest wait between retries")
+    shutdown_grace_seconds: float = Field(20.0, ge=0, description="on SIGTERM, how long to "
+                                                                  "deliver what is left")
 
     # -- assembly (see the README, "Assembly")
-    linger_seconds: float = Field(5.0, ge=0)
-    run_timeout_seconds: float = Field(6 * 3600.0, gt=0)
-    max_open_runs: int = Field(10_000, gt=0)
-    max_events_per_run: int = Field(1_000, gt=0)
-    prefect_trace_context: Literal["link", "adopt", "ignore"] = "link"
+    linger_seconds: float = Field(5.0, ge=0, description="after a run's final state, wait "
+                                                         "this long for late states")
+    run_timeout_seconds: float = Field(6 * 3600.0, gt=0, description="a run with no event for "
+                                                                     "this long is ended")
+    max_open_runs: int = Field(10_000, gt=0, description="past this, the least recently active "
+                                                         "run is ended")
+    max_events_per_run: int = Field(1_000, gt=0, description="events kept per run; the rest "
+                                                             "are counted")
+    prefect_trace_context: Literal["link", "adopt", "ignore"] = Field(
+        "link", description="Prefect's own trace context on task runs: link to it, adopt its "
+                            "trace, or ignore it")
 
     # -- logs
-    log_format: Literal["json", "text"] = "json"
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["json", "text"] = Field(
+        "json", description="one JSON object per line, or text")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", description="the least a log line must be to be written")
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -1011,3 +1011,76 @@ def test_a_request_can_make_only_so_many_events_and_never_holds_the_loop(tmp_pat
     print(f"slowest /healthz while a {len(big)}-byte request was made into events: "
           f"{slowest * 1000:.0f} ms")
     assert slowest < 0.5  # the goal is 100 ms; a shared 2-core CI box gets slack
+
+
+def test_strangers_interleaved_with_good_traffic_get_nothing_and_cost_it_nothing(tmp_path):
+    """A bounded load: good pushes (and good OTLP spans, with the receiver's
+    token) while strangers push without a token, with a wrong one, send spans
+    without one, and send hostile bodies with the right one. The good output
+    is whole, exactly once; every stranger is refused and counted; nothing a
+    stranger sent becomes an event or a span."""
+    out, events_out = tmp_path / "spans.jsonl", tmp_path / "events.jsonl"
+    good_runs = clone_runs(["success", "retries-immediate", "nested-tasks", "failure"], 2_000)
+    want = expected_spans(d for copy in good_runs for d in copy)
+    bridged = to_readable_spans(convert(fixture("retries-immediate")),
+                                Resource({"service.name": "prefect"}))
+    span_body = encode_spans(bridged).SerializeToString()
+    refused: Counter = Counter()
+    lock = threading.Lock()
+    with serving(tmp_path, "--push-token", TOKEN, "--otlp-receiver", "--otlp-token", "otlp-token",
+                 "--forward-to", "file", "--forward-file", str(out), "--reverse-to", "file",
+                 "--reverse-file", str(events_out), "--linger-seconds", "0.5") as svc:
+        base = str(svc.http.base_url)
+
+        def good() -> None:
+            with httpx.Client(base_url=base, timeout=60) as client:
+                for copy in good_runs:
+                    response = client.post("/v1/events", content=lines(copy).encode(),
+                                           headers={"Authorization": f"Bearer {TOKEN}"})
+                    assert response.status_code == 200 and not response.json()["rejected"]
+            response = httpx.post(svc.otlp_http_url, content=span_body, timeout=60,
+                                  headers={"Content-Type": PROTOBUF,
+                                           "Authorization": "Bearer otlp-token"})
+            assert response.status_code == 200
+
+        def stranger(i: int) -> None:
+            with httpx.Client(base_url=base, timeout=60) as client:
+                for n in range(40):
+                    kind = (n + i) % 4
+                    if kind == 0:
+                        response = client.post("/v1/events", content=lines(good_runs[0]).encode())
+                        what = ("push", "unauthorized")
+                    elif kind == 1:
+                        response = client.post("/v1/events", content=lines(good_runs[0]).encode(),
+                                               headers={"Authorization": "Bearer guessed"})
+                        what = ("push", "unauthorized")
+                    elif kind == 2:
+                        response = httpx.post(svc.otlp_http_url, content=span_body, timeout=60,
+                                              headers={"Content-Type": PROTOBUF})
+                        what = ("otlp-http", "unauthorized")
+                    else:  # the right token, hostile items
+                        response = client.post("/v1/events", content=b"[" * 50_000 + b"\n{x",
+                                               headers={"Authorization": f"Bearer {TOKEN}"})
+                        assert response.status_code == 400  # (a broken array: one refusal)
+                        with lock:
+                            refused["push", "malformed_json"] += 1
+                        continue
+                    assert response.status_code == 401, response.text
+                    with lock:
+                        refused[what] += 1
+
+        threads = [threading.Thread(target=good)] + [
+            threading.Thread(target=stranger, args=(i,)) for i in range(3)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        wait_for(lambda: len(spans_in(out)) >= len(want), 60, "the good spans")
+        wanted_events = sum(len(span.events) for span in bridged)
+        wait_for(lambda: len(_json_lines(events_out)) >= wanted_events, 30, "the good events")
+        counted = svc.samples("otel_bridge_inputs_rejected_total")
+        assert svc.http.get("/healthz").status_code == 200
+    assert_same_spans(spans_in(out), want)
+    assert len(_json_lines(events_out)) == wanted_events  # a stranger's spans made none
+    assert counted == {frozenset({("endpoint", e), ("reason", r)}): float(n)
+                       for (e, r), n in refused.items()}

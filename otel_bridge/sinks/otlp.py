@@ -33,8 +33,9 @@ from otel_bridge.model.otlp_protobuf import TraceRequest, Unencodable, encode_sp
 from otel_bridge.model.spans import Span
 from otel_bridge.sinks.sdk import to_readable_spans
 
-__all__ = ["ExportFailed", "MAX_REQUEST_BYTES", "OtlpSink", "exporter_from_env",
-           "protocol_from_env", "trace_request"]
+__all__ = ["EXPORTER_LOGGER", "ExportFailed", "MAX_REQUEST_BYTES", "OnUnencodable", "OtlpSink",
+           "exporter_from_env", "log_unencodable", "protocol_from_env", "requests_by_size",
+           "trace_request"]
 
 logger = logging.getLogger(__name__)
 
@@ -215,6 +216,7 @@ class OtlpSink:
         as the service's outbox keeps them."""
         fields = [TraceRequest.span_field(span) for span in spans]
         for batch in requests_by_size(fields, self._request):
+            _complaints.last = ""  # (what the exporter says about this request, not an earlier one)
             if self._send_encoded is not None:
                 result = self._send_encoded(self._request.encode(batch), len(batch))
             else:

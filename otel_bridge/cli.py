@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import gc
 import os
 import sys
 from pathlib import Path
@@ -13,6 +12,7 @@ from typing import Optional, Sequence
 from otel_bridge._prefect_api import ui_url
 from otel_bridge._version import __version__
 from otel_bridge.model.events import EventRejected
+from otel_bridge.runtime import tune_gc
 from otel_bridge.sources.jsonl import Line, parse_events, read_lines
 from otel_bridge.translate.assembler import Assembler, AssemblerOptions
 from otel_bridge.translate.forward import ForwardOptions
@@ -181,7 +181,7 @@ def _convert(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.to in ("otlp", "prefect") and args.output != "-":
         parser.error(f"--output does not apply to --to {args.to}")
 
-    _tune_gc()
+    tune_gc()
     rejected = 0
 
     def reject(line: Line, error: EventRejected) -> None:
@@ -213,15 +213,6 @@ def _convert(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         summary += f", {unencodable} spans OTLP cannot carry set aside (see above)"
     print(f"otel-bridge: {summary}, {rejected} lines rejected", file=sys.stderr)
     return EXIT_REJECTED if rejected or unencodable or late else EXIT_OK
-
-
-def _tune_gc() -> None:
-    """A conversion makes millions of short-lived objects beside a growing
-    set of long-lived ones (the open runs): at the default gen-0 threshold
-    (700) the cyclic collector walked them so often that it took a third of
-    the time. What is loaded by now stays for the process's life: frozen."""
-    gc.freeze()
-    gc.set_threshold(50_000, 20, 100)
 
 
 # Spans are handed to the sink in chunks of this many, as runs finish.

@@ -16,7 +16,6 @@ the next start.
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import signal
 import sys
@@ -28,6 +27,7 @@ from aiohttp import web
 
 from otel_bridge._prefect_api import ui_url
 from otel_bridge.model.events import EventRejected, validate_event
+from otel_bridge.runtime import tune_gc
 from otel_bridge.service.auth import server_tls
 from otel_bridge.service.config import ServeSettings
 from otel_bridge.service.delivery import Delivery
@@ -93,14 +93,11 @@ class Service:
         """Serve until stopped; 0 after a clean stop, 1 after a fatal error."""
         s = self.settings
         loop = asyncio.get_running_loop()
-        # Work that takes a while (a big OTLP request made into events,
-        # deliveries) runs on threads; at the default 5 ms switch interval,
+        # Deliveries run on threads; at the default 5 ms switch interval,
         # each time the event loop let go of the GIL (any system call) it
         # waited 5 ms to get it back, and a health check took 300 ms.
         sys.setswitchinterval(0.0005)
-        # And the cyclic GC, which stops every thread, walks what it must:
-        # what is loaded by now stays for the process's life.
-        gc.freeze()
+        tune_gc()
         for signum in (signal.SIGTERM, signal.SIGINT):
             try:
                 loop.add_signal_handler(signum, self.stop)

@@ -22,7 +22,6 @@ HTTP error bodies are `google.rpc.Status` messages, in the request's encoding.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import math
@@ -43,6 +42,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 from otel_bridge.model.otlp import request_from_json, span_from_proto
 from otel_bridge.model.spans import Span
 from otel_bridge.service.auth import bearer_matches
+from otel_bridge.service.time_slices import TimeSlices
 
 logger = logging.getLogger(__name__)
 
@@ -122,12 +122,12 @@ async def _export(
 
 async def _decode_spans(request: ExportTraceServiceRequest) -> tuple[list[Span], list[str]]:
     """The request's spans, and why each of the others could not be read.
-    A big request is decoded a slice at a time, letting the event loop serve
-    the other requests between two (a thread would contend with it for the
-    GIL at every system call it makes)."""
+    A big request is decoded a slice of time at a time, letting the event
+    loop serve the other requests between two (a thread would contend with
+    it for the GIL at every system call it makes)."""
     spans: list[Span] = []
     reasons: list[str] = []
-    work = 0
+    slices = TimeSlices()
     for r, resource_spans in enumerate(request.resource_spans):
         for s, scope_spans in enumerate(resource_spans.scope_spans):
             for i, proto in enumerate(scope_spans.spans):
@@ -135,14 +135,8 @@ async def _decode_spans(request: ExportTraceServiceRequest) -> tuple[list[Span],
                     spans.append(span_from_proto(proto))
                 except ValueError as exc:
                     reasons.append(f"resource_spans[{r}].scope_spans[{s}].spans[{i}]: {exc}")
-                work += 1 + len(proto.events)
-                if work >= _DECODE_SLICE:
-                    work = 0
-                    await asyncio.sleep(0)
+                await slices.turn()
     return spans, reasons
-
-
-_DECODE_SLICE = 2_000  # spans and span events decoded between two turns of the event loop
 
 
 def _status(code: int, message: str, detail: Optional[Message] = None) -> status_pb2.Status:

@@ -1,7 +1,7 @@
 """Intake for both directions, between the sources and the outbox.
 
 Forward: events -> `Assembler` -> finished spans -> outbox ("span").
-Reverse: spans -> `events_from_span` -> events -> outbox ("event").
+Reverse: spans -> `iter_events_from_span` -> events -> outbox ("event").
 
 The assembler's journal is the `Store`, so every event kept and every span
 emitted is on disk in the same transaction as the intake that caused it. A
@@ -30,8 +30,9 @@ from otel_bridge.model.otlp_protobuf import Unencodable, encode_span
 from otel_bridge.model.spans import Span, SpanEvent, SpanLink
 from otel_bridge.service.metrics import Metrics, event_label
 from otel_bridge.service.store import Store
+from otel_bridge.service.time_slices import TimeSlices
 from otel_bridge.translate.assembler import Assembler, AssemblerOptions
-from otel_bridge.translate.reverse import events_from_span
+from otel_bridge.translate.reverse import iter_events_from_span
 
 __all__ = ["EVENT", "MAX_EVENTS_PER_REQUEST", "MAX_EVENTS_PER_SPAN", "SPAN", "Intake", "Pipeline",
            "ReversedSpans", "decode", "encoded_span", "reverse_spans"]
@@ -83,41 +84,45 @@ MAX_EVENTS_PER_REQUEST = 50_000
 # Events put in the outbox per transaction: between two, the event loop
 # serves the other requests (a request is answered once all are in).
 _EVENTS_PER_TRANSACTION = 500
-_REVERSE_SLICE = 500  # spans and events made between two turns of the event loop
 
 
 @dataclass
 class ReversedSpans:
     """The events of a request's spans, serialised for the outbox, and the
-    spans refused (their index, why)."""
+    spans refused (their index, why). Each event is a flat tuple (body,
+    occurred, id, name, resource id): tuples of strings and numbers are left
+    out of the cyclic GC's walks, which over 50,000 dicts held the event
+    loop for 100 ms at a time."""
 
     spans: int
-    events: list[tuple[bytes, float, dict]] = field(default_factory=list)
+    events: list[tuple[bytes, float, str, str, str]] = field(default_factory=list)
     rejected: list[tuple[int, EventRejected]] = field(default_factory=list)
 
 
 async def reverse_spans(spans: Sequence[Span]) -> ReversedSpans:
     """Each span judged alone (a span nothing can read is refused with its
     reason, never the request), within the bounds above. A big request is
-    reversed a slice at a time, letting the event loop serve the others
+    reversed a slice of time at a time, letting the event loop serve the others
     between two (a thread would contend with it for the GIL at every system
     call it makes, and its SQLite writes make many)."""
     out = ReversedSpans(len(spans))
     # A Prefect task span finds its flow run through its parent span.
     by_id = {span.span_id: span for span in spans}
-    work = 0
+    slices = TimeSlices()
     for index, span in enumerate(spans):
         try:
             if len(span.events) > MAX_EVENTS_PER_SPAN:
                 raise EventRejected("too_many_events", f"{len(span.events)} span events, over "
                                                        f"{MAX_EVENTS_PER_SPAN}")
-            events = events_from_span(span, by_id)
-            if len(out.events) + len(events) > MAX_EVENTS_PER_REQUEST:
-                raise EventRejected("too_many_events", f"the request makes over "
-                                                       f"{MAX_EVENTS_PER_REQUEST} events")
-            made = [(_event_body(event), event.occurred.timestamp(),
-                     {"event_id": str(event.id), "event": event.event,
-                      "resource_id": event.resource_id}) for event in events]
+            made = []
+            # A span's thousand states take more than one slice.
+            for event in iter_events_from_span(span, by_id):
+                if len(out.events) + len(made) >= MAX_EVENTS_PER_REQUEST:
+                    raise EventRejected("too_many_events", f"the request makes over "
+                                                           f"{MAX_EVENTS_PER_REQUEST} events")
+                made.append((_event_body(event), event.occurred.timestamp(), str(event.id),
+                             event.event, event.resource_id))
+                await slices.turn()
         except EventRejected as exc:
             out.rejected.append((index, exc))
             continue
@@ -127,10 +132,7 @@ async def reverse_spans(spans: Sequence[Span]) -> ReversedSpans:
             out.rejected.append((index, EventRejected("invalid_span", type(exc).__name__)))
             continue
         out.events.extend(made)
-        work += 1 + len(made)
-        if work >= _REVERSE_SLICE:
-            work = 0
-            await asyncio.sleep(0)
+        await slices.turn()
     return out
 
 
@@ -247,9 +249,11 @@ class Pipeline:
             with self._transaction():
                 room = self.outbox_max_bytes - self.store.outbox_bytes(EVENT)
                 fits = []
-                for body, occurred, what in events[start:start + _EVENTS_PER_TRANSACTION]:
+                for body, occurred, event_id, name, resource_id in events[
+                        start:start + _EVENTS_PER_TRANSACTION]:
                     if len(body) > room:  # the rest, one by one, counted and logged
-                        self._put(EVENT, body, occurred, what)
+                        self._put(EVENT, body, occurred, {
+                            "event_id": event_id, "event": name, "resource_id": resource_id})
                         continue
                     room -= len(body)
                     fits.append((body, occurred))

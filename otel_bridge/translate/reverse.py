@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Mapping, Optional, Sequence
+from typing import Iterator, Mapping, Optional, Sequence
 from uuid import UUID
 
 from opentelemetry.trace import StatusCode
@@ -41,8 +41,8 @@ from otel_bridge.translate.span_layout import (
     ATTR_STATE_ID,
     RUN_KIND_PREFIXES,
     carried_state_events,
+    iter_rebuilt_events,
     patched_event,
-    rebuild_events,
 )
 from otel_bridge.translate.task_run_events import (
     StateRecord,
@@ -72,14 +72,21 @@ def events_from_spans(spans: Sequence[Span]) -> list[Event]:
 def events_from_span(span: Span, by_id: Mapping[int, Span] = {}) -> list[Event]:
     """The Prefect events for one span; `by_id` holds the other spans of its
     trace that are at hand, by span id. Raises `EventRejected`."""
+    return list(iter_events_from_span(span, by_id))
+
+
+def iter_events_from_span(span: Span, by_id: Mapping[int, Span] = {}) -> Iterator[Event]:
+    """`events_from_span` one event at a time (a span can hold a thousand
+    states), for a caller that shares its thread with others. Raises
+    `EventRejected` while it is iterated: take all or none."""
     if is_bridge_span(span):
-        return events_from_bridge_span(span)
+        return _iter_bridge_events(span)
     run_type = _prefect_run_type(span)
     if run_type == "task":
-        return _events_from_prefect_span(span, by_id)
+        return iter(_events_from_prefect_span(span, by_id))
     if run_type is None:
-        return _events_from_foreign_span(span)
-    return []  # Prefect's flow spans: flow-run states are the server's own
+        return iter(_events_from_foreign_span(span))
+    return iter(())  # Prefect's flow spans: flow-run states are the server's own
 
 
 # -- spans made by otel-bridge ------------------------------------------------
@@ -103,19 +110,24 @@ def _bridge_run_kind(span: Span) -> Optional[str]:
 
 def events_from_bridge_span(span: Span) -> list[Event]:
     """The events a span made by the forward bridge came from, exactly."""
+    return list(_iter_bridge_events(span))
+
+
+def _iter_bridge_events(span: Span) -> Iterator[Event]:
     kind = _bridge_run_kind(span)
     if kind is None:
-        return [_v1_event(e) for e in span.events if _V1_EVENT_ID in e.attributes]
+        return (_v1_event(e) for e in span.events if _V1_EVENT_ID in e.attributes)
     span_events = carried_state_events(span.events)
     try:
-        rebuilt = rebuild_events(kind, span.attributes, span_events,
-                                 span_traceparents(span.trace_id, span.span_id, span.links))
+        rebuilt: Iterator[Optional[Event]] = iter_rebuilt_events(
+            kind, span.attributes, span_events,
+            span_traceparents(span.trace_id, span.span_id, span.links))
     except EventRejected:
         # As the forward bridge does when the builders cannot take a span:
         # each event then comes whole in its patch, or the span is refused.
-        rebuilt = [None] * len(span_events)
-    return [patched_event(base, span_event.attributes.get(ATTR_EVENT_PATCH))
-            for base, span_event in zip(rebuilt, span_events)]
+        rebuilt = iter([None] * len(span_events))
+    return (patched_event(base, span_event.attributes.get(ATTR_EVENT_PATCH))
+            for base, span_event in zip(rebuilt, span_events))
 
 
 def _v1_event(span_event: SpanEvent) -> Event:

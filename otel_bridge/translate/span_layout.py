@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 from datetime import datetime
-from typing import Any, Iterable, Mapping, Optional, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence
 from uuid import UUID
 
 import msgspec
@@ -436,25 +436,36 @@ def rebuild_events(kind: str, attributes: Mapping[str, Any], span_events: Sequen
     fields, as `Event` holds them); None where they cannot make it (the
     patch then holds the whole event). Raises `EventRejected` for attributes
     that are not what the forward bridge writes."""
+    return list(iter_rebuilt_events(kind, attributes, span_events, traceparents, checked=checked))
+
+
+def iter_rebuilt_events(kind: str, attributes: Mapping[str, Any], span_events: Sequence[SpanEvent],
+                        traceparents: Mapping[str, str], *, checked: bool = True) -> Iterator[Any]:
+    """`rebuild_events` one event at a time, for a caller that shares its
+    thread with others between two (a span can hold a thousand states).
+    Raises `EventRejected` before the first, as `rebuild_events` does."""
     states = [state_record(e, traceparents) for e in span_events]
     if kind == TASK_RUN:
         builder: Any = TaskRunEventBuilder(task_run_record(
             attributes, states[0].timestamp if states else None, traceparents))
     else:
         builder = FlowRunEventBuilder(flow_run_record(attributes))
-    out: list[Any] = []
-    for state in states:
+    return _built(builder, states, checked)
+
+
+def _built(builder: Any, states: Sequence[StateRecord], checked: bool) -> Iterator[Any]:
+    for index, state in enumerate(states):
         try:
             fields = builder.next_fields(state)
         except (TypeError, ValueError, OverflowError):  # the builder cannot go on
-            return out + [None] * (len(states) - len(out))
+            yield from [None] * (len(states) - index)
+            return
         if checked:
             try:
                 fields = builder.check(fields, state)
             except EventRejected:  # this one event only: the builder goes on
                 fields = None
-        out.append(fields)
-    return out
+        yield fields
 
 
 def event_json(event: Event) -> dict[str, Any]:

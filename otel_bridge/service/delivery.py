@@ -83,6 +83,7 @@ class Delivery:
         self._failed_attempts = 0
         self._wake = asyncio.Event()
         self._worker = _Worker(f"otel-bridge-{sink_name}")
+        self._reader = store.outbox_reader()
 
     def wake(self) -> None:
         self._wake.set()
@@ -108,16 +109,27 @@ class Delivery:
 
     def close(self) -> None:
         self._worker.submit(self.sink.close)
+        self._worker.submit(self._reader.close)
+
+    async def _peek(self, max_items: int, timeout: Optional[float],
+                    after: int = 0) -> list[OutboxItem]:
+        """Read on the sink's thread, not the event loop (`OutboxReader`);
+        none when that thread is still busy with a send at `timeout`."""
+        try:
+            return await asyncio.wait_for(self._worker.submit(
+                lambda: self._reader.peek(self.kind, max_items, self.batch_bytes, after)), timeout)
+        except asyncio.TimeoutError:
+            return []
 
     async def deliver_once(self, timeout: Optional[float] = None) -> bool:
         """One batch; False when there was nothing to do or it failed."""
         alone = self.failures >= _ALONE_AFTER or self._suspects_until is not None
-        items = self.store.peek(self.kind, 1 if alone else self.batch_items, self.batch_bytes)
+        items = await self._peek(1 if alone else self.batch_items, timeout)
         if alone and items and self._suspects_until is not None \
                 and items[0].seq > self._suspects_until and self.failures < _ALONE_AFTER:
             # Past every item of the batch that kept failing: batches again.
             self._suspects_until, alone = None, False
-            items = self.store.peek(self.kind, self.batch_items, self.batch_bytes)
+            items = await self._peek(self.batch_items, timeout)
         if not items:
             return False
         error = await self._send(items, timeout)
@@ -141,7 +153,7 @@ class Delivery:
         self.store.failed(items)
         self.metrics.export_failures.labels(self.sink_name).inc()
         if alone and items[0].attempts >= 1:  # it had failed alone before
-            behind = self.store.peek(self.kind, 1, self.batch_bytes, after=items[0].seq)
+            behind = await self._peek(1, timeout, after=items[0].seq)
             if behind and await self._send(behind, timeout) is None:
                 self.store.set_aside(items[0], error)
                 self.metrics.dropped.labels(self.kind, "refused").inc()

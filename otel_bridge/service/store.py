@@ -31,7 +31,7 @@ from uuid import UUID
 
 from otel_bridge.model.events import Event, EventRejected, parse_wire_event
 
-__all__ = ["OutboxItem", "Store", "StoreError"]
+__all__ = ["OutboxItem", "OutboxReader", "Store", "StoreError"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS run_events (
@@ -236,44 +236,39 @@ class Store:
         self.put_many(kind, [(body, stamp)])
 
     def put_many(self, kind: str, items: list[tuple[bytes, float]]) -> None:
-        """(body, stamp) items, in one statement."""
-        self._db.executemany(
-            "INSERT INTO outbox (kind, body, size, stamp) VALUES (?, ?, ?, ?)",
-            [(kind, body, len(body), stamp) for body, stamp in items],
-        )
+        """(body, stamp) items, a few hundred rows a statement: SQLite lets go
+        of the GIL at each statement step, and a busy delivery thread then
+        held it a switch interval each time (see `OutboxReader`)."""
+        for start in range(0, len(items), _ROWS_PER_STATEMENT):
+            rows = items[start:start + _ROWS_PER_STATEMENT]
+            self._db.execute(
+                "INSERT INTO outbox (kind, body, size, stamp) VALUES "
+                + ",".join(["(?, ?, ?, ?)"] * len(rows)),
+                [value for body, stamp in rows for value in (kind, body, len(body), stamp)],
+            )
         self._outbox_bytes[kind] = self.outbox_bytes(kind) + sum(len(body) for body, _ in items)
         self._outbox_items[kind] = self.outbox_items(kind) + len(items)
 
     def peek(self, kind: str, max_items: int, max_bytes: int, after: int = 0) -> list[OutboxItem]:
         """The oldest items of `kind` (after seq `after`): at least one, then
         as many as fit in `max_items` and `max_bytes`."""
-        items: list[OutboxItem] = []
-        total = 0
-        rows = self._db.execute(
-            "SELECT seq, kind, body, size, stamp, attempts FROM outbox "
-            "WHERE kind = ? AND seq > ? ORDER BY seq LIMIT ?",
-            (kind, after, max_items),
-        )
-        for row in rows:
-            item = OutboxItem(*row)
-            if items and total + item.size > max_bytes:
-                break
-            items.append(item)
-            total += item.size
-        return items
+        return _peek(self._db, kind, max_items, max_bytes, after)
+
+    def outbox_reader(self) -> "OutboxReader":
+        return OutboxReader(self.path)
 
     def remove(self, items: list[OutboxItem]) -> None:
         with self.transaction():
-            self._db.executemany("DELETE FROM outbox WHERE seq = ?", [(i.seq,) for i in items])
+            self._db.execute("DELETE FROM outbox WHERE seq IN (SELECT value FROM json_each(?))",
+                             (_seqs(items),))
         for item in items:
             self._outbox_bytes[item.kind] -= item.size
             self._outbox_items[item.kind] -= 1
 
     def failed(self, items: list[OutboxItem]) -> None:
         with self.transaction():
-            self._db.executemany(
-                "UPDATE outbox SET attempts = attempts + 1 WHERE seq = ?", [(i.seq,) for i in items]
-            )
+            self._db.execute("UPDATE outbox SET attempts = attempts + 1 "
+                             "WHERE seq IN (SELECT value FROM json_each(?))", (_seqs(items),))
 
     def set_aside(self, item: OutboxItem, reason: str) -> None:
         """Move an item its sink keeps refusing out of the way, kept for a human."""
@@ -301,3 +296,46 @@ class Store:
 
     def set_meta(self, key: str, value: str) -> None:
         self._db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+
+
+class OutboxReader:
+    """The outbox read from a delivery's own thread, on a connection of its
+    own (under WAL a reader never waits for the writer). Fetched on the
+    event loop, a batch of 512 rows let go of the GIL 512 times, and a busy
+    delivery thread kept it a switch interval each time: /healthz waited."""
+
+    def __init__(self, path: Path):
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA busy_timeout=5000")
+
+    def peek(self, kind: str, max_items: int, max_bytes: int, after: int = 0) -> list[OutboxItem]:
+        """As `Store.peek`."""
+        return _peek(self._db, kind, max_items, max_bytes, after)
+
+    def close(self) -> None:
+        self._db.close()
+
+
+_ROWS_PER_STATEMENT = 200  # 800 parameters, under SQLite's oldest limit (999)
+
+
+def _peek(db: sqlite3.Connection, kind: str, max_items: int, max_bytes: int,
+          after: int) -> list[OutboxItem]:
+    items: list[OutboxItem] = []
+    total = 0
+    rows = db.execute(
+        "SELECT seq, kind, body, size, stamp, attempts FROM outbox "
+        "WHERE kind = ? AND seq > ? ORDER BY seq LIMIT ?",
+        (kind, after, max_items),
+    )
+    for row in rows:
+        item = OutboxItem(*row)
+        if items and total + item.size > max_bytes:
+            break
+        items.append(item)
+        total += item.size
+    return items
+
+
+def _seqs(items: list[OutboxItem]) -> str:
+    return json.dumps([item.seq for item in items])

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import base64
 import sys
-from typing import BinaryIO, Callable, Iterable, Iterator
+from typing import BinaryIO, Callable, Iterable, Iterator, Optional
 
 import ijson
+import msgspec
+from ijson.common import ObjectBuilder
 from google.protobuf import json_format
 from opentelemetry.proto.trace.v1 import trace_pb2
 
@@ -30,7 +32,6 @@ Reject = Callable[[Line, EventRejected], None]
 # A bound on one request (or one pretty-printed document), against a source
 # that never ends a line; far beyond what a batch of real traces takes.
 MAX_REQUEST_BYTES = 1 << 30
-_SPANS = "resourceSpans.item.scopeSpans.item.spans.item"
 _ID_FIELDS = ("traceId", "spanId", "parentSpanId")
 
 
@@ -68,6 +69,10 @@ class _LineStream:
         if self.size > self._limit:
             raise _TooLarge()
         return data
+
+    def push_back(self, data: bytes) -> None:
+        """Bytes read already, to be read again first."""
+        self._head = data + self._head
 
     def drain(self) -> None:
         """Read past the rest of the line (after an error)."""
@@ -115,8 +120,15 @@ def _source_spans(stream: BinaryIO, source: str, on_reject: Reject,
         if error == _PREMATURE_END and number == 1 and line.kept is not None:
             # Not a whole value on its first line: a pretty-printed document,
             # read again from its start (as one stream, several values allowed).
-            line = _LineStream(stream, limit, line.kept, document=True)
-            spans, error = _parse(line)
+            resume = stream.tell() if stream.seekable() else None
+            document = _LineStream(stream, limit, line.kept, document=True)
+            spans, document_error = _parse(document)
+            if document_error is not None and resume is not None:
+                # Nor a document: a first line cut short, and lines after it
+                # that are judged alone, as any line is.
+                stream.seek(resume)
+            else:
+                line, error = document, document_error
         where = Line(source, number, None, line.size)
         if error is not None:
             on_reject(where, error)
@@ -136,21 +148,131 @@ def _parse(line: _LineStream) -> "tuple[list[Span], EventRejected | None]":
     """The spans on the line (or in the document), or why it is set aside."""
     spans: list[Span] = []
     try:
-        for obj in ijson.items(line, _SPANS, use_float=True, multiple_values=line.document):
+        for obj in _span_objects(line):
             spans.append(_span(obj))
     except _TooLarge:
         error: "EventRejected | None" = EventRejected(
             "too_large", f"a request of over {line.size} bytes is over the limit")
-    except ijson.JSONError as exc:
+    except (ijson.JSONError, msgspec.DecodeError) as exc:
         text = str(exc).splitlines()[0] if str(exc) else "not JSON"
-        error = _PREMATURE_END if "premature EOF" in text else EventRejected(
-            "malformed_json", text)
+        error = _PREMATURE_END if "premature EOF" in text or "truncated" in text else \
+            EventRejected("malformed_json", text)
+    except _TooDeep as exc:
+        error = EventRejected("malformed_json", str(exc))
     except ValueError as exc:
         error = EventRejected("invalid_otlp", str(exc))
     else:
         error = None
     line.drain()
     return ([], error) if error is not None else (spans, None)
+
+
+# A line up to this size is read whole and decoded in one C pass; a longer
+# one (or a pretty-printed document) is parsed as a stream.
+_WHOLE_LINE_BYTES = 64 << 20
+# OTLP/JSON spans nest about ten deep; attribute values a few more.
+_MAX_DEPTH = 256
+
+
+class _TooDeep(Exception):
+    pass
+
+
+def _span_objects(line: _LineStream) -> Iterator[object]:
+    """The JSON objects at resourceSpans[].scopeSpans[].spans[]."""
+    if not line.document:
+        data = b""
+        while len(data) <= _WHOLE_LINE_BYTES and (chunk := line.read(
+                _WHOLE_LINE_BYTES + 1 - len(data))):
+            data += chunk
+        if len(data) <= _WHOLE_LINE_BYTES:
+            try:
+                request = msgspec.json.decode(data)
+            except RecursionError:
+                raise _TooDeep("JSON nested too deeply") from None
+            yield from _spans_of(request)
+            return
+        line.push_back(data)
+    yield from _streamed_span_objects(line)
+
+
+def _spans_of(request: object) -> Iterator[object]:
+    """The spans of a decoded request, as JSON; ValueError where its shape
+    is not a request's."""
+    if not isinstance(request, dict):
+        raise ValueError(f"a request is a JSON object, not {type(request).__name__}")
+    for resource_spans in _list(request.get("resourceSpans", [])):
+        for scope_spans in _list(_dict(resource_spans).get("scopeSpans", [])):
+            yield from _list(_dict(scope_spans).get("spans", []))
+
+
+def _list(value: object) -> list:
+    if not isinstance(value, list):
+        raise ValueError(f"expected a JSON array, got {type(value).__name__}")
+    return value
+
+
+def _dict(value: object) -> dict:
+    if not isinstance(value, dict):
+        raise ValueError(f"expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _streamed_span_objects(line: _LineStream) -> Iterator[object]:
+    """As `_span_objects`, from ijson's events, with nesting bounded (ijson's
+    own path strings grow with depth: a line of 100,000 `[` took minutes)."""
+    path: list[object] = []  # a key for each open object, None for each open array
+    builder: Optional[ObjectBuilder] = None
+    built_at = 0
+    for event, value in ijson.basic_parse(line, use_float=True, multiple_values=line.document):
+        if event == "start_map" or event == "start_array":
+            if len(path) >= _MAX_DEPTH:
+                raise _TooDeep(f"JSON nested past {_MAX_DEPTH} levels")
+            if builder is None:
+                if _at_span(path):
+                    builder, built_at = ObjectBuilder(), len(path)
+                else:
+                    _check_shape(path, event)
+            if builder is not None:
+                builder.event(event, value)
+            path.append("" if event == "start_map" else None)
+        elif event == "end_map" or event == "end_array":
+            path.pop()
+            if builder is not None:
+                builder.event(event, value)
+                if len(path) == built_at:
+                    yield builder.value
+                    builder = None
+        elif builder is not None:
+            builder.event(event, value)
+        elif event == "map_key":
+            path[-1] = value
+        elif _at_span(path):
+            yield value  # a span that is not an object: `_span` says so
+        else:
+            _check_shape(path, event)
+
+
+_SPAN_PATH = ["resourceSpans", None, "scopeSpans", None, "spans", None]
+
+
+def _check_shape(path: list[object], event: str) -> None:
+    """A value on the way to the spans must be what `_spans_of` takes."""
+    if 0 < len(path) < len(_SPAN_PATH) and path == _SPAN_PATH[:len(path)]:
+        wanted = "start_array" if path[-1] is not None else "start_map"
+        if event != wanted:
+            raise ValueError(f"expected a JSON {'array' if wanted == 'start_array' else 'object'}, "
+                             f"got {_JSON_KINDS.get(event, event)}")
+
+
+_JSON_KINDS = {"start_map": "dict", "start_array": "list", "string": "str", "number": "int",
+               "integer": "int", "double": "float", "boolean": "bool", "null": "NoneType"}
+
+
+def _at_span(path: list[object]) -> bool:
+    """Whether a value starting here is a span (an object's place in `path`
+    holds the key of the value that comes next)."""
+    return path == _SPAN_PATH
 
 
 def _span(obj: object) -> Span:

@@ -394,6 +394,8 @@ def _reverse(inputs, reject):
             events.extend(events_from_span(span, by_id))
         except EventRejected as error:
             reject(line, error)
+        except Exception as error:  # what no rule foresaw: this span alone, not the file
+            reject(line, EventRejected("invalid_span", f"{type(error).__name__}: {error}"))
     return events, f"{len(located)} spans -> {len(events)} events"
 
 

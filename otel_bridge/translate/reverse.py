@@ -82,10 +82,17 @@ def iter_events_from_span(span: Span, by_id: Mapping[int, Span] = {}) -> Iterato
     if is_bridge_span(span):
         return _iter_bridge_events(span)
     run_type = _prefect_run_type(span)
-    if run_type == "task":
-        return iter(_events_from_prefect_span(span, by_id))
-    if run_type is None:
-        return iter(_events_from_foreign_span(span))
+    try:
+        if run_type == "task":
+            return iter(_events_from_prefect_span(span, by_id))
+        if run_type is None:
+            return iter(_events_from_foreign_span(span))
+    except EventRejected:
+        raise
+    # A sender's span can hold anything: a run id that is no UUID, a time
+    # past what Prefect dates, a number where text belongs.
+    except (ValueError, TypeError, KeyError, OverflowError) as exc:
+        raise EventRejected("invalid_span", f"{type(exc).__name__}: {exc}") from None
     return iter(())  # Prefect's flow spans: flow-run states are the server's own
 
 

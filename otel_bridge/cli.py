@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from otel_bridge._prefect_api import ui_url
+from otel_bridge.prefect_client import ui_url
 from otel_bridge._version import __version__
 from otel_bridge.model.events import EventRejected
 from otel_bridge.sources.jsonl import Line, parse_events, read_lines

@@ -1,4 +1,4 @@
-"""Prefect's connection settings, read in one place (`otel_bridge._prefect_api`)
+"""Prefect's connection settings, read in one place (`otel_bridge.prefect_client`)
 and honoured by everything that talks to a Prefect server: the reverse sink,
 the subscription's websocket and REST reads, the REST reader. The end-to-end
 test puts a real Prefect server (with an auth string) behind a TLS gateway
@@ -20,7 +20,7 @@ from factories import task_run_events
 from helpers import self_signed_certificate
 from support.relay import relay
 
-from otel_bridge._prefect_api import PrefectConfigError, events_socket_url, resolve_api
+from otel_bridge.prefect_client import PrefectConfigError, events_socket_url, resolve_api
 from otel_bridge.demo.server import LocalPrefectServer
 from otel_bridge.model.events import parse_wire_event
 from otel_bridge.sinks.prefect_events import PrefectEventSink

@@ -16,9 +16,9 @@ import pytest
 from factories import task_run_events
 from otel_bridge.demo.server import LocalPrefectServer
 from otel_bridge.model.events import parse_wire_event
+from otel_bridge.prefect_client import PrefectConfigError
 from otel_bridge.sinks.prefect_events import (
     PrefectAuthFailed,
-    PrefectConfigError,
     PrefectEventSink,
     PrefectSendFailed,
 )

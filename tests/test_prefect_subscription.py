@@ -22,13 +22,13 @@ import pytest
 from support.relay import relay
 
 from otel_bridge.demo.server import LocalPrefectServer
+from otel_bridge.prefect_client import resolve_api
 from otel_bridge.sources.prefect_rest import read_all_events
 from otel_bridge.sources.prefect_subscription import PrefectSubscription
 from otel_bridge.sources.prefect_ws import (
     Backoff,
     PrefectStreamError,
     parse_occurred,
-    resolve_api,
 )
 
 pytestmark = pytest.mark.integration

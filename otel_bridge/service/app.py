@@ -26,7 +26,7 @@ from typing import Any, Optional
 
 from aiohttp import web
 
-from otel_bridge._prefect_api import ui_url
+from otel_bridge.prefect_client import ui_url
 from otel_bridge.model.events import EventRejected, validate_event
 from otel_bridge.service.auth import server_tls
 from otel_bridge.service.config import ServeSettings

@@ -16,7 +16,7 @@ Protocol and reliability follow `prefect.events.clients.PrefectEventsClient`
   goes through an in-memory queue first).  Prefect's client has the same
   limit.
 
-Configuration: Prefect's own settings, as `otel_bridge._prefect_api` reads them.
+Configuration: Prefect's own settings, as `otel_bridge.prefect_client` reads them.
 """
 
 from __future__ import annotations
@@ -35,11 +35,11 @@ from websockets.exceptions import (
     InvalidURI,
 )
 
-from otel_bridge._prefect_api import PrefectConfigError, resolve_api
+from otel_bridge.prefect_client import PrefectConfigError, resolve_api
 from otel_bridge._version import __version__
 from otel_bridge.model.events import MAX_EVENT_SIZE_BYTES, Event
 
-__all__ = ["PrefectEventSink", "PrefectSendFailed", "PrefectAuthFailed", "PrefectConfigError"]
+__all__ = ["PrefectEventSink", "PrefectSendFailed", "PrefectAuthFailed"]
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import httpx
 
-from otel_bridge._prefect_api import resolve_api
+from otel_bridge.prefect_client import resolve_api
 
 __all__ = ["build_event_filter", "page_requests", "page_token", "read_events",
            "read_all_events", "PAGE_SIZE"]

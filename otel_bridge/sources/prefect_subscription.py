@@ -43,13 +43,13 @@ from typing import Any, AsyncIterator, Optional, Sequence
 
 import httpx
 
+from otel_bridge.prefect_client import resolve_api
 from otel_bridge.sources.prefect_rest import PAGE_SIZE, build_event_filter, page_requests
 from otel_bridge.sources.prefect_ws import (
     Backoff,
     PrefectStreamError,
     ReconnectingEventStream,
     parse_occurred,
-    resolve_api,
 )
 
 __all__ = ["DEFAULT_EVENT_PREFIXES", "PrefectSubscription", "SubscriptionStats"]

@@ -43,18 +43,16 @@ from websockets.exceptions import (
 )
 from websockets.typing import Subprotocol
 
-from otel_bridge._prefect_api import PrefectApi, resolve_api
+from otel_bridge.prefect_client import PrefectApi, resolve_api
 from otel_bridge._version import __version__
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "Backoff",
-    "PrefectApi",
     "PrefectEventStream",
     "ReconnectingEventStream",
     "parse_occurred",
-    "resolve_api",
     "PrefectStreamError",
     "live_filter",
     "subscribe",

@@ -22,14 +22,10 @@ import pytest
 from support.relay import relay
 
 from otel_bridge.demo.server import LocalPrefectServer
-from otel_bridge.prefect_client import resolve_api
+from otel_bridge.prefect_client import PrefectRefused, PrefectUnavailable, resolve_api
 from otel_bridge.sources.prefect_rest import read_all_events
 from otel_bridge.sources.prefect_subscription import PrefectSubscription
-from otel_bridge.sources.prefect_ws import (
-    Backoff,
-    PrefectStreamError,
-    parse_occurred,
-)
+from otel_bridge.sources.prefect_ws import Backoff, parse_occurred
 
 pytestmark = pytest.mark.integration
 
@@ -304,7 +300,7 @@ async def _first_event(sub: PrefectSubscription, timeout: float):
 
 
 def test_a_paged_read_asks_for_each_next_page_at_our_own_url():
-    from otel_bridge.sources.prefect_rest import page_requests
+    from otel_bridge.prefect_client.rest import page_requests
 
     flt = {"occurred": {"since": "a", "until": "b"}}
     requests = page_requests("https://us/api", flt, 50)
@@ -323,7 +319,7 @@ def test_backoff_gives_up_at_max_attempts_with_the_last_error():
     Backoff(max_attempts=None).check_attempts(10_000, "on ws://x", cause)  # for ever
     bounded = Backoff(max_attempts=3)
     bounded.check_attempts(2, "on ws://x", cause)
-    with pytest.raises(PrefectStreamError, match=r"^gave up on ws://x after 3 failed attempts; "
+    with pytest.raises(PrefectUnavailable, match=r"^gave up on ws://x after 3 failed attempts; "
                        r"last error: ConnectionRefusedError: nobody there$") as raised:
         bounded.check_attempts(3, "on ws://x", cause)
     assert raised.value.__cause__ is cause
@@ -338,7 +334,7 @@ def test_dead_server_gives_up_after_bounded_attempts():
         settle_delay=0.5,
     )
     started = time.monotonic()
-    with pytest.raises(PrefectStreamError, match="gave up .* after 4 failed attempts"):
+    with pytest.raises(PrefectUnavailable, match="gave up .* after 4 failed attempts"):
         asyncio.run(asyncio.wait_for(_first_event(sub, 30), 30))
     assert time.monotonic() - started < 10
 
@@ -372,7 +368,7 @@ def test_wrong_url_is_a_clear_error_not_a_retry_loop(server):
     # A live server, but not its API path: the answer will not change.
     root = server.api_url[: -len("/api")] + "/not-the-api"
     sub = PrefectSubscription(root, reconcile_interval=0.2, settle_delay=0.5)
-    with pytest.raises(PrefectStreamError, match="HTTP 4"):
+    with pytest.raises(PrefectRefused, match="HTTP 4"):
         asyncio.run(asyncio.wait_for(_first_event(sub, 20), 20))
 
 

@@ -266,8 +266,8 @@ class Service:
     # -- the Prefect subscription ---------------------------------------------------------
 
     async def _follow_prefect(self) -> None:
+        from otel_bridge.prefect_client import PrefectError
         from otel_bridge.sources.prefect_subscription import PrefectSubscription
-        from otel_bridge.sources.prefect_ws import PrefectStreamError
 
         s = self.settings
         stored = self.store.get_meta(RESUME_KEY)
@@ -289,7 +289,7 @@ class Service:
                             "reason": exc.reason, "detail": exc.detail, "event_id": raw.get("id")})
                     if len(self._pending) >= 1000:
                         self._take_pending()
-        except PrefectStreamError as exc:  # credentials refused, not a Prefect API
+        except PrefectError as exc:  # credentials refused, not a Prefect API, gave up
             self._fatal = f"Prefect subscription: {exc}"
             logger.error("cannot follow Prefect", extra={"error": str(exc)})
             self.stop()

@@ -27,6 +27,7 @@ from typing import Any, Optional, Sequence
 
 from websockets.asyncio.client import ClientConnection
 
+from otel_bridge.backoff import Backoff
 from otel_bridge.model.events import MAX_EVENT_SIZE_BYTES, Event
 from otel_bridge.prefect_client import (
     PrefectConfigError,
@@ -86,9 +87,10 @@ class PrefectEventSink:
         if checkpoint_every < 1 or reconnection_attempts < 0:
             raise PrefectConfigError("checkpoint_every must be >= 1 and reconnection_attempts >= 0")
         self.checkpoint_every = checkpoint_every
-        self.reconnection_attempts = reconnection_attempts
-        self.backoff = backoff
-        self.max_backoff = max_backoff
+        # Prefect retries twice at once (load balancers drop idle sockets),
+        # then waits; we back off exponentially from there, without jitter.
+        self.backoff = Backoff(initial=backoff, maximum=max_backoff, jitter=0.0, immediate=2,
+                               max_attempts=reconnection_attempts + 1)
         self.open_timeout = open_timeout
         self.confirm_timeout = confirm_timeout
 
@@ -178,14 +180,12 @@ class PrefectEventSink:
             except RETRYABLE as exc:
                 await self._drop_connection()
                 failures += 1
-                if failures > self.reconnection_attempts:
+                if self.backoff.exhausted(failures):
                     left = [e for e, _, _ in (*unconfirmed, *pending)]
                     raise PrefectUnavailable.after(
                         f"sending to {self.url} ({len(left)} of {len(frames)} events not "
                         "confirmed)", failures, exc, left) from exc
-                # Prefect retries twice at once (load balancers drop idle
-                # sockets), then waits; we back off exponentially.
-                delay = 0.0 if failures <= 2 else min(self.max_backoff, self.backoff * 2 ** (failures - 3))
+                delay = self.backoff.delay(failures)
                 log.info("connection to %s lost (%s); retry %d in %.2fs",
                          self.url, describe_error(exc), failures, delay)
                 await asyncio.sleep(delay)

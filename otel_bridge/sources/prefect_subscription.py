@@ -43,14 +43,15 @@ from typing import Any, AsyncIterator, Optional, Sequence
 
 import httpx
 
-from otel_bridge.prefect_client import PrefectError, resolve_api
+from otel_bridge.backoff import Backoff
+from otel_bridge.prefect_client import PrefectError, PrefectUnavailable, resolve_api
 from otel_bridge.prefect_client.rest import (
     PAGE_SIZE,
     build_event_filter,
     check_response,
     page_requests,
 )
-from otel_bridge.sources.prefect_ws import Backoff, ReconnectingEventStream, parse_occurred
+from otel_bridge.sources.prefect_ws import ReconnectingEventStream, parse_occurred
 
 __all__ = ["DEFAULT_EVENT_PREFIXES", "PrefectSubscription", "SubscriptionStats"]
 
@@ -306,7 +307,9 @@ class PrefectSubscription:
     def _rest_failure(self, exc: Exception, failures: int) -> int:
         self._stats.rest_errors += 1
         failures += 1
-        self.backoff.check_attempts(failures, f"reading {self.api.url}/events/filter", exc)
+        if self.backoff.exhausted(failures):
+            raise PrefectUnavailable.after(f"reading {self.api.url}/events/filter", failures,
+                                           exc) from exc
         logger.warning("event reconciliation: %s: %s; retrying", type(exc).__name__, exc)
         return failures
 

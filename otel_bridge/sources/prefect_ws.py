@@ -24,14 +24,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import random
-from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Any, AsyncIterator, Callable, Iterator, Optional, Union
+from typing import Any, AsyncIterator, Callable, Optional, Union
 
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed, ConnectionClosedOK
 
+from otel_bridge.backoff import Backoff
 from otel_bridge.prefect_client import (
     PrefectApi,
     PrefectError,
@@ -44,7 +43,6 @@ from otel_bridge.prefect_client.events_socket import RETRYABLE, is_refusal, open
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "Backoff",
     "PrefectEventStream",
     "ReconnectingEventStream",
     "parse_occurred",
@@ -59,42 +57,6 @@ def parse_occurred(value: str) -> datetime:
         value = value[:-1] + "+00:00"
     ts = datetime.fromisoformat(value)
     return ts if ts.tzinfo else ts.replace(tzinfo=timezone.utc)
-
-
-@dataclass(frozen=True)
-class Backoff:
-    """Delays between connection attempts: exponential, capped, jittered.
-
-    The cap bounds how late we notice a server that came back; the jitter
-    keeps many sidecars from reconnecting in lockstep after a server restart.
-    ``max_attempts`` None retries for ever (a sidecar outlives server
-    restarts); a number makes the stream raise after that many consecutive
-    failed attempts.
-    """
-
-    initial: float = 0.5
-    maximum: float = 30.0
-    multiplier: float = 2.0
-    jitter: float = 0.5  # the randomised fraction of each delay
-    max_attempts: Optional[int] = None
-
-    def delay(self, attempt: int) -> float:
-        """Seconds to wait before attempt number ``attempt + 1`` (attempt >= 1)."""
-        exponent = min(max(attempt - 1, 0), 64)  # no float overflow after long outages
-        base = min(self.maximum, self.initial * self.multiplier**exponent)
-        return base * (1 - self.jitter) + random.uniform(0, base * self.jitter)
-
-    def check_attempts(self, failures: int, what: str, exc: BaseException) -> None:
-        """Raise `PrefectUnavailable` once `failures` consecutive failed
-        attempts at `what` reach `max_attempts`."""
-        if self.max_attempts is not None and failures >= self.max_attempts:
-            raise PrefectUnavailable.after(what, failures, exc) from exc
-
-    def delays(self) -> Iterator[float]:
-        attempt = 1
-        while self.max_attempts is None or attempt < self.max_attempts:
-            yield self.delay(attempt)
-            attempt += 1
 
 
 def live_filter(
@@ -356,7 +318,8 @@ class ReconnectingEventStream:
             await self._wait_before_retry(failures, exc)
 
     async def _wait_before_retry(self, failures: int, exc: BaseException) -> None:
-        self.backoff.check_attempts(failures, f"on {self.url}", exc)
+        if self.backoff.exhausted(failures):
+            raise PrefectUnavailable.after(f"on {self.url}", failures, exc) from exc
         delay = self.backoff.delay(failures)
         logger.warning(
             "event stream %s: %s: %s; reconnecting in %.1fs (attempt %d)",

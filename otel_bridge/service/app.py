@@ -347,7 +347,7 @@ class Service:
         logger.info("stopping", extra={"grace_seconds": s.shutdown_grace_seconds})
         # 1. stop intake
         if self._subscription is not None:
-            await self._subscription.stop()
+            await self._subscription.close()
         if self._grpc is not None:
             await self._grpc.stop(min(1.0, s.shutdown_grace_seconds))
         for task in self._tasks:

@@ -23,14 +23,15 @@ import asyncio
 import logging
 import threading
 import time
-from typing import Any, Callable, Optional, Protocol, Sequence
+from typing import Any, Callable, Optional
 
 from otel_bridge.backoff import Backoff
 from otel_bridge.service.metrics import Metrics
 from otel_bridge.service.pipeline import SPAN, decode, encoded_span
 from otel_bridge.service.store import OutboxItem, Store
+from otel_bridge.sinks import Sink
 
-__all__ = ["Delivery", "Sink"]
+__all__ = ["Delivery"]
 
 logger = logging.getLogger(__name__)
 
@@ -44,12 +45,6 @@ def _describe(exc: BaseException) -> str:
     text = str(exc) or {TimeoutError: "no answer in time",
                         asyncio.TimeoutError: "no answer in time"}.get(type(exc), "")
     return (f"{type(exc).__name__}: {text}" if text else type(exc).__name__)[:500]
-
-
-class Sink(Protocol):
-    def export(self, items: Sequence[Any]) -> None: ...
-
-    def close(self) -> None: ...
 
 
 class Delivery:

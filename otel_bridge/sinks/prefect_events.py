@@ -38,6 +38,7 @@ from otel_bridge.prefect_client import (
 )
 from otel_bridge.prefect_client.errors import describe_error
 from otel_bridge.prefect_client.events_socket import RETRYABLE, open_events_socket
+from otel_bridge.sinks import Sink
 
 __all__ = ["PrefectEventSink"]
 
@@ -47,7 +48,7 @@ log = logging.getLogger(__name__)
 _MAX_FRAME = MAX_EVENT_SIZE_BYTES - 64
 
 
-class PrefectEventSink:
+class PrefectEventSink(Sink[Event]):
     """Synchronous, reliable event delivery to a Prefect server.
 
     ``with PrefectEventSink() as sink: sink.export(events)``.  `export` returns

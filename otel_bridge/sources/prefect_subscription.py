@@ -51,6 +51,7 @@ from otel_bridge.prefect_client.rest import (
     check_response,
     page_requests,
 )
+from otel_bridge.sources import Source
 from otel_bridge.sources.prefect_ws import ReconnectingEventStream, parse_occurred
 
 __all__ = ["DEFAULT_EVENT_PREFIXES", "PrefectSubscription", "SubscriptionStats"]
@@ -101,11 +102,11 @@ class _Delivered:
     watermark: datetime
 
 
-class PrefectSubscription:
+class PrefectSubscription(Source):
     """``async with PrefectSubscription() as sub: async for event in sub: ...``
 
     Yields raw event dicts (as the server sends them), each once.  Ends after
-    ``stop()``; raises PrefectRefused for what retrying cannot fix (bad
+    ``close()``; raises PrefectRefused for what retrying cannot fix (bad
     credentials, not a Prefect API) or, with ``backoff.max_attempts`` set,
     PrefectUnavailable once the server has been unreachable that many times
     in a row.
@@ -199,7 +200,7 @@ class PrefectSubscription:
         self._tasks.append(asyncio.create_task(self._run_reconcile(), name="prefect-reconcile"))
         return self
 
-    async def stop(self) -> None:
+    async def close(self) -> None:
         """Stop both readers, close connections; iteration then ends."""
         if self._stopped:
             return
@@ -217,12 +218,12 @@ class PrefectSubscription:
         return await self.start()
 
     async def __aexit__(self, *exc_info: Any) -> None:
-        await self.stop()
+        await self.close()
 
     def __aiter__(self) -> AsyncIterator[dict[str, Any]]:
-        return self._iterate()
+        return self.events()
 
-    async def _iterate(self) -> AsyncIterator[dict[str, Any]]:
+    async def events(self) -> AsyncIterator[dict[str, Any]]:
         while True:
             item = await self._queue.get()
             if item is _STOP:

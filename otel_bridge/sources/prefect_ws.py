@@ -39,6 +39,7 @@ from otel_bridge.prefect_client import (
     resolve_api,
 )
 from otel_bridge.prefect_client.events_socket import RETRYABLE, is_refusal, open_events_socket
+from otel_bridge.sources import Source
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +82,7 @@ def live_filter(
     return flt
 
 
-class PrefectEventStream:
+class PrefectEventStream(Source):
     """``async with PrefectEventStream(api_url, filter) as s: async for frame in s.frames(): ...``
 
     ``frames()`` yields each event frame's raw text, exactly as received;
@@ -184,7 +185,7 @@ async def subscribe(
             yield item
 
 
-class ReconnectingEventStream:
+class ReconnectingEventStream(Source):
     """Live events that survive disconnects: ``async for event in s.events()``.
 
     * Reconnects after any drop, including a clean close by the server (a

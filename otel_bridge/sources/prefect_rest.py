@@ -28,37 +28,24 @@ def read_events(
     since: Optional[Timestamp] = None,
     until: Optional[Timestamp] = None,
     *,
-    event_prefixes: Optional[Sequence[str]] = None,
-    resource_ids: Optional[Sequence[str]] = None,
-    resource_id_prefixes: Optional[Sequence[str]] = None,
-    related_resource_ids: Optional[Sequence[str]] = None,
     event_filter: Optional[dict[str, Any]] = None,
     api_key: Optional[str] = None,
     headers: Optional[dict[str, str]] = None,
     page_size: int = PAGE_SIZE,
     timeout: float = 30.0,
     client: Optional[httpx.Client] = None,
+    **criteria: Sequence[str],
 ) -> Iterator[dict[str, Any]]:
     """Yield every stored event matching the filter, as the raw JSON dicts.
 
-    Pass either the keyword criteria or a ready ``event_filter`` (EventFilter
-    JSON, used as is).  An answer that will not change (credentials, not a
-    Prefect API) raises `PrefectRefused`; a server in trouble (5xx)
+    Pass either the criteria of `build_event_filter` (``event_prefixes``,
+    ``resource_ids``, ...) or a ready ``event_filter`` (EventFilter JSON, used
+    as is).  An answer that will not change (credentials, not a Prefect API)
+    raises `PrefectRefused`; a server in trouble (5xx)
     `httpx.HTTPStatusError`.  Events come in the server's order (``occurred``
     ascending by default); ties in ``occurred`` have no defined order.
     """
-    flt = (
-        event_filter
-        if event_filter is not None
-        else build_event_filter(
-            since,
-            until,
-            event_prefixes=event_prefixes,
-            resource_ids=resource_ids,
-            resource_id_prefixes=resource_id_prefixes,
-            related_resource_ids=related_resource_ids,
-        )
-    )
+    flt = event_filter if event_filter is not None else build_event_filter(since, until, **criteria)
     api = resolve_api(api_url, api_key)  # with the rest of Prefect's settings
     base = api.url
     all_headers = {"Accept": "application/json", **api.http_headers(), **(headers or {})}

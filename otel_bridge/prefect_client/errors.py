@@ -14,7 +14,6 @@ retry it.
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any, Optional, Sequence
 
 __all__ = [
@@ -81,7 +80,6 @@ def refusal_for_status(status: int, url: str, detail: str = "") -> Optional[Pref
 
 
 def describe_error(exc: BaseException) -> str:
-    """An error in a few words, also one whose message is empty (a timeout
-    says nothing by itself)."""
-    text = str(exc) or ("no answer in time" if isinstance(exc, asyncio.TimeoutError) else "")
+    """An error in a few words: its type, and its message when it has one."""
+    text = str(exc)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -9,17 +9,16 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from otel_bridge._prefect_api import ui_url
+from otel_bridge.prefect_client import ui_url
 from otel_bridge._version import __version__
 from otel_bridge.model.events import EventRejected
 from otel_bridge.runtime import tune_gc
+from otel_bridge.sinks.factory import EVENT_SINKS, FILE_SINKS, SPAN_SINKS, open_sink
 from otel_bridge.sources.jsonl import Line, parse_events, read_lines
 from otel_bridge.translate.assembler import Assembler, AssemblerOptions
 from otel_bridge.translate.forward import ForwardOptions
 
 EXIT_OK, EXIT_REJECTED, EXIT_USAGE = 0, 1, 2
-FORWARD_OUTPUTS = ("otlp-json", "otlp", "tree")
-REVERSE_OUTPUTS = ("events", "prefect")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -55,7 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     convert.add_argument("inputs", nargs="*", default=["-"], metavar="INPUT",
                          help="files to read; '-' (the default) is stdin")
-    convert.add_argument("--to", choices=FORWARD_OUTPUTS + REVERSE_OUTPUTS, default="otlp-json",
+    convert.add_argument("--to", choices=SPAN_SINKS + EVENT_SINKS, default="otlp-json",
                          help="otlp-json: OTLP/JSON lines (the Collector file exporter's format); "
                               "otlp: export to the endpoint set by OTEL_EXPORTER_OTLP_*; "
                               "tree: a readable tree per trace; "
@@ -178,7 +177,7 @@ def _convert(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     missing = [p for p in args.inputs if p != "-" and not os.path.isfile(p)]
     if missing:
         parser.error(f"no such file: {', '.join(missing)}")
-    if args.to in ("otlp", "prefect") and args.output != "-":
+    if args.to not in FILE_SINKS and args.output != "-":
         parser.error(f"--output does not apply to --to {args.to}")
 
     tune_gc()
@@ -191,11 +190,11 @@ def _convert(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
               file=sys.stderr)
 
     try:
-        sink = _open_sink(args.to, args.output)
+        sink = open_sink(args.to, args.output, on_unencodable=_report_unencodable)
     except (OSError, ValueError) as exc:
         parser.error(str(exc))
     try:
-        if args.to in REVERSE_OUTPUTS:
+        if args.to in EVENT_SINKS:
             items, summary = _reverse(args.inputs, reject)
             sink.export(items)
             late = 0
@@ -205,7 +204,7 @@ def _convert(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     except Exception as exc:  # an output's failure must not look like success
         print(f"otel-bridge: output failed: {exc}", file=sys.stderr)
         return EXIT_REJECTED
-    if args.to in REVERSE_OUTPUTS and rejected and _looks_like_events(args.inputs):
+    if args.to in EVENT_SINKS and rejected and _looks_like_events(args.inputs):
         print("otel-bridge: this input looks like Prefect events, not OTLP spans: the forward "
               "direction reads events (--to otlp-json, otlp or tree)", file=sys.stderr)
     unencodable = getattr(sink, "spans_unencodable", 0)
@@ -397,31 +396,6 @@ def _reverse(inputs, reject):
         except Exception as error:  # what no rule foresaw: this span alone, not the file
             reject(line, EventRejected("invalid_span", f"{type(error).__name__}: {error}"))
     return events, f"{len(located)} spans -> {len(events)} events"
-
-
-def _open_sink(to: str, output: str):
-    from otel_bridge.sinks.sdk import resource_from_env
-
-    if to == "prefect":
-        from otel_bridge.sinks.prefect_events import PrefectEventSink
-
-        return PrefectEventSink()
-    if to == "otlp":
-        from otel_bridge.sinks.otlp import OtlpSink, exporter_from_env
-
-        return OtlpSink(exporter_from_env(), resource_from_env(), _report_unencodable)
-    stream = sys.stdout if output == "-" else open(output, "w", encoding="utf-8")
-    if to == "events":
-        from otel_bridge.sinks.events_jsonl import EventsJsonlWriter
-
-        return EventsJsonlWriter(stream)
-    if to == "tree":
-        from otel_bridge.sinks.tree import TreeWriter
-
-        return TreeWriter(stream)
-    from otel_bridge.sinks.otlp_json import OtlpJsonWriter
-
-    return OtlpJsonWriter(stream, resource_from_env(), _report_unencodable)
 
 
 def _report_unencodable(span, error) -> None:

@@ -39,7 +39,7 @@ from otel_bridge.engine import FlowRunRef, TaskRunTracker  # noqa: E402
 from otel_bridge.engine import _prefect_events  # noqa: E402
 from otel_bridge.model.events import EventRejected, parse_wire_event  # noqa: E402
 from otel_bridge.sinks.sdk import to_readable_span  # noqa: E402
-from otel_bridge._prefect_api import ui_url  # noqa: E402
+from otel_bridge.prefect_client import ui_url  # noqa: E402
 from otel_bridge.translate.forward import ForwardOptions, is_final, run_span  # noqa: E402
 from otel_bridge.translate.ids import span_id_for, trace_id_for  # noqa: E402
 

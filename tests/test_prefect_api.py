@@ -1,4 +1,4 @@
-"""Prefect's connection settings, read in one place (`otel_bridge._prefect_api`)
+"""Prefect's connection settings, read in one place (`otel_bridge.prefect_client`)
 and honoured by everything that talks to a Prefect server: the reverse sink,
 the subscription's websocket and REST reads, the REST reader. The end-to-end
 test puts a real Prefect server (with an auth string) behind a TLS gateway
@@ -14,13 +14,17 @@ import ssl
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-import httpx
 import pytest
 from factories import task_run_events
 from helpers import self_signed_certificate
 from support.relay import relay
 
-from otel_bridge._prefect_api import PrefectConfigError, events_socket_url, resolve_api
+from otel_bridge.prefect_client import (
+    PrefectAuthFailed,
+    PrefectConfigError,
+    events_socket_url,
+    resolve_api,
+)
 from otel_bridge.demo.server import LocalPrefectServer
 from otel_bridge.model.events import parse_wire_event
 from otel_bridge.sinks.prefect_events import PrefectEventSink
@@ -159,7 +163,7 @@ def test_sink_subscription_and_rest_reach_prefect_behind_tls_and_a_gateway(tmp_p
                 stats = sub.stats
             # without the gateway's header: refused, a clear HTTP error
             monkeypatch.delenv("PREFECT_CLIENT_CUSTOM_HEADERS")
-            with pytest.raises(httpx.HTTPStatusError, match="403"):
+            with pytest.raises(PrefectAuthFailed, match="HTTP 403"):
                 await asyncio.to_thread(read_all_events, url, start - timedelta(minutes=1),
                                         datetime.now(timezone.utc) + timedelta(minutes=1))
             # with it, the REST reader gets them all too, once the server has

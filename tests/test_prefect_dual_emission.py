@@ -13,7 +13,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from helpers import ROOT, convert
 
-from otel_bridge._prefect_api import ui_url
+from otel_bridge.prefect_client import ui_url
 from otel_bridge.demo.run import settled_events
 from otel_bridge.demo.server import LocalPrefectServer
 from otel_bridge.model.events import parse_wire_event

@@ -16,12 +16,13 @@ import pytest
 from factories import task_run_events
 from otel_bridge.demo.server import LocalPrefectServer
 from otel_bridge.model.events import parse_wire_event
-from otel_bridge.sinks.prefect_events import (
+from otel_bridge.prefect_client import (
     PrefectAuthFailed,
     PrefectConfigError,
-    PrefectEventSink,
-    PrefectSendFailed,
+    PrefectRefused,
+    PrefectUnavailable,
 )
+from otel_bridge.sinks.prefect_events import PrefectEventSink
 from otel_bridge.sources.prefect_rest import read_events
 
 pytestmark = pytest.mark.integration
@@ -89,10 +90,10 @@ def test_configuration_from_environment(monkeypatch):
     monkeypatch.setenv("PREFECT_API_AUTH_STRING", "u:p")
     sink = PrefectEventSink()
     assert sink.url == "wss://prefect.example/api/events/in"
-    assert sink._token == "u:p"
-    assert sink._headers["Authorization"] == "Basic " + base64.b64encode(b"u:p").decode()
+    assert sink.api.ws_token == "u:p"
+    assert sink.api.http_headers()["Authorization"] == "Basic " + base64.b64encode(b"u:p").decode()
     # Constructor arguments win over the environment.
-    assert PrefectEventSink("http://h:1/api", auth_string="x:y")._token == "x:y"
+    assert PrefectEventSink("http://h:1/api", auth_string="x:y").api.ws_token == "x:y"
 
 
 def test_unreachable_server_fails_within_bounds():
@@ -100,7 +101,7 @@ def test_unreachable_server_fails_within_bounds():
     sink = PrefectEventSink(f"http://127.0.0.1:{free_port()}/api",
                             reconnection_attempts=3, backoff=0.05)
     t0 = time.monotonic()
-    with sink, pytest.raises(PrefectSendFailed, match="2 of 2 events not confirmed") as info:
+    with sink, pytest.raises(PrefectUnavailable, match="2 of 2 events not confirmed") as info:
         sink.export(events)
     assert time.monotonic() - t0 < 10
     assert info.value.unconfirmed == 2
@@ -111,7 +112,7 @@ def test_oversized_events_are_refused_before_sending():
     small, big = make_events([["Pending", "Running"]], datetime.now(timezone.utc))
     big = big.model_copy(update={"payload": {"blob": "x" * 1_500_000}})
     sink = PrefectEventSink(f"http://127.0.0.1:{free_port()}/api")
-    with sink, pytest.raises(PrefectSendFailed, match="1 events exceed") as info:
+    with sink, pytest.raises(PrefectRefused, match="1 events exceed") as info:
         sink.export([small, big])
     assert info.value.unconfirmed == 2 and sink.sent == 0
 
@@ -126,7 +127,7 @@ def test_silent_server_times_out_instead_of_hanging():
         sink = PrefectEventSink(f"http://127.0.0.1:{port}/api", open_timeout=0.5,
                                 reconnection_attempts=1, backoff=0.05)
         t0 = time.monotonic()
-        with sink, pytest.raises(PrefectSendFailed, match="not confirmed"):
+        with sink, pytest.raises(PrefectUnavailable, match="not confirmed"):
             sink.export(events)
         assert time.monotonic() - t0 < 10
 

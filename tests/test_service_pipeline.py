@@ -232,6 +232,28 @@ def test_one_refused_item_is_set_aside_and_the_rest_delivered(tmp_path):
     assert metrics.dropped.labels(SPAN, "refused")._value.get() == 1
 
 
+def test_delivery_backs_off_from_retry_initial_to_retry_max_and_a_success_resets_it(tmp_path):
+    store = Store(tmp_path / "s.sqlite3")
+    fill_outbox(store)
+    sink = RecordingSink()
+    delivery = Delivery(store, SPAN, sink, "test", Metrics(), batch_items=2,
+                        retry_initial=0.5, retry_max=3.0)
+
+    async def scenario():
+        idle = delivery._pause()  # woken early by new output
+        sink.down = True
+        pauses = []
+        for _ in range(5):
+            assert not await delivery.deliver_once()
+            pauses.append(delivery._pause())
+        sink.down = False
+        assert await delivery.deliver_once()
+        return idle, pauses, delivery._pause()
+
+    idle, pauses, after = asyncio.run(scenario())
+    assert (idle, pauses, after) == (1.0, [0.5, 1.0, 2.0, 3.0, 3.0], 1.0)
+
+
 def test_a_refused_item_deep_in_a_batch_costs_its_neighbours_no_repeated_failures(tmp_path):
     """Each good item ahead of a refused one once cost three failed batch
     attempts (after every success the delivery went back to whole batches,

@@ -59,7 +59,7 @@ from uuid import UUID
 from opentelemetry import trace
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 
-from otel_bridge._prefect_api import ui_url
+from otel_bridge.prefect_client import ui_url
 from otel_bridge.model.events import EventRejected
 from otel_bridge.model.spans import Span
 from otel_bridge.translate.forward import (

@@ -25,7 +25,7 @@ from typing import Any, Optional
 
 from aiohttp import web
 
-from otel_bridge._prefect_api import ui_url
+from otel_bridge.prefect_client import ui_url
 from otel_bridge.model.events import EventRejected, validate_event
 from otel_bridge.runtime import tune_gc
 from otel_bridge.service.auth import server_tls
@@ -35,6 +35,7 @@ from otel_bridge.service.http import admin_app
 from otel_bridge.service.metrics import Metrics
 from otel_bridge.service.pipeline import EVENT, SPAN, Pipeline
 from otel_bridge.service.store import Store
+from otel_bridge.sinks.factory import open_sink
 from otel_bridge.translate.assembler import AssemblerOptions
 from otel_bridge.translate.forward import ForwardOptions
 
@@ -46,6 +47,10 @@ RESUME_KEY = "prefect_resume_point"
 TICK_SECONDS = 0.2
 _SPANS_PER_TICK_SLICE = 200
 _READY_OUTBOX_FRACTION = 0.9
+# (kind, forward_to or reverse_to) -> the sink (`sinks.factory`: a file gets
+# OTLP/JSON or event JSON lines), and its delivery's name in logs and metrics.
+_SINKS = {(SPAN, "otlp"): ("otlp", "otlp"), (SPAN, "file"): ("otlp-json", "file"),
+          (EVENT, "prefect"): ("prefect", "prefect"), (EVENT, "file"): ("events", "file-events")}
 
 
 class Service:
@@ -166,45 +171,26 @@ class Service:
 
     def _start_deliveries(self) -> None:
         s = self.settings
-        kinds = {SPAN: self._forward_sink()}
+        outputs = {SPAN: (s.forward_to, s.forward_file)}
         if s.otlp_receiver or self.store.outbox_items(EVENT):
-            kinds[EVENT] = self._reverse_sink()
-        for kind, (sink, name) in kinds.items():
+            outputs[EVENT] = (s.reverse_to, s.reverse_file)
+        key = s.prefect_api_key.get_secret_value() if s.prefect_api_key else None
+        for kind, (to, path) in outputs.items():
+            sink_name, name = _SINKS[kind, to]
+            sink = open_sink(sink_name, path or "-", append=True, on_unencodable=self._unencodable,
+                             prefect_api_url=s.prefect_api_url, prefect_api_key=key)
             delivery = self.deliveries[kind] = Delivery(
                 self.store, kind, sink, name, self.metrics, batch_items=s.export_batch_items,
                 retry_initial=s.retry_initial_seconds, retry_max=s.retry_max_seconds)
             self._tasks.append(asyncio.create_task(delivery.run(self._stop), name=f"deliver-{name}"))
         self.pipeline.on_output = lambda kind: self.deliveries[kind].wake() if kind in self.deliveries else None
 
-    def _forward_sink(self):
-        from otel_bridge.sinks.sdk import resource_from_env
-
+    def _unencodable(self, span, error) -> None:
         # (The pipeline sets aside what OTLP cannot carry when a run closes;
         # this is for spans an older version put in the outbox.)
-        def unencodable(span, error) -> None:
-            logger.error("a span OTLP cannot carry is set aside", extra={
-                "trace_id": span.trace_id_hex, "span_id": span.span_id_hex, "error": str(error)})
-            self.metrics.dropped.labels(SPAN, "unencodable").inc()
-
-        if self.settings.forward_to == "file":
-            from otel_bridge.sinks.otlp_json import OtlpJsonWriter
-
-            return OtlpJsonWriter(open(self.settings.forward_file, "a", encoding="utf-8"),
-                                  resource_from_env(), unencodable), "file"
-        from otel_bridge.sinks.otlp import OtlpSink, exporter_from_env
-
-        return OtlpSink(exporter_from_env(), resource_from_env(), unencodable), "otlp"
-
-    def _reverse_sink(self):
-        s = self.settings
-        if s.reverse_to == "file":
-            from otel_bridge.sinks.events_jsonl import EventsJsonlWriter
-
-            return EventsJsonlWriter(open(s.reverse_file, "a", encoding="utf-8")), "file-events"
-        from otel_bridge.sinks.prefect_events import PrefectEventSink
-
-        key = s.prefect_api_key.get_secret_value() if s.prefect_api_key else None
-        return PrefectEventSink(s.prefect_api_url, key), "prefect"
+        logger.error("a span OTLP cannot carry is set aside", extra={
+            "trace_id": span.trace_id_hex, "span_id": span.span_id_hex, "error": str(error)})
+        self.metrics.dropped.labels(SPAN, "unencodable").inc()
 
     async def _bind(self) -> None:
         s = self.settings
@@ -263,8 +249,8 @@ class Service:
     # -- the Prefect subscription ---------------------------------------------------------
 
     async def _follow_prefect(self) -> None:
+        from otel_bridge.prefect_client import PrefectError
         from otel_bridge.sources.prefect_subscription import PrefectSubscription
-        from otel_bridge.sources.prefect_ws import PrefectStreamError
 
         s = self.settings
         stored = self.store.get_meta(RESUME_KEY)
@@ -286,7 +272,7 @@ class Service:
                             "reason": exc.reason, "detail": exc.detail, "event_id": raw.get("id")})
                     if len(self._pending) >= 1000:
                         self._take_pending()
-        except PrefectStreamError as exc:  # credentials refused, not a Prefect API
+        except PrefectError as exc:  # credentials refused, not a Prefect API, gave up
             self._fatal = f"Prefect subscription: {exc}"
             logger.error("cannot follow Prefect", extra={"error": str(exc)})
             self.stop()
@@ -344,7 +330,7 @@ class Service:
         logger.info("stopping", extra={"grace_seconds": s.shutdown_grace_seconds})
         # 1. stop intake
         if self._subscription is not None:
-            await self._subscription.stop()
+            await self._subscription.close()
         if self._grpc is not None:
             await self._grpc.stop(min(1.0, s.shutdown_grace_seconds))
         for task in self._tasks:

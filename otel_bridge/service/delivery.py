@@ -23,13 +23,15 @@ import asyncio
 import logging
 import threading
 import time
-from typing import Any, Callable, Optional, Protocol, Sequence
+from typing import Any, Callable, Optional
 
+from otel_bridge.backoff import Backoff
 from otel_bridge.service.metrics import Metrics
 from otel_bridge.service.pipeline import SPAN, decode, encoded_span
 from otel_bridge.service.store import OutboxItem, Store
+from otel_bridge.sinks import Sink
 
-__all__ = ["Delivery", "Sink"]
+__all__ = ["Delivery"]
 
 logger = logging.getLogger(__name__)
 
@@ -43,12 +45,6 @@ def _describe(exc: BaseException) -> str:
     text = str(exc) or {TimeoutError: "no answer in time",
                         asyncio.TimeoutError: "no answer in time"}.get(type(exc), "")
     return (f"{type(exc).__name__}: {text}" if text else type(exc).__name__)[:500]
-
-
-class Sink(Protocol):
-    def export(self, items: Sequence[Any]) -> None: ...
-
-    def close(self) -> None: ...
 
 
 class Delivery:
@@ -72,8 +68,7 @@ class Delivery:
         self.metrics = metrics
         self.batch_items = batch_items
         self.batch_bytes = batch_bytes
-        self.retry_initial = retry_initial
-        self.retry_max = retry_max
+        self.backoff = Backoff(initial=retry_initial, maximum=retry_max, jitter=0.0)
         self.failures = 0  # in a row
         # While set, items up to this seq go one at a time (`deliver_once`).
         self._suspects_until: Optional[int] = None
@@ -211,7 +206,7 @@ class Delivery:
     def _pause(self) -> float:
         if not self.failures:
             return 1.0  # idle: woken early by new output
-        return min(self.retry_max, self.retry_initial * 2 ** (self.failures - 1))
+        return self.backoff.delay(self.failures)
 
     async def _sleep(self, seconds: float, stop: asyncio.Event) -> None:
         self._wake.clear()

@@ -5,9 +5,12 @@ from __future__ import annotations
 from typing import IO, Sequence
 
 from otel_bridge.model.events import Event
+from otel_bridge.sinks import Sink
+
+__all__ = ["EventsJsonlWriter"]
 
 
-class EventsJsonlWriter:
+class EventsJsonlWriter(Sink[Event]):
     def __init__(self, stream: IO[str]):
         self._stream = stream
         self.events_written = 0

@@ -31,6 +31,7 @@ from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from otel_bridge.model.otlp import span_from_proto
 from otel_bridge.model.otlp_protobuf import TraceRequest, Unencodable, encode_span
 from otel_bridge.model.spans import Span
+from otel_bridge.sinks import Sink
 from otel_bridge.sinks.sdk import to_readable_spans
 
 __all__ = ["EXPORTER_LOGGER", "ExportFailed", "MAX_REQUEST_BYTES", "OnUnencodable", "OtlpSink",
@@ -184,7 +185,7 @@ _complaints = _ExporterComplaints()
 logging.getLogger(EXPORTER_LOGGER).addHandler(_complaints)
 
 
-class OtlpSink:
+class OtlpSink(Sink[Span]):
     """Sends spans with an official exporter, in requests of at most
     `MAX_REQUEST_BYTES`; the exporter retries what the protocol says is
     retryable (gRPC UNAVAILABLE..., HTTP 429/502/503/504). A span OTLP

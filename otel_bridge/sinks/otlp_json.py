@@ -17,8 +17,11 @@ from opentelemetry.sdk.resources import Resource
 from otel_bridge.model.otlp import request_json
 from otel_bridge.model.otlp_protobuf import Unencodable, encode_span
 from otel_bridge.model.spans import Span
+from otel_bridge.sinks import Sink
 from otel_bridge.sinks.otlp import OnUnencodable, log_unencodable
 from otel_bridge.sinks.sdk import SCOPE
+
+__all__ = ["OtlpJsonWriter", "encode_request", "group_by_trace"]
 
 
 def encode_request(spans: Sequence[Span], resource: Resource) -> dict[str, Any]:
@@ -26,7 +29,7 @@ def encode_request(spans: Sequence[Span], resource: Resource) -> dict[str, Any]:
     return request_json(spans, dict(resource.attributes), SCOPE.name, SCOPE.version or "")
 
 
-class OtlpJsonWriter:
+class OtlpJsonWriter(Sink[Span]):
     """Writes one request line per trace, so a file of many traces can be read
     back one trace at a time, and a partial file is still valid line by line.
     A span OTLP cannot carry (as `model.otlp_protobuf` judges it: a time

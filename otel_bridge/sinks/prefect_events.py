@@ -3,10 +3,9 @@
 Protocol and reliability follow `prefect.events.clients.PrefectEventsClient`
 (Prefect 3.9), without importing Prefect:
 
-* ``ws(s)://<PREFECT_API_URL>/events/in`` with the ``prefect`` subprotocol,
-  then ``{"type": "auth", "token": <auth string>}`` -> ``{"type":
-  "auth_success"}``.  One JSON event per text frame; the server never answers
-  an event.
+* ``ws(s)://<PREFECT_API_URL>/events/in``, opened and authenticated as
+  `otel_bridge.prefect_client.events_socket` does.  One JSON event per text
+  frame; the server never answers an event.
 * Confirmation is a checkpoint: a websocket ping sent after a run of events.
   The pong comes back on the same ordered stream after every earlier frame,
   so it proves the server read them.  Events written since the last pong are
@@ -16,64 +15,47 @@ Protocol and reliability follow `prefect.events.clients.PrefectEventsClient`
   goes through an in-memory queue first).  Prefect's client has the same
   limit.
 
-Configuration: Prefect's own settings, as `otel_bridge._prefect_api` reads them.
+Configuration: Prefect's own settings, as `otel_bridge.prefect_client` reads them.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections import deque
 from typing import Any, Optional, Sequence
 
-from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import (
-    ConnectionClosed,
-    InvalidHandshake,
-    InvalidStatus,
-    InvalidURI,
-)
+from websockets.asyncio.client import ClientConnection
 
-from otel_bridge._prefect_api import PrefectConfigError, resolve_api
-from otel_bridge._version import __version__
+from otel_bridge.backoff import Backoff
 from otel_bridge.model.events import MAX_EVENT_SIZE_BYTES, Event
+from otel_bridge.prefect_client import (
+    PrefectConfigError,
+    PrefectError,
+    PrefectRefused,
+    PrefectUnavailable,
+    resolve_api,
+)
+from otel_bridge.prefect_client.errors import describe_error
+from otel_bridge.prefect_client.events_socket import RETRYABLE, open_events_socket
+from otel_bridge.sinks import Sink
 
-__all__ = ["PrefectEventSink", "PrefectSendFailed", "PrefectAuthFailed", "PrefectConfigError"]
+__all__ = ["PrefectEventSink"]
 
 log = logging.getLogger(__name__)
 
-# Network trouble worth a reconnect (Prefect's RETRYABLE_EXCEPTIONS), plus a
-# handshake the server broke off (e.g. it restarted during the upgrade).
-_RETRYABLE = (ConnectionClosed, TimeoutError, OSError, InvalidHandshake)
 # The server measures the received event, which adds a `received` timestamp.
 _MAX_FRAME = MAX_EVENT_SIZE_BYTES - 64
 
 
-class PrefectSendFailed(RuntimeError):
-    """Some events were not confirmed by the server.
-
-    `unconfirmed_events` may or may not have reached it; sending them again
-    is harmless (the server dedupes by event id)."""
-
-    def __init__(self, message: str, unconfirmed_events: Sequence[Event] = ()):
-        super().__init__(message)
-        self.unconfirmed_events = list(unconfirmed_events)
-
-    @property
-    def unconfirmed(self) -> int:
-        return len(self.unconfirmed_events)
-
-
-class PrefectAuthFailed(PrefectSendFailed):
-    """The server refused our credentials; retrying will not help."""
-
-
-class PrefectEventSink:
+class PrefectEventSink(Sink[Event]):
     """Synchronous, reliable event delivery to a Prefect server.
 
     ``with PrefectEventSink() as sink: sink.export(events)``.  `export` returns
-    once the server has confirmed every event, or raises `PrefectSendFailed`.
+    once the server has confirmed every event, or raises a `PrefectError`
+    whose `unconfirmed_events` are those the server may not have:
+    `PrefectRefused` (`PrefectAuthFailed`) when sending again will not help,
+    `PrefectUnavailable` once the reconnection attempts ran out.
     The connection stays open between calls.  Not for use inside a running
     event loop (it runs its own).
     """
@@ -93,29 +75,23 @@ class PrefectEventSink:
         tls_insecure_skip_verify: Optional[bool] = None,
         ssl_cert_file: Optional[str] = None,
     ) -> None:
-        api = resolve_api(api_url, api_key, auth_string,
-                          tls_insecure_skip_verify=tls_insecure_skip_verify,
-                          ssl_cert_file=ssl_cert_file)
-        self.api_url = api.url
-        self.url = api.events_url("in")
-        # Prefect Cloud authenticates the HTTP upgrade with the API key and
-        # has no in-band handshake; a self-hosted server wants the handshake
-        # (and proxies may check the upgrade, so it carries the credentials
-        # too, as Prefect's client sends them).
-        self._cloud = api.cloud
-        if self._cloud and not api.api_key:
+        self.api = resolve_api(api_url, api_key, auth_string,
+                               tls_insecure_skip_verify=tls_insecure_skip_verify,
+                               ssl_cert_file=ssl_cert_file)
+        self.api_url = self.api.url
+        self.url = self.api.events_url("in")
+        # Prefect Cloud authenticates the socket's upgrade with the key alone.
+        if self.api.cloud and not self.api.api_key:
             raise PrefectConfigError(
                 "Prefect Cloud needs an API key: pass api_key or set PREFECT_API_KEY")
-        self._token: Optional[str] = None if self._cloud else api.ws_token
-        self._headers = api.http_headers()
-        self._ssl = api.ssl_context()
 
         if checkpoint_every < 1 or reconnection_attempts < 0:
             raise PrefectConfigError("checkpoint_every must be >= 1 and reconnection_attempts >= 0")
         self.checkpoint_every = checkpoint_every
-        self.reconnection_attempts = reconnection_attempts
-        self.backoff = backoff
-        self.max_backoff = max_backoff
+        # Prefect retries twice at once (load balancers drop idle sockets),
+        # then waits; we back off exponentially from there, without jitter.
+        self.backoff = Backoff(initial=backoff, maximum=max_backoff, jitter=0.0, immediate=2,
+                               max_attempts=reconnection_attempts + 1)
         self.open_timeout = open_timeout
         self.confirm_timeout = confirm_timeout
 
@@ -137,7 +113,7 @@ class PrefectEventSink:
         frames = [(e, e.model_dump_json(exclude={"received"})) for e in events]
         too_big = [e for e, frame in frames if len(frame.encode()) > _MAX_FRAME]
         if too_big:
-            raise PrefectSendFailed(
+            raise PrefectRefused(
                 f"{len(too_big)} events exceed Prefect's {MAX_EVENT_SIZE_BYTES} byte limit "
                 f"(first: {too_big[0].id}); nothing was sent",
                 events,
@@ -197,26 +173,22 @@ class PrefectEventSink:
                 await self._checkpoint(ws)
                 self.confirmed += len(unconfirmed)
                 unconfirmed.clear()
-            except PrefectSendFailed as exc:
+            except PrefectError as exc:
                 # Not worth retrying (auth, wrong URL): report what is unconfirmed.
                 await self._drop_connection()
                 exc.unconfirmed_events = [e for e, _, _ in (*unconfirmed, *pending)]
                 raise
-            except _RETRYABLE as exc:
+            except RETRYABLE as exc:
                 await self._drop_connection()
                 failures += 1
-                if failures > self.reconnection_attempts:
+                if self.backoff.exhausted(failures):
                     left = [e for e, _, _ in (*unconfirmed, *pending)]
-                    raise PrefectSendFailed(
-                        f"{len(left)} of {len(frames)} events not confirmed by {self.url} "
-                        f"after {failures} failed attempts; last error: {_describe(exc)}",
-                        left,
-                    ) from exc
-                # Prefect retries twice at once (load balancers drop idle
-                # sockets), then waits; we back off exponentially.
-                delay = 0.0 if failures <= 2 else min(self.max_backoff, self.backoff * 2 ** (failures - 3))
+                    raise PrefectUnavailable.after(
+                        f"sending to {self.url} ({len(left)} of {len(frames)} events not "
+                        "confirmed)", failures, exc, left) from exc
+                delay = self.backoff.delay(failures)
                 log.info("connection to %s lost (%s); retry %d in %.2fs",
-                         self.url, _describe(exc), failures, delay)
+                         self.url, describe_error(exc), failures, delay)
                 await asyncio.sleep(delay)
 
     async def _checkpoint(self, ws: ClientConnection) -> None:
@@ -224,60 +196,14 @@ class PrefectEventSink:
         await asyncio.wait_for(pong, self.confirm_timeout)
 
     async def _connect(self) -> None:
-        kwargs: dict[str, Any] = dict(
-            additional_headers=self._headers,
-            user_agent_header=f"otel-bridge/{__version__}",
-            open_timeout=self.open_timeout,
+        self._ws = await open_events_socket(
+            self.api, "in", open_timeout=self.open_timeout,
             # Keepalive pings bound how long a send can hang on a dead peer.
-            ping_interval=self.confirm_timeout,
-            ping_timeout=self.confirm_timeout,
-            close_timeout=2,
-            max_size=None,
-        )
-        if not self._cloud:
-            kwargs["subprotocols"] = ["prefect"]
-        if self._ssl is not None:
-            kwargs["ssl"] = self._ssl
-        try:
-            ws = await connect(self.url, **kwargs)
-        except InvalidStatus as exc:
-            status = exc.response.status_code
-            if status in (401, 403):
-                raise PrefectAuthFailed(f"{self.url} refused our credentials (HTTP {status})") from exc
-            if status == 404:
-                raise PrefectSendFailed(
-                    f"{self.url} not found (HTTP 404): is PREFECT_API_URL the API root, ending in /api?"
-                ) from exc
-            raise
-        except InvalidURI as exc:
-            raise PrefectConfigError(f"bad events URL {self.url}: {exc}") from exc
-        try:
-            if not self._cloud:
-                await self._authenticate(ws)
-        except BaseException:
-            await ws.close()
-            raise
-        self._ws = ws
+            ping_interval=self.confirm_timeout, ping_timeout=self.confirm_timeout,
+            close_timeout=2, max_size=None)
         if self._connected_once:
             self.reconnects += 1
         self._connected_once = True
-
-    async def _authenticate(self, ws: ClientConnection) -> None:
-        await ws.send(json.dumps({"type": "auth", "token": self._token}))
-        try:
-            reply = json.loads(await asyncio.wait_for(ws.recv(), self.open_timeout))
-        except ConnectionClosed as exc:
-            # The server says why in the close frame ("Invalid token", ...);
-            # without one, it is network trouble and worth a retry.
-            reason = exc.rcvd.reason if exc.rcvd is not None else ""
-            if reason:
-                raise PrefectAuthFailed(
-                    f"{self.url} rejected authentication: {reason} "
-                    "(check PREFECT_API_AUTH_STRING / PREFECT_API_KEY)"
-                ) from exc
-            raise
-        if not isinstance(reply, dict) or reply.get("type") != "auth_success":
-            raise PrefectAuthFailed(f"{self.url} rejected authentication: {reply!r}")
 
     async def _drop_connection(self) -> None:
         ws, self._ws = self._ws, None
@@ -289,8 +215,3 @@ class PrefectEventSink:
 
     async def _disconnect(self) -> None:
         await self._drop_connection()
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -7,7 +7,10 @@ from typing import IO, Sequence
 from opentelemetry.trace import StatusCode
 
 from otel_bridge.model.spans import Span
+from otel_bridge.sinks import Sink
 from otel_bridge.sinks.otlp_json import group_by_trace
+
+__all__ = ["TreeWriter", "render_trace"]
 
 
 def render_trace(spans: Sequence[Span]) -> str:
@@ -86,7 +89,7 @@ def _seconds(value: float) -> str:
     return f"{value * 1000:.1f}ms" if value < 1 else f"{value:.2f}s"
 
 
-class TreeWriter:
+class TreeWriter(Sink[Span]):
     def __init__(self, stream: IO[str]):
         self._stream = stream
         self.spans_written = 0

@@ -43,14 +43,16 @@ from typing import Any, AsyncIterator, Optional, Sequence
 
 import httpx
 
-from otel_bridge.sources.prefect_rest import PAGE_SIZE, build_event_filter, page_requests
-from otel_bridge.sources.prefect_ws import (
-    Backoff,
-    PrefectStreamError,
-    ReconnectingEventStream,
-    parse_occurred,
-    resolve_api,
+from otel_bridge.backoff import Backoff
+from otel_bridge.prefect_client import PrefectError, PrefectUnavailable, resolve_api
+from otel_bridge.prefect_client.rest import (
+    PAGE_SIZE,
+    build_event_filter,
+    check_response,
+    page_requests,
 )
+from otel_bridge.sources import Source
+from otel_bridge.sources.prefect_ws import ReconnectingEventStream, parse_occurred
 
 __all__ = ["DEFAULT_EVENT_PREFIXES", "PrefectSubscription", "SubscriptionStats"]
 
@@ -100,13 +102,14 @@ class _Delivered:
     watermark: datetime
 
 
-class PrefectSubscription:
+class PrefectSubscription(Source):
     """``async with PrefectSubscription() as sub: async for event in sub: ...``
 
     Yields raw event dicts (as the server sends them), each once.  Ends after
-    ``stop()``; raises PrefectStreamError for what retrying cannot fix (bad
+    ``close()``; raises PrefectRefused for what retrying cannot fix (bad
     credentials, not a Prefect API) or, with ``backoff.max_attempts`` set,
-    once the server has been unreachable that many times in a row.
+    PrefectUnavailable once the server has been unreachable that many times
+    in a row.
     """
 
     def __init__(
@@ -197,7 +200,7 @@ class PrefectSubscription:
         self._tasks.append(asyncio.create_task(self._run_reconcile(), name="prefect-reconcile"))
         return self
 
-    async def stop(self) -> None:
+    async def close(self) -> None:
         """Stop both readers, close connections; iteration then ends."""
         if self._stopped:
             return
@@ -215,12 +218,12 @@ class PrefectSubscription:
         return await self.start()
 
     async def __aexit__(self, *exc_info: Any) -> None:
-        await self.stop()
+        await self.close()
 
     def __aiter__(self) -> AsyncIterator[dict[str, Any]]:
-        return self._iterate()
+        return self.events()
 
-    async def _iterate(self) -> AsyncIterator[dict[str, Any]]:
+    async def events(self) -> AsyncIterator[dict[str, Any]]:
         while True:
             item = await self._queue.get()
             if item is _STOP:
@@ -288,6 +291,9 @@ class PrefectSubscription:
                     try:
                         await self._reconcile(p)
                         failures = 0
+                    except PrefectError:  # an answer that will not change
+                        self._stats.rest_errors += 1
+                        raise
                     except (httpx.TransportError, httpx.HTTPStatusError) as exc:
                         failures = self._rest_failure(exc, failures)
                         break  # retry at the next tick
@@ -301,15 +307,10 @@ class PrefectSubscription:
 
     def _rest_failure(self, exc: Exception, failures: int) -> int:
         self._stats.rest_errors += 1
-        if isinstance(exc, httpx.HTTPStatusError):
-            status = exc.response.status_code
-            if status < 500 and status not in (408, 429):
-                raise PrefectStreamError(
-                    f"{exc.request.url} answered HTTP {status}: is the API URL right "
-                    f"({self.api.url}) and the key valid? {exc.response.text[:200]}"
-                ) from exc
         failures += 1
-        self.backoff.check_attempts(failures, f"reading {self.api.url}/events/filter", exc)
+        if self.backoff.exhausted(failures):
+            raise PrefectUnavailable.after(f"reading {self.api.url}/events/filter", failures,
+                                           exc) from exc
         logger.warning("event reconciliation: %s: %s; retrying", type(exc).__name__, exc)
         return failures
 
@@ -343,7 +344,7 @@ class PrefectSubscription:
         while True:
             method, url, arguments = request
             resp = await self._http.request(method, url, headers=headers, **arguments)
-            resp.raise_for_status()
+            check_response(resp)
             self._stats.rest_pages += 1
             page = resp.json()
             for event in page["events"]:

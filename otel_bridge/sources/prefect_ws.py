@@ -2,14 +2,10 @@
 
 Protocol (prefect/server/api/events.py, prefect/events/clients.py):
 
-1. connect with websocket subprotocol ``prefect`` (without it the server
-   falls back to a legacy mode with no auth handshake; with an auth string
-   configured it refuses the connection);
-2. send ``{"type": "auth", "token": <key or null>}``, receive
-   ``{"type": "auth_success"}`` (the server closes with 1008 otherwise);
-3. send ``{"type": "filter", "filter": <EventFilter JSON>, "backfill": bool}``
+1. open the socket and authenticate (`prefect_client.events_socket`);
+2. send ``{"type": "filter", "filter": <EventFilter JSON>, "backfill": bool}``
    (the server closes with 1002 on an invalid filter);
-4. receive ``{"type": "event", "event": {...}}`` frames until closed.
+3. receive ``{"type": "event", "event": {...}}`` frames until closed.
 
 The stream is lossy: the server keeps at most 256 undelivered events per
 subscriber and silently drops the rest.  Use it for liveness, and the REST API
@@ -20,7 +16,7 @@ Prefect's own PrefectEventSubscriber: it reconnects after any drop (exponential
 backoff with jitter, optionally bounded), resumes with ``backfill`` and an
 ``occurred.since`` a little before the newest event seen, and drops ids it
 already yielded.  Refusals that a retry cannot fix (bad credentials, a rejected
-filter, a URL that is not a Prefect API) raise at once instead.
+filter, a URL that is not a Prefect API) raise `PrefectRefused` at once instead.
 """
 
 from __future__ import annotations
@@ -28,41 +24,32 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import random
-from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Any, AsyncIterator, Callable, Iterator, Optional, Union
+from typing import Any, AsyncIterator, Callable, Optional, Union
 
-from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import (
-    ConnectionClosed,
-    ConnectionClosedOK,
-    InvalidHandshake,
-    InvalidStatus,
-    InvalidURI,
+from websockets.asyncio.client import ClientConnection
+from websockets.exceptions import ConnectionClosed, ConnectionClosedOK
+
+from otel_bridge.backoff import Backoff
+from otel_bridge.prefect_client import (
+    PrefectApi,
+    PrefectError,
+    PrefectRefused,
+    PrefectUnavailable,
+    resolve_api,
 )
-from websockets.typing import Subprotocol
-
-from otel_bridge._prefect_api import PrefectApi, resolve_api
-from otel_bridge._version import __version__
+from otel_bridge.prefect_client.events_socket import RETRYABLE, is_refusal, open_events_socket
+from otel_bridge.sources import Source
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "Backoff",
-    "PrefectApi",
     "PrefectEventStream",
     "ReconnectingEventStream",
     "parse_occurred",
-    "resolve_api",
-    "PrefectStreamError",
     "live_filter",
     "subscribe",
 ]
-
-
-class PrefectStreamError(RuntimeError):
-    """The server refused the subscription (auth or filter) or broke protocol."""
 
 
 def parse_occurred(value: str) -> datetime:
@@ -71,45 +58,6 @@ def parse_occurred(value: str) -> datetime:
         value = value[:-1] + "+00:00"
     ts = datetime.fromisoformat(value)
     return ts if ts.tzinfo else ts.replace(tzinfo=timezone.utc)
-
-
-@dataclass(frozen=True)
-class Backoff:
-    """Delays between connection attempts: exponential, capped, jittered.
-
-    The cap bounds how late we notice a server that came back; the jitter
-    keeps many sidecars from reconnecting in lockstep after a server restart.
-    ``max_attempts`` None retries for ever (a sidecar outlives server
-    restarts); a number makes the stream raise after that many consecutive
-    failed attempts.
-    """
-
-    initial: float = 0.5
-    maximum: float = 30.0
-    multiplier: float = 2.0
-    jitter: float = 0.5  # the randomised fraction of each delay
-    max_attempts: Optional[int] = None
-
-    def delay(self, attempt: int) -> float:
-        """Seconds to wait before attempt number ``attempt + 1`` (attempt >= 1)."""
-        exponent = min(max(attempt - 1, 0), 64)  # no float overflow after long outages
-        base = min(self.maximum, self.initial * self.multiplier**exponent)
-        return base * (1 - self.jitter) + random.uniform(0, base * self.jitter)
-
-    def check_attempts(self, failures: int, what: str, exc: BaseException) -> None:
-        """Raise `PrefectStreamError` once `failures` consecutive failed
-        attempts at `what` reach `max_attempts`."""
-        if self.max_attempts is not None and failures >= self.max_attempts:
-            raise PrefectStreamError(
-                f"gave up {what} after {failures} failed attempts; last error: "
-                f"{type(exc).__name__}: {exc}"
-            ) from exc
-
-    def delays(self) -> Iterator[float]:
-        attempt = 1
-        while self.max_attempts is None or attempt < self.max_attempts:
-            yield self.delay(attempt)
-            attempt += 1
 
 
 def live_filter(
@@ -134,7 +82,7 @@ def live_filter(
     return flt
 
 
-class PrefectEventStream:
+class PrefectEventStream(Source):
     """``async with PrefectEventStream(api_url, filter) as s: async for frame in s.frames(): ...``
 
     ``frames()`` yields each event frame's raw text, exactly as received;
@@ -175,48 +123,18 @@ class PrefectEventStream:
             await ws.close()
 
     async def _open(self) -> None:
-        ws = await connect(
-            self.url,
-            subprotocols=[Subprotocol("prefect")],
-            additional_headers=self.api.http_headers(),
-            user_agent_header=f"otel-bridge/{__version__}",
-            ssl=self.api.ssl_context(),
-            open_timeout=self.open_timeout,
-            # Event frames can be large (a state message alone may be 100 kB,
-            # an event up to 1.5 MB); the default 1 MiB limit would kill the
-            # connection on a legitimate event.
-            max_size=16 * 1024 * 1024,
-        )
+        # Event frames can be large (a state message alone may be 100 kB, an
+        # event up to 1.5 MB); the default 1 MiB limit would kill the
+        # connection on a legitimate event.
+        ws = await open_events_socket(self.api, "out", open_timeout=self.open_timeout,
+                                      max_size=16 * 1024 * 1024)
         try:
-            await self._handshake(ws)
+            await ws.send(json.dumps(
+                {"type": "filter", "filter": self.event_filter, "backfill": self.backfill}))
         except BaseException:
             await ws.close()
             raise
         self._ws = ws
-
-    async def _handshake(self, ws: ClientConnection) -> None:
-        if ws.subprotocol == "prefect":
-            await ws.send(json.dumps({"type": "auth", "token": self.api.ws_token}))
-            try:
-                reply = json.loads(await ws.recv())
-            except ConnectionClosed as exc:
-                if not _is_refusal(exc):
-                    raise  # a dropped connection, not a verdict: retryable
-                reason = exc.rcvd.reason if exc.rcvd else ""
-                raise PrefectStreamError(
-                    f"event stream refused authentication: {reason or exc}"
-                ) from exc
-            if reply.get("type") != "auth_success":
-                raise PrefectStreamError(
-                    f"event stream refused authentication: {reply.get('reason', reply)}"
-                )
-        # else: a server that did not accept the subprotocol is in legacy mode,
-        # where the first frame must already be the filter.
-        await ws.send(
-            json.dumps(
-                {"type": "filter", "filter": self.event_filter, "backfill": self.backfill}
-            )
-        )
 
     async def _event_frames(self) -> AsyncIterator[tuple[str, dict[str, Any]]]:
         if self._ws is None:
@@ -233,7 +151,7 @@ class PrefectEventStream:
             try:
                 frame = json.loads(text)
             except ValueError as exc:
-                raise PrefectStreamError(f"non-JSON frame: {text[:200]!r}") from exc
+                raise PrefectError(f"{self.url} sent a non-JSON frame: {text[:200]!r}") from exc
             # Prefect 3.9.1 sends only event frames after the handshake; skip
             # anything else a later server might add.
             if isinstance(frame, dict) and frame.get("type") == "event":
@@ -267,49 +185,14 @@ async def subscribe(
             yield item
 
 
-# Close codes with which the server gives a verdict rather than drops us:
-# 1008 policy violation (authentication), 1002 protocol error (bad filter).
-_REFUSAL_CODES = (1002, 1008)
-
-
-def _is_refusal(exc: ConnectionClosed) -> bool:
-    return exc.rcvd is not None and exc.rcvd.code in _REFUSAL_CODES
-
-
-def _fatal_reason(exc: BaseException, url: str) -> Optional[str]:
-    """Why ``exc`` cannot be cured by retrying, or None if it might be."""
-    if isinstance(exc, PrefectStreamError):
-        return str(exc)
-    if isinstance(exc, InvalidURI):
-        return f"invalid event stream URL {url!r}: {exc}"
-    if isinstance(exc, InvalidStatus):
-        status = exc.response.status_code
-        # 5xx, 408 and 429 are a server in trouble; anything else is an answer
-        # (404: not a Prefect API; 401/403: credentials) that will not change.
-        if status >= 500 or status in (408, 429):
-            return None
-        return (
-            f"{url} answered HTTP {status} to the websocket upgrade; is the API "
-            "URL right (http(s)://host:port/api) and the key valid?"
-        )
-    if isinstance(exc, ConnectionClosed) and _is_refusal(exc):
-        reason = exc.rcvd.reason if exc.rcvd else ""
-        return f"event stream refused the subscription: {reason or exc}"
-    return None
-
-
-# Drops and refusals of the transport: worth another attempt.
-_RETRYABLE = (OSError, asyncio.TimeoutError, ConnectionClosed, InvalidHandshake)
-
-
-class ReconnectingEventStream:
+class ReconnectingEventStream(Source):
     """Live events that survive disconnects: ``async for event in s.events()``.
 
     * Reconnects after any drop, including a clean close by the server (a
       restarting server says 1001 "going away"); only ``close()`` ends it.
     * Waits ``backoff`` between failed attempts; gives up with
-      PrefectStreamError after ``backoff.max_attempts`` consecutive failures.
-      Refusals (bad key, bad filter, HTTP 4xx) raise at once.
+      PrefectUnavailable after ``backoff.max_attempts`` consecutive failures.
+      Refusals (bad key, bad filter, HTTP 4xx) raise PrefectRefused at once.
     * Resumes with ``backfill`` from ``resume_margin`` before the newest
       ``occurred`` seen (never before ``resume_floor()``, if given), and skips
       ids it already yielded.  The backfill only has what the server has
@@ -393,10 +276,7 @@ class ReconnectingEventStream:
         while not self._closed:
             try:
                 self._stream = await self._connect()
-            except _RETRYABLE + (PrefectStreamError,) as exc:
-                reason = _fatal_reason(exc, self.url)
-                if reason is not None:
-                    raise PrefectStreamError(reason) from exc
+            except RETRYABLE as exc:  # (what will not change raises PrefectError)
                 failures += 1
                 self.connect_failures += 1
                 await self._wait_before_retry(failures, exc)
@@ -428,9 +308,9 @@ class ReconnectingEventStream:
                     await stream.close()
             if self._closed:
                 return
-            reason = _fatal_reason(exc, self.url)
-            if reason is not None:
-                raise PrefectStreamError(reason) from exc
+            if isinstance(exc, ConnectionClosed) and is_refusal(exc):
+                raise PrefectRefused(f"{self.url} refused the subscription: "
+                                     f"{exc.rcvd.reason if exc.rcvd else exc}") from exc
             # A connection that worked resets the count; one that died at once
             # keeps backing off (a server that accepts and drops would
             # otherwise be hammered).
@@ -439,7 +319,8 @@ class ReconnectingEventStream:
             await self._wait_before_retry(failures, exc)
 
     async def _wait_before_retry(self, failures: int, exc: BaseException) -> None:
-        self.backoff.check_attempts(failures, f"on {self.url}", exc)
+        if self.backoff.exhausted(failures):
+            raise PrefectUnavailable.after(f"on {self.url}", failures, exc) from exc
         delay = self.backoff.delay(failures)
         logger.warning(
             "event stream %s: %s: %s; reconnecting in %.1fs (attempt %d)",

@@ -1,8 +1,8 @@
 """Where a Prefect API is and how to reach it, from Prefect's own settings.
 
 One place for what Prefect's clients read, used by everything that talks to
-a Prefect server: the subscription (websocket and REST), the REST reader and
-the reverse sink. From the arguments first, then the environment (Prefect's
+a Prefect server (through this package): the subscription (websocket and
+REST), the REST reader and the reverse sink. From the arguments first, then the environment (Prefect's
 profiles and .env files are not read):
 
     PREFECT_API_URL                       http(s)://host[:port]/api
@@ -25,7 +25,9 @@ import ssl
 from dataclasses import dataclass
 from typing import Literal, Mapping, Optional
 
-__all__ = ["PrefectApi", "PrefectConfigError", "events_socket_url", "resolve_api", "ui_url"]
+from otel_bridge.prefect_client.errors import PrefectConfigError
+
+__all__ = ["PrefectApi", "events_socket_url", "resolve_api", "ui_url"]
 
 DEFAULT_CLOUD_API_URL = "https://api.prefect.cloud/api/"
 # Headers a custom-header setting must not override (Prefect's list).
@@ -34,10 +36,6 @@ PROTECTED_HEADERS = frozenset({
     "sec-websocket-extensions", "sec-websocket-protocol", "connection",
     "upgrade", "host",
 })
-
-
-class PrefectConfigError(ValueError):
-    """The Prefect settings cannot work (no URL, not http(s), bad headers)."""
 
 
 @dataclass(frozen=True)

@@ -55,7 +55,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from support import backends
 
 from otel_bridge.model.events import Event, parse_wire_event
-from otel_bridge.model.otlp import _span_json as span_json
+from otel_bridge.model.otlp import span_json
 from otel_bridge.model.otlp import request_from_json, request_to_json, spans_from_request
 from otel_bridge.model.spans import Span
 from otel_bridge.model.otlp_protobuf import encode_span

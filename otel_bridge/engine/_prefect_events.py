@@ -22,11 +22,12 @@ from otel_bridge.model.events import (
     MAX_EVENT_SIZE_BYTES,
     MAX_LABELS_PER_RESOURCE,
     Event,
-    _checked_event,
+    checked_event,
+    related_valid,
     validate_event,
 )
-from otel_bridge.translate.forward import _STATE_TYPES, TASK_RUN
-from otel_bridge.translate.task_run_events import _related_ok
+from otel_bridge.model.states import STATE_TYPES_BY_VALUE
+from otel_bridge.translate.forward import TASK_RUN
 
 TASK_RUN_PREFIX = f"prefect.{TASK_RUN}."
 
@@ -37,7 +38,7 @@ def is_task_run_state(name: Any, resource: dict) -> bool:
     gives `RunKey(TASK_RUN, its resource id)`): named for a task run, of a
     known state type. False: ask `run_key`."""
     return (type(name) is str and name.startswith(TASK_RUN_PREFIX)
-            and resource.get("prefect.state-type") in _STATE_TYPES)
+            and resource.get("prefect.state-type") in STATE_TYPES_BY_VALUE)
 
 
 def read_prefect(prefect_event: Any) -> Event:
@@ -48,7 +49,7 @@ def read_prefect(prefect_event: Any) -> Event:
     The event is checked as `validate_event` checks it, by hand: every value
     of the type it must be, the labels and related resources within Prefect's
     limits, an upper bound of the event's JSON within its size limit; the
-    event is then made as validation would make it (`_checked_event`).
+    event is then made as validation would make it (`checked_event`).
     Anything else goes to `validate_event`, which rejects it or says exactly
     how large it is."""
     occurred = prefect_event.occurred
@@ -68,13 +69,13 @@ def read_prefect(prefect_event: Any) -> Event:
     fields = {"occurred": occurred, "event": name, "resource": resource, "related": related,
               "payload": payload, "id": prefect_event.id, "follows": prefect_event.follows}
     if not (_passes(name, resource, payload, fields["id"], fields["follows"])
-            and _related_ok(related)):
+            and related_valid(related)):
         return validate_event(fields)
     bound = _size_bound(name, resource, payload, related)
     if bound > MAX_EVENT_SIZE_BYTES:
         return validate_event(fields, bound)
     fields["payload"] = dict(payload)
-    return _checked_event(fields)
+    return checked_event(fields)
 
 
 def _passes(name: Any, resource: Any, payload: Any, event_id: Any, follows: Any) -> bool:

@@ -66,14 +66,12 @@ from otel_bridge.translate.forward import (
     TASK_RUN,
     ForwardOptions,
     RunKey,
-    _span_id_for,
-    _trace_id_for,
     is_final,
     is_final_state,
     run_key,
     run_span,
 )
-from otel_bridge.translate.ids import span_id_for
+from otel_bridge.translate.ids import span_id_for, trace_id_for
 
 from ._prefect_events import TASK_RUN_PREFIX, is_task_run_state, read_prefect
 from ._tracing import bridge_tracer, record_span, tracer_provider_from_env
@@ -214,8 +212,7 @@ def _placement(run: Any, own: str) -> tuple[int, Optional[int]]:
             break
     root = flow_run or parent_task or own
     parent = parent_task or flow_run
-    # (forward's cached ids: the flow run's come again for each of its tasks)
-    return _trace_id_for(root), _span_id_for(parent) if parent else None
+    return trace_id_for(root), span_id_for(parent) if parent else None
 
 
 _bridge: Optional[_Bridge] = None

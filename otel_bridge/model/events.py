@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 from datetime import datetime, timezone
-from typing import Any, Optional, Union
+from typing import Any, Optional, Sequence, Union
 from uuid import UUID
 
 import msgspec
@@ -255,7 +255,7 @@ def _event_as_written(raw: str | bytes) -> Optional[Event]:
             return None
         given.add("received")
         model = ReceivedEvent
-    return _checked_event(fields, model, given)
+    return checked_event(fields, model, given)
 
 
 _REQUIRED = ("occurred", "event", "resource", "id")
@@ -287,7 +287,7 @@ def _labels_ok(labels: dict[str, str]) -> bool:
 _object_setattr = object.__setattr__
 
 
-def _checked_event(fields: dict[str, Any], model: type = Event,
+def checked_event(fields: dict[str, Any], model: type = Event,
                    given: Optional[set[str]] = None) -> Event:
     """An `Event` (or `model`) from values already checked, in exactly the
     form validation would give them (every field present; `occurred` aware
@@ -302,6 +302,21 @@ def _checked_event(fields: dict[str, Any], model: type = Event,
     _object_setattr(event, "__pydantic_extra__", None)
     _object_setattr(event, "__pydantic_private__", None)
     return event
+
+
+def related_valid(related: Sequence[Labels]) -> bool:
+    """Whether related resources pass `Event`'s checks as they are (so a hot
+    path may take them into `checked_event` without validating them)."""
+    if len(related) > MAX_RELATED_RESOURCES:
+        return False
+    for labels in related:
+        if (len(labels) > MAX_LABELS_PER_RESOURCE or not labels.get("prefect.resource.id")
+                or not labels.get("prefect.resource.role")):
+            return False
+        for key, value in labels.items():
+            if type(key) is not str or type(value) is not str:
+                return False
+    return True
 
 
 def _describe(exc: ValidationError) -> str:

@@ -21,6 +21,9 @@ from opentelemetry.trace import SpanKind, StatusCode
 from otel_bridge.model.otlp_protobuf import Unencodable
 from otel_bridge.model.spans import AttributeValue, Span, SpanEvent, SpanLink
 
+__all__ = ["attributes_from_proto", "request_from_json", "request_json", "request_to_json",
+           "span_from_proto", "span_json", "spans_from_request"]
+
 _ID_FIELDS = ("traceId", "spanId", "parentSpanId")
 
 
@@ -150,11 +153,11 @@ def request_json(
         resource_json["attributes"] = _attributes_json(resource)
     return {"resourceSpans": [{
         "resource": resource_json,
-        "scopeSpans": [{"scope": scope, "spans": [_span_json(s) for s in spans]}],
+        "scopeSpans": [{"scope": scope, "spans": [span_json(s) for s in spans]}],
     }]}
 
 
-def _span_json(span: Span) -> dict[str, Any]:
+def span_json(span: Span) -> dict[str, Any]:
     out: dict[str, Any] = {"traceId": format(span.trace_id, "032x"),
                            "spanId": format(span.span_id, "016x")}
     if span.parent_span_id:

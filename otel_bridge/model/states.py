@@ -50,3 +50,6 @@ KNOWN_STATE_NAMES: dict[str, StateType] = {
     "Paused": StateType.PAUSED,
     "Suspended": StateType.PAUSED,
 }
+
+# Each state type by the value an event's `prefect.state-type` label holds.
+STATE_TYPES_BY_VALUE: dict[str, StateType] = {member.value: member for member in StateType}

@@ -10,7 +10,6 @@ in step.
 from __future__ import annotations
 
 import enum
-import functools
 import re
 from dataclasses import dataclass
 from typing import Any, Iterable, Literal, Mapping, Optional, Sequence
@@ -20,7 +19,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 
 from otel_bridge.model.events import PREFECT_TRACEPARENT_LABEL, Event, EventRejected
 from otel_bridge.model.spans import AttributeValue, Span, SpanEvent, SpanLink
-from otel_bridge.model.states import StateType
+from otel_bridge.model.states import STATE_TYPES_BY_VALUE, StateType
 from otel_bridge.translate.ids import span_id_for, trace_id_for
 from otel_bridge.translate.span_layout import (
     ATTR_EVENT_PATCH,
@@ -99,7 +98,7 @@ def run_key(event: Event) -> Optional[RunKey]:
     if state_type is None:
         return None  # e.g. prefect.flow-run.heartbeat
     try:
-        if state_type not in _STATE_TYPES:
+        if state_type not in STATE_TYPES_BY_VALUE:
             StateType(state_type)
     except (ValueError, TypeError):
         raise EventRejected(
@@ -108,12 +107,11 @@ def run_key(event: Event) -> Optional[RunKey]:
     return RunKey(kind, resource_id)
 
 
-_STATE_TYPES = {member.value: member for member in StateType}
 
 
 def state_type(event: Event) -> StateType:
     value = event.resource["prefect.state-type"]
-    found = _STATE_TYPES.get(value)
+    found = STATE_TYPES_BY_VALUE.get(value)
     return found if found is not None else StateType(value)  # raises as the enum does
 
 
@@ -128,7 +126,7 @@ def is_final_state(resource: Mapping[str, str]) -> bool:
     value = resource["prefect.state-type"]
     if value in _FINAL_TYPES:
         return True
-    if value not in _STATE_TYPES:
+    if value not in STATE_TYPES_BY_VALUE:
         StateType(value)  # raises as the enum does
     return value == "PENDING" and resource.get("prefect.state-name") == "NotReady"
 
@@ -207,7 +205,7 @@ def run_span(
     start_ns = to_unix_nano(start.occurred)
     end_ns = max(start_ns, to_unix_nano(last.occurred))
 
-    span_id = _span_id_for(key.resource_id)
+    span_id = span_id_for(key.resource_id)
     trace_id, parent_span_id = placement(key, ordered)
     links: tuple[SpanLink, ...] = ()
     prefect_context = _prefect_traceparent(ordered)
@@ -297,7 +295,7 @@ def span_bounds(
         kind = event.resource["prefect.state-type"]
         if kind == "RUNNING":
             running.append(i)
-        elif kind not in _STATE_TYPES:
+        elif kind not in STATE_TYPES_BY_VALUE:
             StateType(kind)  # raises as the enum does
     synthetic: dict[str, AttributeValue] = {}
     if running:
@@ -323,7 +321,7 @@ def placement(key: RunKey, events: Sequence[Event]) -> tuple[int, Optional[int]]
     if key.kind == FLOW_RUN:
         # A subflow's events name its parent only through a placeholder task
         # run that never emits events, so a subflow is the root of its own trace.
-        return _trace_id_for(own), None
+        return trace_id_for(own), None
     flow_run = parent_task = None
     for event in events:  # the first of each that any event names
         if flow_run is None:
@@ -337,13 +335,9 @@ def placement(key: RunKey, events: Sequence[Event]) -> tuple[int, Optional[int]]
     else:
         root = parent_task or own
     parent = parent_task or (flow_run["prefect.resource.id"] if flow_run else None)
-    return _trace_id_for(root), _span_id_for(parent) if parent else None
+    return trace_id_for(root), span_id_for(parent) if parent else None
 
 
-# The ids of the runs many others sit under (a flow run: every task's trace
-# and, unnested, its parent) are asked for again and again; pure functions.
-_trace_id_for = functools.lru_cache(maxsize=4096)(trace_id_for)
-_span_id_for = functools.lru_cache(maxsize=4096)(span_id_for)
 
 
 def _parent_task_run(event: Event) -> Optional[str]:

@@ -18,8 +18,11 @@ random ids, so these can only collide with them by chance (2^-64 per pair).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from uuid import UUID
+
+__all__ = ["span_id_for", "trace_id_for", "uuid_for"]
 
 _PREFIX = "otel-bridge/v1"
 
@@ -28,12 +31,16 @@ def _digest(kind: str, resource_id: str) -> bytes:
     return hashlib.sha256(f"{_PREFIX} {kind} {resource_id}".encode()).digest()
 
 
+# The ids of the runs many others sit under (a flow run: every task's trace
+# and, unnested, its parent) are asked for again and again: cached.
+@functools.lru_cache(maxsize=4096)
 def trace_id_for(root_resource_id: str) -> int:
     digest = _digest("trace", root_resource_id)
     # An all-zero id is invalid in W3C trace context; the next bytes stand in.
     return int.from_bytes(digest[:16], "big") or int.from_bytes(digest[16:], "big")
 
 
+@functools.lru_cache(maxsize=4096)
 def span_id_for(run_resource_id: str) -> int:
     digest = _digest("span", run_resource_id)
     return int.from_bytes(digest[:8], "big") or int.from_bytes(digest[8:16], "big")

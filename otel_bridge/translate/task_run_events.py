@@ -19,12 +19,11 @@ from pydantic_core import to_json
 from otel_bridge.model.events import (
     MAX_EVENT_NAME_LENGTH,
     MAX_EVENT_SIZE_BYTES,
-    MAX_LABELS_PER_RESOURCE,
-    MAX_RELATED_RESOURCES,
     PREFECT_TRACEPARENT_LABEL,
     Event,
     Labels,
-    _checked_event,
+    checked_event,
+    related_valid,
     validate_event,
 )
 from otel_bridge.model.states import StateType
@@ -123,7 +122,7 @@ class TaskRunEventBuilder:
         ] + [dict(labels) for labels in run.context]
         self._expected_json = (None if run.expected_start_time is None
                                else prefect_json_time(run.expected_start_time))
-        self._checked = _related_ok(self._related) and type(self._name) is str
+        self._checked = related_valid(self._related) and type(self._name) is str
         self._related_size = len(to_json(self._related)) if self._checked else 0
 
     def add(self, state: StateRecord) -> Event:
@@ -236,7 +235,7 @@ class TaskRunEventBuilder:
             ):
                 if moment.tzinfo is not timezone.utc:
                     fields["occurred"] = moment.astimezone(timezone.utc)
-                return _checked_event(fields)
+                return checked_event(fields)
         return validate_event(fields)
 
 
@@ -250,17 +249,3 @@ _BEFORE_START = frozenset({StateType.SCHEDULED, StateType.PENDING})
 # Bytes of an event's JSON besides its payload, related resources, state
 # message and names: keys, ids, timestamps, run count, state type (about 600).
 _EVENT_SIZE_SLACK = 2048
-
-
-def _related_ok(related: list[Labels]) -> bool:
-    """Whether the related resources pass `Event`'s checks as they are."""
-    if len(related) > MAX_RELATED_RESOURCES:
-        return False
-    for labels in related:
-        if (len(labels) > MAX_LABELS_PER_RESOURCE or not labels.get("prefect.resource.id")
-                or not labels.get("prefect.resource.role")):
-            return False
-        for key, value in labels.items():
-            if type(key) is not str or type(value) is not str:
-                return False
-    return True

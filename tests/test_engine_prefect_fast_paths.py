@@ -173,7 +173,7 @@ def test_the_span_recorded_from_prefects_events_is_the_sidecars(steps, nested, t
     hook = bridge._Bridge(provider)
     task_run = SimpleNamespace(id=run_id, flow_run_id=FLOW_RUN.id, task_inputs={
         "__parents__": [{"input_type": "task_run", "id": str(parent)}] if parent else []})
-    hook.start(task_run)
+    hook.start(task_run, "task")
     for event in sent:  # as the events worker hook hands them over
         hook.sent(event)
 

@@ -1,7 +1,8 @@
 """Dual emission inside real Prefect (otel_bridge.engine.prefect): an
 unchanged flow, with `enable()` called once, gets in process exactly the task
-run spans the sidecar makes from the events Prefect sent, and the spans the
-user opens inside a task are children of that task run's span."""
+and flow run spans the sidecar makes from the events Prefect and its server
+sent, so the trace is whole without a sidecar; the spans the user opens
+inside a task are children of that task run's span."""
 
 from __future__ import annotations
 
@@ -96,7 +97,7 @@ def run(tmp_path_factory):
             cwd=ROOT, env=server.env(), capture_output=True, text=True, timeout=300,
         )
         assert result.returncode == 0, result.stdout + result.stderr
-        assert "SPANS-RECORDED 10 ERRORS 0" in result.stdout, result.stdout + result.stderr
+        assert "SPANS-RECORDED 12 ERRORS 0" in result.stdout, result.stdout + result.stderr
         raw = settled_events(server.api_url, since)
         # what `otel-bridge serve` or `convert` derives from the same variables
         sidecar = AssemblerOptions(forward=ForwardOptions(ui_url=ui_url(server.env())))
@@ -116,14 +117,20 @@ def task_name(span: Span) -> str:
 
 def in_process_task_spans(live) -> dict[str, Span]:
     """The in-process task run spans by task name (the mapped task's apart)."""
-    spans = [s for scope, s in live if scope == "otel_bridge" and task_name(s) != MAPPED]
+    spans = [s for scope, s in live if scope == "otel_bridge" and is_task_run_span(s)
+             and task_name(s) != MAPPED]
     out = {task_name(s): s for s in spans}
     assert len(out) == len(spans), "one span per task run"
     return out
 
 
 def mapped_spans(live) -> list[Span]:
-    return [s for scope, s in live if scope == "otel_bridge" and task_name(s) == MAPPED]
+    return [s for scope, s in live if scope == "otel_bridge" and is_task_run_span(s)
+            and task_name(s) == MAPPED]
+
+
+def in_process_flow_spans(live) -> list[Span]:
+    return [s for scope, s in live if scope == "otel_bridge" and not is_task_run_span(s)]
 
 
 def is_task_run_span(span: Span) -> bool:
@@ -136,8 +143,10 @@ def test_in_process_spans_equal_the_sidecars(run):
     mine = in_process_task_spans(live)
     assert set(mine) == TASKS
     assert len(mapped_spans(live)) == 3
-    everything = [*mine.values(), *mapped_spans(live)]
-    bridged = {s.span_id: s for s in convert(raw, sidecar) if is_task_run_span(s)}
+    flows = in_process_flow_spans(live)
+    assert sorted(s.name for s in flows) == ["RUN dual-emission-async", "RUN dual-emission-example"]
+    everything = [*mine.values(), *mapped_spans(live), *flows]
+    bridged = {s.span_id: s for s in convert(raw, sidecar)}
     assert {s.span_id for s in everything} == set(bridged)
     for span in everything:
         name, expected = span.name, bridged[span.span_id]
@@ -147,8 +156,9 @@ def test_in_process_spans_equal_the_sidecars(run):
             assert getattr(span, field) == getattr(expected, field), (name, field)
         assert span == expected
         # the link to the run's page, as the sidecar gives it
-        assert span.attributes["cicd.pipeline.task.run.url.full"].endswith(
-            f"/runs/task-run/{span.attributes['cicd.pipeline.task.run.id']}")
+        if is_task_run_span(span):
+            assert span.attributes["cicd.pipeline.task.run.url.full"].endswith(
+                f"/runs/task-run/{span.attributes['cicd.pipeline.task.run.id']}")
 
 
 @pytest.mark.prefect_server
@@ -221,14 +231,21 @@ def test_user_spans_are_children_of_their_task_run_span(run):
 
 
 @pytest.mark.prefect_server
-def test_flow_runs_keep_prefects_own_span_and_no_task_span_is_doubled(run):
+def test_the_trace_is_whole_without_a_sidecar_and_no_span_is_doubled(run):
+    """Every span's parent was made in the same process: the task runs' flow
+    run span too (it used to be left to a sidecar, and a backend showed
+    task spans under a missing parent). Prefect's own flow span gives way to
+    otel-bridge's, as its task span does."""
     live, _, _ = run
-    prefect_spans = [s for scope, s in live if scope == "prefect"]
-    # Prefect's flow spans (its own, random ids); no Prefect task span
-    assert {s.name for s in prefect_spans}, "Prefect made its flow spans"
-    assert all(s.attributes.get("prefect.run.type") == "flow" for s in prefect_spans)
+    assert [s for scope, s in live if scope == "prefect"] == []
     ids = [s.span_id for _, s in live]
     assert len(ids) == len(set(ids))
+    for scope, span in live:
+        if span.parent_span_id:
+            assert span.parent_span_id in ids, (scope, span.name)
+    for flow_span in in_process_flow_spans(live):
+        assert flow_span.parent_span_id is None
+        assert flow_span.trace_id == trace_id_for(flow_span.attributes["prefect.resource.id"])
 
 
 def test_enable_and_disable_wrap_and_restore_prefect():

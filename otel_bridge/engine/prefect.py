@@ -23,18 +23,23 @@ What it does, per task run:
   start/end, attributes, span events, status). A run that is also seen by a
   sidecar gives one span, not two.
 
+And per flow run: while it runs, the span Prefect makes current for the
+flow body has otel-bridge's ids too (so its tasks' spans have their parent
+in the same process), and once Prefect ends it the flow run's span is
+recorded from the flow-run events Prefect's server emitted for it (read back
+over the REST API: `_flow_run_events`), as a sidecar makes it. A trace is
+then whole with or without a sidecar; with one, each id still has one span.
+
 Spans need an OpenTelemetry SDK `TracerProvider`: the one passed to
 `enable`, else the global one, else (with `from_env=True`, the default) one
-set up from the standard `OTEL_*` variables and installed globally. Flow runs
-keep Prefect's own flow span, if Prefect makes one.
+set up from the standard `OTEL_*` variables and installed globally.
 
 Prefect 3.9.1 offers no public hook for either half: `EventsWorker`'s client
 override cannot be used to observe events (`emit_event` only emits when the
 worker's client type is one of Prefect's own classes, by identity) and
 `RunTelemetry` always takes its tracer from the global provider. So `enable`
 wraps two methods, in `_install` below and nowhere else:
-`prefect.telemetry.run_telemetry.RunTelemetry._start_span` (task runs only)
-and `prefect.events.worker.EventsWorker._handle` (after the event is sent).
+`prefect.telemetry.run_telemetry.RunTelemetry._start_span` and `prefect.events.worker.EventsWorker._handle` (after the event is sent).
 `disable` restores them.
 
 Private methods change without notice, so `enable` wraps them only in the
@@ -48,11 +53,15 @@ sidecar's, would break the traces silently.
 
 from __future__ import annotations
 
+import asyncio
+import atexit
 import functools
 import importlib.metadata
 import inspect
 import logging
 import threading
+import time
+from datetime import datetime, timezone
 from typing import Any, Optional
 from uuid import UUID
 
@@ -63,6 +72,7 @@ from otel_bridge.prefect_client import ui_url
 from otel_bridge.model.events import EventRejected
 from otel_bridge.model.spans import Span
 from otel_bridge.translate.forward import (
+    FLOW_RUN,
     TASK_RUN,
     ForwardOptions,
     RunKey,
@@ -73,10 +83,16 @@ from otel_bridge.translate.forward import (
 )
 from otel_bridge.translate.ids import span_id_for, trace_id_for
 
+from ._flow_run_events import (
+    FINAL_EVENT_WAIT_SECONDS,
+    FlowRunEventsMissing,
+    flow_run_events,
+    prefect_api,
+)
 from ._prefect_events import TASK_RUN_PREFIX, is_task_run_state, read_prefect
 from ._tracing import bridge_tracer, record_span, tracer_provider_from_env
 
-__all__ = ["TESTED_PREFECT_VERSIONS", "TaskRunSpan", "aflush", "disable", "enable", "flush",
+__all__ = ["TESTED_PREFECT_VERSIONS", "FlowRunSpan", "TaskRunSpan", "aflush", "disable", "enable", "flush",
            "is_enabled", "prefect_version_supported"]
 
 log = logging.getLogger("otel_bridge.engine.prefect")
@@ -99,6 +115,24 @@ class TaskRunSpan(NonRecordingSpan):
         return f"TaskRunSpan({self.task_run_id})"
 
 
+class FlowRunSpan(NonRecordingSpan):
+    """What Prefect's flow engine holds and makes current while a flow runs:
+    the flow run's span context, with otel-bridge's ids. When Prefect ends
+    it, the flow run's span is recorded from the server's events."""
+
+    def __init__(self, context: SpanContext, run: Any, bridge: "_Bridge"):
+        super().__init__(context)
+        self.flow_run_id: UUID = run.id
+        self.since = getattr(run, "created", None) or datetime.now(timezone.utc)
+        self._bridge = bridge
+
+    def end(self, end_time: Optional[int] = None) -> None:
+        self._bridge.flow_run_ended(self)
+
+    def __repr__(self) -> str:
+        return f"FlowRunSpan({self.flow_run_id})"
+
+
 class _Bridge:
     """The state of one `enable`: the provider, and the events of the task
     runs whose span is open."""
@@ -111,15 +145,23 @@ class _Bridge:
         self._open: dict[str, TaskRunSpan] = {}  # resource id -> span context
         # resource id -> the events sent so far (Prefect's `Event` objects)
         self._events: dict[str, list[Any]] = {}
+        # flow runs whose span is being made from the server's events
+        self._flow_runs: dict[UUID, threading.Thread] = {}
         self.spans_recorded = 0
         self.errors = 0
 
     # -- in the task's context (Prefect's RunTelemetry._start_span) ---------
 
-    def start(self, run: Any) -> Optional[TaskRunSpan]:
-        """The span context of a task run that is starting (None: no SDK)."""
+    def start(self, run: Any, run_type: str) -> Optional[NonRecordingSpan]:
+        """The span context of a task or flow run that is starting (None: no
+        SDK)."""
         if bridge_tracer(self.provider) is None:
             return None
+        if run_type == "flow":
+            # As `forward.placement` places a flow run: the root of its trace.
+            own = f"prefect.{FLOW_RUN}.{run.id}"
+            return FlowRunSpan(SpanContext(trace_id_for(own), span_id_for(own), is_remote=False,
+                                           trace_flags=_SAMPLED), run, self)
         resource_id = f"prefect.{TASK_RUN}.{run.id}"
         trace_id, parent_span_id = _placement(run, resource_id)
         span = TaskRunSpan(
@@ -176,24 +218,64 @@ class _Bridge:
             return
         self._record(span, run_span(events, self.options))
 
-    def _record(self, started: TaskRunSpan, final: Span) -> None:
+    def _record(self, started: "TaskRunSpan | FlowRunSpan", final: Span) -> None:
         found = bridge_tracer(self.provider)
         if found is None:
             return
         context = started.get_span_context()
+        parent = started.parent_span_id if isinstance(started, TaskRunSpan) else None
         if (final.trace_id, final.span_id, final.parent_span_id) != (
-            context.trace_id, context.span_id, started.parent_span_id
+            context.trace_id, context.span_id, parent
         ):
-            log.warning("otel-bridge: task run %s was placed at %032x/%s while it ran, "
-                        "its events place it at %032x/%s", started.task_run_id,
-                        context.trace_id, started.parent_span_id, final.trace_id,
-                        final.parent_span_id)
+            log.warning("otel-bridge: %r was placed at %032x/%s while it ran, its events "
+                        "place it at %032x/%s", started, context.trace_id, parent,
+                        final.trace_id, final.parent_span_id)
         if record_span(found, final):
             self.spans_recorded += 1
 
+    # -- flow runs (their events are the server's) ----------------------------
+
+    def flow_run_ended(self, span: FlowRunSpan) -> None:
+        """Prefect ended the flow run's span: read its events from the server
+        and record its span, on a thread of its own (the server stores the
+        final event a few seconds later; the flow's process goes on)."""
+        thread = threading.Thread(target=self._record_flow_run, args=(span,), daemon=True,
+                                  name=f"otel-bridge-flow-run-{span.flow_run_id}")
+        with self._lock:
+            self._flow_runs[span.flow_run_id] = thread
+        thread.start()
+
+    def _record_flow_run(self, started: FlowRunSpan) -> None:
+        try:
+            api_url, api_key = prefect_api()
+            if api_url is None:
+                raise FlowRunEventsMissing(
+                    "no PREFECT_API_URL: an ephemeral server in this process, whose events "
+                    "nothing outside it can read")
+            events = flow_run_events(started.flow_run_id, started.since, api_url=api_url,
+                                     api_key=api_key)
+            self._record(started, run_span(events, self.options))
+        except Exception as exc:  # telemetry must not break the run
+            self.errors += 1
+            log.warning("otel-bridge: the span of flow run %s is not recorded in process (a "
+                        "sidecar still makes it): %s", started.flow_run_id, exc)
+        finally:
+            with self._lock:
+                self._flow_runs.pop(started.flow_run_id, None)
+
+    def wait_for_flow_runs(self, timeout: Optional[float]) -> list[UUID]:
+        """Wait for the flow runs' spans being made; those still not made."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            threads = list(self._flow_runs.values())
+        for thread in threads:
+            thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        with self._lock:
+            return list(self._flow_runs)
+
     def open_runs(self) -> list[UUID]:
         with self._lock:
-            return [span.task_run_id for span in self._open.values()]
+            return [span.task_run_id for span in self._open.values()] + list(self._flow_runs)
 
 
 def _placement(run: Any, own: str) -> tuple[int, Optional[int]]:
@@ -231,15 +313,17 @@ def _install() -> None:
 
     @functools.wraps(original_start_span)
     def _start_span(self, run, parameters=None):
-        # Task runs get otel-bridge's span context (made current by the task
-        # engine for the task body); flow runs keep Prefect's own span.
+        # Task and flow runs get otel-bridge's span context (made current by
+        # the engine for the run's body) instead of Prefect's own span.
         bridge = _bridge
-        if bridge is not None and self._run_type(run) == "task":
+        if bridge is not None:
+            run_type = self._run_type(run)
             try:
-                span = bridge.start(run)
+                span = bridge.start(run, run_type)
             except Exception:  # telemetry must not break the run
                 bridge.errors += 1
-                log.exception("otel-bridge: could not start the span of task run %s", run.id)
+                log.exception("otel-bridge: could not start the span of %s run %s", run_type,
+                              run.id)
                 span = None
             if span is not None:
                 self.span = span
@@ -293,6 +377,7 @@ def enable(
     with _install_lock:
         if not _originals:
             _install()
+            atexit.register(_at_exit)
         _bridge = _Bridge(tracer_provider, ForwardOptions(ui_url=ui_url()))
     return True
 
@@ -343,10 +428,12 @@ def is_enabled() -> bool:
 
 def flush(timeout: Optional[float] = 30.0) -> list[UUID]:
     """Send Prefect's pending events (so the spans of finished task runs are
-    recorded) and flush the span processors. Needed only before shutting a
-    TracerProvider down by hand: at interpreter exit Prefect drains its events
-    before the SDK's own exit handler runs. Returns the task runs whose span
-    is still open (not final yet). From async code, `await aflush()`."""
+    recorded), wait for the spans of finished flow runs (made from the
+    server's events, a few seconds behind), and flush the span processors.
+    Needed only before shutting a TracerProvider down by hand: at interpreter
+    exit Prefect drains its events, and otel-bridge waits for the flow runs'
+    spans, before the SDK's own exit handler runs. Returns the runs whose
+    span is still open or not yet made. From async code, `await aflush()`."""
     from prefect.events.worker import EventsWorker
 
     waiting = EventsWorker.drain_all(timeout=timeout, at_exit=False)
@@ -354,7 +441,7 @@ def flush(timeout: Optional[float] = 30.0) -> list[UUID]:
         waiting.close()
         raise RuntimeError("otel_bridge.engine.prefect.flush() was called from async "
                            "code: use `await aflush()`")
-    return _flush_spans()
+    return _flush_spans(timeout)
 
 
 async def aflush(timeout: Optional[float] = 30.0) -> list[UUID]:
@@ -362,13 +449,23 @@ async def aflush(timeout: Optional[float] = 30.0) -> list[UUID]:
     from prefect.events.worker import EventsWorker
 
     await EventsWorker.drain_all(timeout=timeout, at_exit=False)
-    return _flush_spans()
+    return await asyncio.to_thread(_flush_spans, timeout)
 
 
-def _flush_spans() -> list[UUID]:
+def _flush_spans(timeout: Optional[float]) -> list[UUID]:
     bridge = _bridge
+    if bridge is not None:
+        bridge.wait_for_flow_runs(timeout)
     provider = (bridge.provider if bridge is not None else None) or trace.get_tracer_provider()
     force_flush = getattr(provider, "force_flush", None)
     if force_flush is not None:
         force_flush()
     return bridge.open_runs() if bridge is not None else []
+
+
+def _at_exit() -> None:
+    """Before the SDK's own exit handler shuts the provider down (registered
+    earlier, it runs later): the flow runs' spans still being made."""
+    bridge = _bridge
+    if bridge is not None:
+        bridge.wait_for_flow_runs(FINAL_EVENT_WAIT_SECONDS)

@@ -1,7 +1,10 @@
 """A real Prefect flow with otel-bridge dual emission switched on by one line:
-every task run gets otel-bridge's span in process (the same span, same id,
-that the sidecar makes from the run's events), and the spans the code opens
-inside a task are children of that task run's span.
+every task run and flow run gets otel-bridge's span in process (the same
+span, same id, that the sidecar makes from the run's events), and the spans
+the code opens inside a task are children of that task run's span. The
+trace is whole without a sidecar: the flow run's span is made from the
+events the server stored for it, a few seconds after the flow ends (the
+program waits for it at exit, or at `otel_bridge.engine.prefect.flush()`).
 
     PREFECT_API_URL=... python examples/prefect_flow_dual_emission.py
 

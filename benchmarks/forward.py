@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/forward.py [RUNS]
 
-Builds RUNS task runs of five states each (Prefect-shaped, as tests/factories
+Builds RUNS task runs of five states each (Prefect-shaped, as tests/support/factories
 makes them), then times: parsing the JSON lines, assembling spans, and
 encoding OTLP/JSON; and measures the peak memory of holding every run open at
 once (the worst case for the assembler's cap on open runs). Prints figures;
@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from factories import FlowRun, task_run_events  # noqa: E402
+from support.factories import FlowRun, task_run_events  # noqa: E402
 
 from otel_bridge.model.events import parse_wire_event  # noqa: E402
 from otel_bridge.sinks.otlp_json import OtlpJsonWriter  # noqa: E402

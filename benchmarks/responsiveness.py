@@ -26,8 +26,8 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from factories import FlowRun, task_run_events  # noqa: E402
-from helpers import convert  # noqa: E402
+from support.factories import FlowRun, task_run_events  # noqa: E402
+from support.helpers import convert  # noqa: E402
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans  # noqa: E402
 from opentelemetry.sdk.resources import Resource  # noqa: E402
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from factories import FlowRun, task_run_events  # noqa: E402
+from support.factories import FlowRun, task_run_events  # noqa: E402
 
 from otel_bridge.model.events import parse_wire_event  # noqa: E402
 from otel_bridge.service.metrics import Metrics  # noqa: E402

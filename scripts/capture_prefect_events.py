@@ -1,10 +1,10 @@
 #!/usr/bin/env python
-"""Capture real Prefect 3.9.1 events for every scenario in tests/prefect_flows.
+"""Capture real Prefect 3.9.1 events for every scenario in tests/support/prefect_flows.
 
     .venv/bin/python scripts/capture_prefect_events.py [scenario ...]
 
 Starts a throw-away local Prefect server; for each scenario: subscribes to the
-live stream (no backfill), runs ``python -m tests.prefect_flows.scenarios
+live stream (no backfill), runs ``python -m tests.support.prefect_flows.scenarios
 <name>`` against the server, waits for the events to settle, then reads the
 complete set for the scenario's time window from the REST API.  Writes
 (overwriting) into tests/fixtures/prefect-3.9.1/:
@@ -18,7 +18,7 @@ Exits 1 if a scenario did not show the behaviour it is named after.
 
 With --with-prefect-spans, Prefect's own OpenTelemetry spans are switched on in
 each scenario's process (OTEL_BRIDGE_CAPTURE_PREFECT_SPANS, see
-tests/prefect_flows/telemetry.py), and the output goes to
+tests/support/prefect_flows/telemetry.py), and the output goes to
 tests/fixtures/prefect-3.9.1-telemetry/ instead:
 
     <scenario>.jsonl                the REST set, as above
@@ -26,7 +26,7 @@ tests/fixtures/prefect-3.9.1-telemetry/ instead:
                                     OTLP/JSON lines (one request per line)
 
 `map-500` (only with --with-prefect-spans, not in the default set) runs
-tests/prefect_flows/big_map.py with 500 tasks as a scenario.
+tests/support/prefect_flows/big_map.py with 500 tasks as a scenario.
 """
 
 from __future__ import annotations
@@ -51,9 +51,9 @@ from otel_bridge.sources.prefect_ws import PrefectEventStream  # noqa: E402
 
 OUT_DIR = REPO / "tests" / "fixtures" / "prefect-3.9.1"
 TELEMETRY_OUT_DIR = REPO / "tests" / "fixtures" / "prefect-3.9.1-telemetry"
-SPANS_ENV = "OTEL_BRIDGE_CAPTURE_PREFECT_SPANS"  # tests/prefect_flows/telemetry.py
+SPANS_ENV = "OTEL_BRIDGE_CAPTURE_PREFECT_SPANS"  # tests/support/prefect_flows/telemetry.py
 
-# Kept in step with tests/prefect_flows/scenarios.py (not imported: that module
+# Kept in step with tests/support/prefect_flows/scenarios.py (not imported: that module
 # imports prefect, which this script does not need).
 ALL_SCENARIOS = [
     "success",
@@ -80,7 +80,7 @@ ALL_SCENARIOS = [
 # Runs that are not in scenarios.py: a scenario name -> the module and its
 # arguments (python -m MODULE ARGS...).
 EXTRA_RUNS: dict[str, list[str]] = {
-    "map-500": ["tests.prefect_flows.big_map", "500"],
+    "map-500": ["tests.support.prefect_flows.big_map", "500"],
 }
 
 # What each scenario must show (event names that must occur), so a capture
@@ -172,7 +172,7 @@ class Capture:
             if self.spans_path is not None:
                 self.spans_path.unlink(missing_ok=True)
                 env[SPANS_ENV] = str(self.spans_path)
-            command = EXTRA_RUNS.get(self.name, ["tests.prefect_flows.scenarios", self.name])
+            command = EXTRA_RUNS.get(self.name, ["tests.support.prefect_flows.scenarios", self.name])
             with open(self.log_path, "wb") as log:
                 proc = await asyncio.create_subprocess_exec(
                     sys.executable,

@@ -3,7 +3,8 @@ from pathlib import Path
 
 import pytest
 
-# tests/ modules (factories, support) import each other by plain name.
+# The shared helpers (support: factories, helpers, backends, ...) are imported
+# by plain name: `from support.helpers import convert`.
 sys.path.insert(0, str(Path(__file__).parent))
 
 from support import backends  # noqa: E402

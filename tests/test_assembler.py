@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from factories import FlowRun, task_run_events
-from helpers import events, state_names
+from support.factories import FlowRun, task_run_events
+from support.helpers import events, state_names
 
 from otel_bridge.translate.assembler import Assembler, AssemblerOptions
 
@@ -63,7 +63,7 @@ def test_a_finished_run_waits_for_the_watermark_to_pass_its_final_state():
 def test_a_run_ahead_of_the_watermark_does_not_hold_back_the_others():
     from datetime import timedelta
 
-    from factories import T0
+    from support.factories import T0
 
     from otel_bridge.model.events import parse_wire_event
 

@@ -24,7 +24,7 @@ import uuid
 
 import grpc
 import pytest
-from helpers import FIXTURES, SAMPLES, convert, load_jsonl
+from support.helpers import FIXTURES, SAMPLES, convert, load_jsonl
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc

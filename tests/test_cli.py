@@ -8,9 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from factories import FlowRun, flow_run_events, task_run_events
+from support.factories import FlowRun, flow_run_events, task_run_events
 from google.protobuf import json_format
-from helpers import SAMPLES
+from support.helpers import SAMPLES
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 
@@ -276,7 +276,7 @@ def test_the_tree_shows_the_flow_tags_and_why_a_run_was_retried(tmp_path):
 def test_spans_built_in_worker_processes_are_byte_for_byte_the_same(tmp_path):
     """--jobs builds spans in other processes; the output does not depend on
     how many, a run OTLP cannot carry is set aside the same way."""
-    from helpers import FIXTURES
+    from support.helpers import FIXTURES
 
     events = tmp_path / "in.jsonl"
     old = task_run_events(["Pending", "Running", "Completed"], name="old")

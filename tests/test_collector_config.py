@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import ROOT, SAMPLES, convert, convert_to_otlp, load_jsonl
+from support.helpers import ROOT, SAMPLES, convert, convert_to_otlp, load_jsonl
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.sdk.resources import Resource
 from support import backends

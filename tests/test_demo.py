@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers import convert, load_jsonl
+from support.helpers import convert, load_jsonl
 from test_cli import parse_otlp_json_line
 
 pytestmark = pytest.mark.integration

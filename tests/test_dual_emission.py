@@ -11,7 +11,7 @@ from datetime import datetime, timedelta, timezone
 from uuid import UUID, uuid4
 
 import pytest
-from helpers import convert
+from support.helpers import convert
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from opentelemetry import trace
@@ -403,7 +403,7 @@ def test_minimal_engine_example_dual_emits_spans_equal_to_the_bridges(tmp_path):
     import subprocess
     import sys
 
-    from helpers import ROOT
+    from support.helpers import ROOT
 
     events_path = tmp_path / "events.jsonl"
     env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
@@ -439,7 +439,7 @@ def test_the_benchmark_prints_its_figures():
     import subprocess
     import sys
 
-    from helpers import ROOT
+    from support.helpers import ROOT
 
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "dual_emission.py"),
                              "30", "1"], capture_output=True, text=True, timeout=300, cwd=ROOT)

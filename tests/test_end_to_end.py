@@ -29,7 +29,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from helpers import ROOT, convert, convert_to_otlp
+from support.helpers import ROOT, convert, convert_to_otlp
 from support import backends
 
 from otel_bridge.demo.run import settled_events
@@ -41,7 +41,7 @@ pytestmark = [pytest.mark.timeout(1800), pytest.mark.prefect_server, pytest.mark
 
 SCENARIOS = ["success", "failure", "retries-immediate", "nested-tasks", "crash-baseexception",
              "mapped"]
-# The task functions those scenarios' flows call (tests/prefect_flows/scenarios.py).
+# The task functions those scenarios' flows call (tests/support/prefect_flows/scenarios.py).
 TASK_FUNCTIONS = {"add", "boom", "flaky_then_ok", "always_flaky", "parent_task", "leaf",
                   "interrupted", "square", "inc"}
 # The UI address the bridge is given over each protocol (see ui_env).
@@ -80,7 +80,7 @@ def prefect_runs(tmp_path_factory) -> PrefectRuns:
         for name in SCENARIOS:
             since = datetime.now(timezone.utc) - timedelta(seconds=1)
             # A failing or crashing flow exits non-zero, as it would for a user.
-            subprocess.run([sys.executable, "-m", "tests.prefect_flows.scenarios", name],
+            subprocess.run([sys.executable, "-m", "tests.support.prefect_flows.scenarios", name],
                            cwd=ROOT, env=server.env(), capture_output=True, timeout=300)
             raw.extend(settled_events(server.api_url, since))
         flow_run_ids = sorted({e["resource"]["prefect.resource.id"].split(".", 2)[2]

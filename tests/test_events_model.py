@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from factories import task_run_events
-from helpers import SAMPLES, load_jsonl
+from support.factories import task_run_events
+from support.helpers import SAMPLES, load_jsonl
 
 from otel_bridge.model.events import (
     MAX_EVENT_SIZE_BYTES,
@@ -137,7 +137,7 @@ from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from otel_bridge.model import events as events_module  # noqa: E402
-from helpers import FIXTURES  # noqa: E402
+from support.helpers import FIXTURES  # noqa: E402
 
 REAL_LINES = [line for path in sorted(FIXTURES.glob("*.jsonl")) if ".ws." not in path.name
               for line in path.read_text().splitlines()[:6] if line.strip()]

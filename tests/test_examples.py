@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-from helpers import ROOT, SAMPLES
+from support.helpers import ROOT, SAMPLES
 
 
 def test_bridge_a_file_prints_the_trees_without_an_endpoint(tmp_path):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import uuid
 
 import pytest
-from helpers import SAMPLES, convert, convert_to_otlp, load_jsonl
+from support.helpers import SAMPLES, convert, convert_to_otlp, load_jsonl
 from support.backends import wait_until
 
 pytestmark = pytest.mark.integration

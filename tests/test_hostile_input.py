@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from factories import FlowRun, task_run_events
+from support.factories import FlowRun, task_run_events
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from factories import FlowRun, flow_run_events, task_run_events
-from helpers import by_name, convert, events, state_names
+from support.factories import FlowRun, flow_run_events, task_run_events
+from support.helpers import by_name, convert, events, state_names
 from opentelemetry.trace import SpanKind, StatusCode
 
 from otel_bridge.translate.assembler import AssemblerOptions

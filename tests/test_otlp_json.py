@@ -4,7 +4,7 @@ encoder gives through protobuf's JSON mapping (ids in hex)."""
 from __future__ import annotations
 
 import pytest
-from helpers import FIXTURES, SAMPLES, convert, load_jsonl
+from support.helpers import FIXTURES, SAMPLES, convert, load_jsonl
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 
 from otel_bridge.model.otlp import request_json, request_to_json

@@ -8,8 +8,8 @@ import json
 import time
 
 import pytest
-from factories import FlowRun, task_run_events
-from helpers import convert
+from support.factories import FlowRun, task_run_events
+from support.helpers import convert
 
 from otel_bridge.model.otlp_protobuf import encode_span
 from otel_bridge.sinks.otlp_json import encode_request

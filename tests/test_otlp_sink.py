@@ -9,8 +9,8 @@ import dataclasses
 import logging
 
 import pytest
-from factories import FlowRun, task_run_events
-from helpers import FIXTURES, convert, load_jsonl
+from support.factories import FlowRun, task_run_events
+from support.helpers import FIXTURES, convert, load_jsonl
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans

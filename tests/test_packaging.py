@@ -12,7 +12,7 @@ import venv
 from pathlib import Path
 
 import pytest
-from helpers import FIXTURES
+from support.helpers import FIXTURES
 from support.backends import free_port
 
 pytestmark = pytest.mark.integration

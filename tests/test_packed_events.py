@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from factories import task_run_events
-from helpers import FIXTURES, SAMPLES
+from support.factories import task_run_events
+from support.helpers import FIXTURES, SAMPLES
 from hypothesis import given, settings
 from hypothesis import strategies as st
 

@@ -15,8 +15,8 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
-from factories import task_run_events
-from helpers import self_signed_certificate
+from support.factories import task_run_events
+from support.helpers import self_signed_certificate
 from support.relay import relay
 
 from otel_bridge.prefect_client import (

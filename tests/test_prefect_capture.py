@@ -49,7 +49,7 @@ async def _run_and_listen(server: LocalPrefectServer, scenario: str):
 
         listener = asyncio.create_task(listen())
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "tests.prefect_flows.scenarios", scenario,
+            sys.executable, "-m", "tests.support.prefect_flows.scenarios", scenario,
             cwd=str(REPO), env=server.env(),
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
         )

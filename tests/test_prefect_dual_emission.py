@@ -12,7 +12,7 @@ import sys
 from datetime import datetime, timedelta, timezone
 
 import pytest
-from helpers import ROOT, convert
+from support.helpers import ROOT, convert
 
 from otel_bridge.prefect_client import ui_url
 from otel_bridge.demo.run import settled_events
@@ -39,7 +39,7 @@ import asyncio, runpy, sys
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from tests.prefect_flows.telemetry import OtlpJsonFileExporter
+from tests.support.prefect_flows.telemetry import OtlpJsonFileExporter
 
 provider = TracerProvider()
 provider.add_span_processor(SimpleSpanProcessor(OtlpJsonFileExporter(sys.argv[1])))

@@ -13,7 +13,7 @@ from datetime import datetime, timedelta, timezone
 import httpx
 import pytest
 
-from factories import task_run_events
+from support.factories import task_run_events
 from otel_bridge.demo.server import LocalPrefectServer
 from otel_bridge.model.events import parse_wire_event
 from otel_bridge.prefect_client import (

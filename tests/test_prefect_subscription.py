@@ -176,7 +176,7 @@ async def _run_flow_under_subscription(server, sub_url: str, on_live=None) -> di
         consumer = asyncio.create_task(consume())
         started = time.monotonic()
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "tests.prefect_flows.big_map", str(N_TASKS), name,
+            sys.executable, "-m", "tests.support.prefect_flows.big_map", str(N_TASKS), name,
             cwd=str(REPO), env=server.env(),
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
         )

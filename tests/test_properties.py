@@ -7,8 +7,8 @@ import json
 import uuid
 from datetime import datetime, timedelta
 
-from factories import T0, FlowRun, flow_run_events, task_run_events
-from helpers import convert, events
+from support.factories import T0, FlowRun, flow_run_events, task_run_events
+from support.helpers import convert, events
 from hypothesis import given, settings
 from hypothesis import strategies as st
 

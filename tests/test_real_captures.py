@@ -8,7 +8,7 @@ import re
 from collections import defaultdict
 
 import pytest
-from helpers import FIXTURES, SAMPLES, convert, load_jsonl
+from support.helpers import FIXTURES, SAMPLES, convert, load_jsonl
 from opentelemetry.trace import SpanKind, StatusCode
 from test_roundtrip import by_id, round_trip, state_events
 

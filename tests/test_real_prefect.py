@@ -11,7 +11,7 @@ from datetime import datetime, timedelta, timezone
 
 import httpx
 import pytest
-from helpers import ROOT, convert
+from support.helpers import ROOT, convert
 from opentelemetry.trace import SpanKind
 
 from otel_bridge.demo.run import settled_events
@@ -32,7 +32,7 @@ def server():
 
 def run_scenario(server, name):
     since = datetime.now(timezone.utc) - timedelta(seconds=1)
-    subprocess.run([sys.executable, "-m", "tests.prefect_flows.scenarios", name],
+    subprocess.run([sys.executable, "-m", "tests.support.prefect_flows.scenarios", name],
                    cwd=ROOT, env=server.env(), capture_output=True, timeout=300)
     return settled_events(server.api_url, since)
 

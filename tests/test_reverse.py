@@ -8,7 +8,7 @@ from datetime import datetime
 from uuid import UUID
 
 import pytest
-from helpers import FIXTURES, SAMPLES, load_jsonl
+from support.helpers import FIXTURES, SAMPLES, load_jsonl
 from opentelemetry.trace import StatusCode
 
 from otel_bridge.model.events import parse_wire_event
@@ -185,8 +185,8 @@ def test_unknown_state_type_on_a_span_event_is_rejected():
 
 
 def bridge_span():
-    from factories import FlowRun, task_run_events
-    from helpers import convert
+    from support.factories import FlowRun, task_run_events
+    from support.helpers import convert
 
     (span,) = convert(task_run_events(["Pending", "Running", "Completed"], flow_run=FlowRun()))
     return span
@@ -313,7 +313,7 @@ def test_span_events_a_user_added_are_not_states():
 def v01_span(raw_events):
     """A span as otel-bridge 0.1 made it: each state's whole event on its
     span event (`prefect.event.*`, the resource labels, `prefect.related`)."""
-    from helpers import events
+    from support.helpers import events
     from pydantic_core import to_json
 
     from otel_bridge.translate.times import to_unix_nano
@@ -337,8 +337,8 @@ def v01_span(raw_events):
 
 
 def test_spans_of_otel_bridge_0_1_are_still_read_exactly():
-    from factories import FlowRun, task_run_events
-    from helpers import events
+    from support.factories import FlowRun, task_run_events
+    from support.helpers import events
 
     from otel_bridge.translate.reverse import events_from_bridge_span, is_bridge_span
 

@@ -12,7 +12,7 @@ from datetime import datetime, timedelta, timezone
 
 import httpx
 import pytest
-from helpers import ROOT
+from support.helpers import ROOT
 
 from otel_bridge.demo.run import settled_events
 from otel_bridge.demo.server import LocalPrefectServer
@@ -30,7 +30,7 @@ def test_prefects_own_spans_give_the_events_the_server_has(tmp_path):
     spans_path = tmp_path / "spans.jsonl"
     with LocalPrefectServer() as server:
         since = datetime.now(timezone.utc) - timedelta(seconds=1)
-        run = subprocess.run([sys.executable, "-m", "tests.prefect_flows.telemetry",
+        run = subprocess.run([sys.executable, "-m", "tests.support.prefect_flows.telemetry",
                               str(spans_path)], cwd=ROOT, env=server.env(),
                              capture_output=True, text=True, timeout=300)
         assert run.returncode == 0, run.stderr

@@ -13,7 +13,7 @@ from datetime import datetime, timedelta, timezone
 
 import httpx
 import pytest
-from helpers import FIXTURES, engine_trace, load_jsonl
+from support.helpers import FIXTURES, engine_trace, load_jsonl
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 
 from otel_bridge.demo.server import LocalPrefectServer

@@ -10,8 +10,8 @@ from collections import Counter
 from dataclasses import replace
 
 import pytest
-from factories import FlowRun, flow_run_events, task_run_events
-from helpers import FIXTURES, SAMPLES, convert, events, load_jsonl
+from support.factories import FlowRun, flow_run_events, task_run_events
+from support.helpers import FIXTURES, SAMPLES, convert, events, load_jsonl
 from hypothesis import given, settings
 from prefect.utilities.text import truncated_to
 from test_properties import odd_runs, workloads

@@ -40,8 +40,8 @@ import httpx
 import pytest
 from google.protobuf import json_format
 from google.rpc import code_pb2, status_pb2
-from factories import FlowRun, task_run_events
-from helpers import FIXTURES, convert, engine_trace, load_jsonl, self_signed_certificate
+from support.factories import FlowRun, task_run_events
+from support.helpers import FIXTURES, convert, engine_trace, load_jsonl, self_signed_certificate
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter

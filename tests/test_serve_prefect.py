@@ -552,11 +552,11 @@ def test_500_tasks_and_scenarios_through_kill9_and_collector_outage(
     # Spans leave ~10 s after their run ends (the watermark), and the outage
     # and the kill must land mid-flow: each task sleeps 0.3 s, 8 at a time
     # (unbounded threads by default), so the flow takes about 20 s.
-    big = fleet.run("big_map", [sys.executable, "-m", "tests.prefect_flows.big_map", str(N_TASKS),
+    big = fleet.run("big_map", [sys.executable, "-m", "tests.support.prefect_flows.big_map", str(N_TASKS),
                                 "serve-big-map", "0.3"],
                     {**flow_env, "PREFECT_TASKS_RUNNER_THREAD_POOL_MAX_WORKERS": "8"}, tmp_path)
     for name in SCENARIOS:
-        fleet.run(name, [sys.executable, "-m", "tests.prefect_flows.scenarios", name], flow_env,
+        fleet.run(name, [sys.executable, "-m", "tests.support.prefect_flows.scenarios", name], flow_env,
                   tmp_path)
 
     def exported() -> float:
@@ -806,7 +806,7 @@ def test_probes_and_undelivered_spans_survive_sigterm(server, tmp_path, fleet):
     assert health[0] == 200 and json.loads(health[1])["status"] == "ok"
     assert ready[0] == 200 and json.loads(ready[1])["status"] == "ready"
 
-    flow = fleet.run("success", [sys.executable, "-m", "tests.prefect_flows.scenarios", "success"],
+    flow = fleet.run("success", [sys.executable, "-m", "tests.support.prefect_flows.scenarios", "success"],
                      server.env(), tmp_path)
     assert flow.wait(120) == 0, fleet.report()
     fruns, truns = settled_runs(server, {"s-success": 1}, {"s-success": 2})

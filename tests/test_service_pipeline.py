@@ -16,8 +16,8 @@ import sys
 
 import pydantic_core
 import pytest
-from factories import FlowRun, task_run_events
-from helpers import FIXTURES, convert, events, load_jsonl
+from support.factories import FlowRun, task_run_events
+from support.helpers import FIXTURES, convert, events, load_jsonl
 
 from otel_bridge.service.config import ConfigError, load_settings
 from otel_bridge.service.delivery import Delivery

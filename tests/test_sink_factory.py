@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import pytest
-from factories import task_run_events
+from support.factories import task_run_events
 
 from otel_bridge.model.events import parse_wire_event
 from otel_bridge.sinks import Sink

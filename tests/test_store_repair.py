@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import FIXTURES, events, load_jsonl
+from support.helpers import FIXTURES, events, load_jsonl
 
 from otel_bridge.service.metrics import Metrics
 from otel_bridge.service.pipeline import SPAN, Pipeline

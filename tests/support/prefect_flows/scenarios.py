@@ -3,7 +3,7 @@
 Run one scenario per process, from the repo root, against a server given by
 PREFECT_API_URL (see otel_bridge.demo.server.LocalPrefectServer.env()):
 
-    python -m tests.prefect_flows.scenarios <scenario-name>
+    python -m tests.support.prefect_flows.scenarios <scenario-name>
 
 One process per scenario because some of them end the process (a crash, a
 SIGTERM) and because Prefect keeps per-process state (event client, caches).
@@ -25,7 +25,7 @@ from typing import Callable
 from prefect import flow, tags, task
 from prefect.cache_policies import INPUTS
 
-from tests.prefect_flows.telemetry import install_from_env
+from tests.support.prefect_flows.telemetry import install_from_env
 
 # Prefect's own spans, when OTEL_BRIDGE_CAPTURE_PREFECT_SPANS names a file
 # (helper roles started as children inherit it and append to the same file).
@@ -45,7 +45,7 @@ def scenario(name: str):
 def _python_m(role: str, **popen_kwargs) -> subprocess.Popen:
     """Start a helper role of this module in a child process (same env, cwd)."""
     return subprocess.Popen(
-        [sys.executable, "-m", "tests.prefect_flows.scenarios", role], **popen_kwargs
+        [sys.executable, "-m", "tests.support.prefect_flows.scenarios", role], **popen_kwargs
     )
 
 
@@ -591,7 +591,7 @@ PUBLIC_SCENARIOS = [name for name in SCENARIOS if not name.startswith("_")]
 def main(argv: list[str]) -> int:
     if len(argv) != 1 or argv[0] not in SCENARIOS:
         print(
-            "usage: python -m tests.prefect_flows.scenarios <scenario>\n"
+            "usage: python -m tests.support.prefect_flows.scenarios <scenario>\n"
             "scenarios: " + ", ".join(PUBLIC_SCENARIOS),
             file=sys.stderr,
         )

@@ -11,10 +11,10 @@ from otel_bridge.model.events import Event, parse_wire_event
 from otel_bridge.model.spans import Span
 from otel_bridge.translate.assembler import Assembler, AssemblerOptions
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 # The samples handed to the project (shared/samples), kept with the tests.
-SAMPLES = Path(__file__).resolve().parent / "fixtures" / "samples-3.9.1"
-FIXTURES = Path(__file__).resolve().parent / "fixtures" / "prefect-3.9.1"
+SAMPLES = Path(__file__).resolve().parents[1] / "fixtures" / "samples-3.9.1"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "prefect-3.9.1"
 
 
 def events(dicts: Iterable[dict]) -> list[Event]:

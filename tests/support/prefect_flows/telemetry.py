@@ -2,7 +2,7 @@
 spans written as OTLP/JSON lines (the Collector file exporter's format) to the
 file named on the command line:
 
-    python -m tests.prefect_flows.telemetry SPANS.jsonl
+    python -m tests.support.prefect_flows.telemetry SPANS.jsonl
 
 Prefect makes spans only when an SDK TracerProvider is installed; the spans
 here are the real ones its RunTelemetry makes, encoded by the official OTLP

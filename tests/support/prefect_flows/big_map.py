@@ -1,12 +1,12 @@
 """A flow that maps many tasks, to load the event stream (1 flow, N x 3 events).
 
-    python -m tests.prefect_flows.big_map [N] [FLOW_RUN_NAME] [TASK_SECONDS]
+    python -m tests.support.prefect_flows.big_map [N] [FLOW_RUN_NAME] [TASK_SECONDS]
 
 Run from the repo root with a server's env (LocalPrefectServer.env()).  The
 flow run name lets a test find this run among others through the API;
 TASK_SECONDS makes each task sleep, so that a test can act mid-flow.
 With OTEL_BRIDGE_CAPTURE_PREFECT_SPANS set, Prefect's own spans are written
-to that file (tests/prefect_flows/telemetry.py).
+to that file (tests/support/prefect_flows/telemetry.py).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def big_map(n: int, seconds: float = 0.0) -> int:
 
 
 def main(argv: list[str]) -> int:
-    from tests.prefect_flows.telemetry import install_from_env
+    from tests.support.prefect_flows.telemetry import install_from_env
 
     install_from_env()
     n = int(argv[0]) if argv else 500

@@ -30,7 +30,7 @@ from otel_bridge.sources.prefect_ws import parse_occurred
 
 pytestmark = pytest.mark.integration
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 N_TASKS = 500
 
 @pytest.fixture(scope="module")

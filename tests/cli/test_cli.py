@@ -252,7 +252,7 @@ def test_the_first_hour_slips(tmp_path):
     events = write_jsonl(tmp_path / "events.jsonl", task_run_events(["Pending", "Running"]))
     reverse = run_cli("convert", str(events), "--to", "events")
     assert reverse.returncode == 1 and "looks like Prefect events" in reverse.stderr
-    example = subprocess.run([sys.executable, str(Path(__file__).parent.parent / "examples"
+    example = subprocess.run([sys.executable, str(Path(__file__).parents[2] / "examples"
                                                   / "minimal_engine.py")],
                              capture_output=True, text=True, timeout=60)
     assert example.returncode == 1 and "minimal_engine.py EVENTS.jsonl" in example.stderr

@@ -20,7 +20,7 @@ from otel_bridge.sources.prefect_ws import PrefectEventStream
 
 pytestmark = pytest.mark.integration
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 # scenario -> {task name without its 3-character suffix: terminal states}
 EXPECTED = {

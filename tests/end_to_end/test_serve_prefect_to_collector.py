@@ -39,7 +39,7 @@ from otel_bridge.sources.prefect_rest import read_events
 from otel_bridge.translate.ids import span_id_for, trace_id_for
 from support import backends
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 N_TASKS = 500
 LINGER = 1.0
 

@@ -15,3 +15,15 @@ from support import backends  # noqa: E402
 def jaeger():
     with backends.jaeger() as j:
         yield j
+
+
+# `make unit` (-m "not integration") must leave out every test that starts a
+# real Prefect server or a real backend, marked or not as integration itself;
+# a test that asks for the real Jaeger above starts a backend.
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if "jaeger" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.backend)
+        if item.get_closest_marker("prefect_server") or item.get_closest_marker("backend"):
+            item.add_marker(pytest.mark.integration)

@@ -37,7 +37,7 @@ from otel_bridge.sinks.sdk import to_readable_spans
 from otel_bridge.translate.forward import MAX_SPAN_ATTRIBUTE_CHARS
 
 # A cold cache builds Jaeger from source first.
-pytestmark = [pytest.mark.timeout(1800), pytest.mark.integration]
+pytestmark = [pytest.mark.timeout(1800), pytest.mark.backend, pytest.mark.integration]
 
 UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 LONG = 100_000  # the longest prefect.state-message our spans carry

@@ -27,7 +27,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from support import backends
 
-pytestmark = [pytest.mark.timeout(1800), pytest.mark.integration]
+pytestmark = [pytest.mark.timeout(1800), pytest.mark.backend, pytest.mark.integration]
 
 
 # ---------------------------------------------------------------- helpers

@@ -30,7 +30,7 @@ from otel_bridge.sinks.otlp import MAX_REQUEST_BYTES
 from otel_bridge.sinks.sdk import to_readable_spans
 
 # A cold cache builds Jaeger and the Collector from source first.
-pytestmark = [pytest.mark.timeout(1800), pytest.mark.integration]
+pytestmark = [pytest.mark.timeout(1800), pytest.mark.backend, pytest.mark.integration]
 
 GRPC_MAX = 4 * 1024 * 1024
 CONFIG_DIR = ROOT / "collector-config"

@@ -37,7 +37,8 @@ from otel_bridge.demo.server import LocalPrefectServer
 from otel_bridge.translate.ids import span_id_for, trace_id_for
 
 # A cold cache builds Jaeger and the Collector from source first.
-pytestmark = [pytest.mark.timeout(1800), pytest.mark.prefect_server, pytest.mark.integration]
+pytestmark = [pytest.mark.timeout(1800), pytest.mark.prefect_server, pytest.mark.backend,
+              pytest.mark.integration]
 
 SCENARIOS = ["success", "failure", "retries-immediate", "nested-tasks", "crash-baseexception",
              "mapped"]

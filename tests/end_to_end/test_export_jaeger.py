@@ -10,7 +10,7 @@ import pytest
 from support.helpers import SAMPLES, convert, convert_to_otlp, load_jsonl
 from support.backends import wait_until
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.backend, pytest.mark.integration]
 
 
 def tags(obj) -> dict:

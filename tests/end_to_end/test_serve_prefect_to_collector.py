@@ -43,7 +43,7 @@ REPO = Path(__file__).resolve().parents[2]
 N_TASKS = 500
 LINGER = 1.0
 
-pytestmark = [pytest.mark.prefect_server, pytest.mark.integration]
+pytestmark = [pytest.mark.prefect_server, pytest.mark.backend, pytest.mark.integration]
 
 
 # A flow with one quick task and one slow one, to stop the bridge while a run is open.

@@ -268,6 +268,7 @@ def test_enable_and_disable_wrap_and_restore_prefect():
     assert (RunTelemetry._start_span, EventsWorker._handle) == before
 
 
+@pytest.mark.prefect_server
 def test_the_whole_flow_benchmark_prints_its_figures():
     """benchmarks/prefect_flow.py, small: a real server, a process per mode,
     every task run's span made (it asserts that itself)."""

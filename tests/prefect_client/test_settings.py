@@ -124,6 +124,7 @@ class TlsGateway:
                              return_exceptions=True)
 
 
+@pytest.mark.prefect_server
 @pytest.mark.timeout(300)
 def test_sink_subscription_and_rest_reach_prefect_behind_tls_and_a_gateway(tmp_path, monkeypatch):
     cert, key = self_signed_certificate(tmp_path)

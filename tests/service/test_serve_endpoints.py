@@ -803,6 +803,7 @@ def test_kill_9_before_the_linger_loses_nothing_acknowledged(tmp_path):
 
 
 
+@pytest.mark.backend
 @pytest.mark.parametrize("protocol", ["grpc", "http/protobuf"])
 def test_kill_9_with_undelivered_spans_then_a_real_collector_gets_them_once(tmp_path, protocol):
     flags = ("--push-token", TOKEN, "--linger-seconds", "0.2", "--retry-max-seconds", "1")

@@ -1,7 +1,7 @@
 """One backoff, with each caller's numbers: the subscription's (jittered,
 capped, for ever unless bounded) and the Prefect sink's (two at once, then
 exponential, a budget per stall). The deliveries' (exponential, capped,
-reset by a success): test_service_pipeline."""
+reset by a success): service/test_pipeline."""
 
 from __future__ import annotations
 

@@ -231,7 +231,7 @@ def _event_as_written(raw: str | bytes) -> Optional[Event]:
     type-checked by msgspec in one pass, a fifth of the cost. None for
     anything else, which the general path takes (and rejects, with its own
     reasons). Held equal to it by a property test
-    (tests/test_events_model.py)."""
+    (tests/model/test_events.py)."""
     try:
         wire = _decode_wire(raw)
     except (msgspec.MsgspecError, RecursionError, UnicodeEncodeError):  # (a str not UTF-8)

@@ -130,7 +130,7 @@ def _value(value: AnyValue) -> Any:
 
 # -- a plain encoder ------------------------------------------------------------
 # The same OTLP/JSON that the official protobuf encoder gives through protobuf's
-# JSON mapping (tests/test_otlp_json.py holds the two equal on every captured
+# JSON mapping (tests/model/test_otlp_json.py holds the two equal on every captured
 # run), written directly: that path costs about 1.3 ms a span, this one a
 # fraction of it, and `convert` writes OTLP/JSON by default.
 

@@ -7,7 +7,7 @@ once, to the bytes of its `Span` message, and a request is those bytes put
 together (`TraceRequest`): its size is known before it is sent.
 
 The bytes are what the SDK's encoder gives for the same span through
-`otel_bridge.sinks.sdk.to_readable_span` (tests/model/test_otlp_protobuf.py
+`otel_bridge.sinks.sdk.to_readable_span` (tests/sinks/test_otlp.py
 holds the two equal, parsed, for arbitrary spans): fields in field-number
 order, proto3 defaults left out, the SDK's span flags. What protobuf cannot
 carry raises `Unencodable` for that span alone.

@@ -1,7 +1,7 @@
 """The Prefect client's shared parts without a server: one family of errors,
 one reading of an HTTP answer for the REST API and the websocket upgrade
-alike. (Against a real server: test_prefect_api, test_prefect_sink,
-test_prefect_subscription.)"""
+alike. (Against a real server: prefect_client/test_settings,
+sinks/test_prefect_events, sources/test_prefect_subscription.)"""
 
 from __future__ import annotations
 

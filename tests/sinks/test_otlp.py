@@ -1,6 +1,6 @@
 """Spans are encoded once, by our own OTLP encoder, held equal to the SDK's;
 requests are cut by encoded size (Jaeger and Tempo refuse a request over
-4 MiB whole: tests/test_backend_behaviour.py pins that on Jaeger); a span
+4 MiB whole: tests/end_to_end/test_backend_behaviour.py pins that on Jaeger); a span
 OTLP cannot carry is set aside alone, counted."""
 
 from __future__ import annotations

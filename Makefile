@@ -11,14 +11,19 @@ $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 
-# What the tests need (Prefect, pytest, ...), and what the demo needs.
+# What the tests need (Prefect, pytest, ...), and what the demo needs. An
+# editable install makes setuptools warn about folders named like the
+# package, whatever the layout: pip's output is shown only when it fails.
+PIP_INSTALL = $(PY) -m pip install --quiet --disable-pip-version-check
 $(VENV)/.installed: pyproject.toml $(VENV)/bin/python
-	$(PY) -m pip install --quiet -e '.[test]'
-	touch $@
+	@echo "installing otel-bridge and what its tests need into $(VENV) ..."
+	@$(PIP_INSTALL) -e '.[test]' > $(VENV)/pip-install.log 2>&1 || { cat $(VENV)/pip-install.log; exit 1; }
+	@touch $@
 
 $(VENV)/.demo-installed: pyproject.toml $(VENV)/bin/python
-	$(PY) -m pip install --quiet -e '.[demo]'
-	touch $@
+	@echo "installing otel-bridge and what its demo needs into $(VENV) ..."
+	@$(PIP_INSTALL) -e '.[demo]' > $(VENV)/pip-install.log 2>&1 || { cat $(VENV)/pip-install.log; exit 1; }
+	@touch $@
 
 # The embedded default: a real local Prefect server, the bundled example
 # flow, and its trace as a tree on the terminal and as OTLP/JSON in a file.
@@ -47,7 +52,8 @@ newest-python:
 	else \
 	  [ -x $(NEWEST_VENV)/bin/python ] || $(PYTHON_NEWEST) -m venv $(NEWEST_VENV); \
 	  $(NEWEST_VENV)/bin/python -m pip install --quiet --upgrade pip; \
-	  $(NEWEST_VENV)/bin/python -m pip install --quiet -e '.[test]'; \
+	  $(NEWEST_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -e '.[test]' \
+	    > $(NEWEST_VENV)/pip-install.log 2>&1 || { cat $(NEWEST_VENV)/pip-install.log; exit 1; }; \
 	  $(NEWEST_VENV)/bin/python -m pytest -q -m "not integration" -p no:cacheprovider; \
 	fi
 

@@ -112,7 +112,7 @@ class ServeSettings(BaseSettings):
     shutdown_grace_seconds: float = Field(20.0, ge=0, description="on SIGTERM, how long to "
                                                                   "deliver what is left")
 
-    # -- assembly (see the README, "Assembly")
+    # -- assembly (see docs/mapping.md, "Assembly (streams)")
     linger_seconds: float = Field(5.0, ge=0, description="after a run's final state, wait "
                                                          "this long for late states")
     run_timeout_seconds: float = Field(6 * 3600.0, gt=0, description="a run with no event for "

@@ -1,4 +1,5 @@
-"""The service's Prometheus metrics (`/metrics`); the README lists what each means.
+"""The service's Prometheus metrics (`/metrics`); docs/sidecar.md lists what
+each means.
 
 One registry per service, so tests and embedders can run several. Label
 values come from small fixed sets (a state event's name only for Prefect's

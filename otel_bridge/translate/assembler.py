@@ -5,7 +5,7 @@ is final; `forward.run_span` decides what the span says. The assembler does
 no I/O and reads time only from the clock it is given, so tests drive it with
 a fake clock and the sidecar with `time.monotonic`.
 
-Rules (see the README, "Assembly"):
+Rules (see docs/mapping.md, "Assembly (streams)"):
 - An event id seen before is a duplicate and is ignored.
 - A run whose final state has arrived waits `linger_seconds` for late states
   (RolledBack comes after Completed), then its span is emitted, once. Given

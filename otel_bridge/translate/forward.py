@@ -2,8 +2,8 @@
 
 `run_span` takes every event seen for one task run or flow run, in any order,
 with repeats, and returns the span for that run. It depends on nothing but its
-arguments, so the same events give the same span in any process. The README's
-"Mapping" section is the user-facing description of these rules; keep the two
+arguments, so the same events give the same span in any process.
+docs/mapping.md is the user-facing description of these rules; keep the two
 in step.
 """
 

@@ -1,6 +1,6 @@
 """OpenTelemetry spans -> Prefect task-run state events (pure).
 
-Three kinds of span, told apart by what they carry (README: "Reverse"):
+Three kinds of span, told apart by what they carry (docs/mapping.md: "Reverse"):
 
 - made by otel-bridge: the run's facts and each state rebuild the events
   exactly as they went in (`span_layout`; flow-run events too). Spans of

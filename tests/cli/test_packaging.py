@@ -28,13 +28,16 @@ def built(tmp_path_factory) -> Path:
     return out
 
 
-def test_the_sdist_carries_the_configurations_the_examples_and_the_container_build(built):
+def test_the_sdist_carries_the_docs_the_configurations_the_examples_and_the_container_build(built):
     (sdist,) = built.glob("*.tar.gz")
     names = {name.split("/", 1)[1] for name in tarfile.open(sdist).getnames() if "/" in name}
+    # Every page the README links to, so that an sdist reads as the repo does.
+    docs = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.md"))
+    assert "docs/architecture.md" in docs
     for wanted in ("collector-config/sidecar.yaml", "collector-config/tempo.yaml",
                    "examples/minimal_engine.py", "Dockerfile", "README.md",
                    "scripts/train-event-dictionary.py",
-                   "otel_bridge/translate/prefect-events.zdict"):
+                   "otel_bridge/translate/prefect-events.zdict", *docs):
         assert wanted in names, wanted
 
 

@@ -341,7 +341,7 @@ def settled_runs(server: LocalPrefectServer, flows: dict[str, int], min_tasks: d
 
 
 def expected_result(state_type: str, state_name: str) -> str:
-    """The CICD result a run's final state maps to (README, "Mapping")."""
+    """The CICD result a run's final state maps to (docs/mapping.md, "One span per run")."""
     if state_type == "COMPLETED":
         return "success"
     if state_type == "CANCELLED":

@@ -1,4 +1,4 @@
-"""Assembling a stream: duplicates, linger, timeouts, caps (README: "Assembly")."""
+"""Assembling a stream: duplicates, linger, timeouts, caps (docs/mapping.md: "Assembly (streams)")."""
 
 from __future__ import annotations
 

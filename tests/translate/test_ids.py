@@ -1,5 +1,5 @@
-"""The documented id scheme (README: "Identities"), checked against an
-independent computation, so a change to the scheme cannot go unnoticed."""
+"""The documented id scheme (docs/mapping.md: "Identities"), checked against
+an independent computation, so a change to the scheme cannot go unnoticed."""
 
 import hashlib
 

@@ -1,4 +1,4 @@
-"""The event -> span mapping, state by state (README: "Mapping")."""
+"""The event -> span mapping, state by state (docs/mapping.md)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Spans -> Prefect events: the event builder against Prefect's own events,
-and the rules for spans otel-bridge did not make (README: "Reverse")."""
+and the rules for spans otel-bridge did not make (docs/mapping.md: "Reverse")."""
 
 from __future__ import annotations
 

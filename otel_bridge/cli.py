@@ -417,17 +417,22 @@ def _convert_logs(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     return EXIT_REJECTED if rejected else EXIT_OK
 
 
+def _first_line(inputs: list[str]) -> Optional[bytes]:
+    """The first line of the first file (not stdin, which is read once), for a hint."""
+    first = next((path for path in inputs if path != "-"), None)
+    if first is None:
+        return None
+    with open(first, "rb") as stream:
+        return stream.readline(2_000_000)
+
+
 def _looks_like_events(inputs: list[str]) -> bool:
     """Whether the first line of the first file is a Prefect event."""
     from otel_bridge.model.events import parse_wire_event
 
-    first = next((path for path in inputs if path != "-"), None)
-    if first is None:
-        return False
-    with open(first, "rb") as stream:
-        line = stream.readline(2_000_000)
+    line = _first_line(inputs)
     try:
-        return parse_wire_event(line) is not None
+        return line is not None and parse_wire_event(line) is not None
     except EventRejected:
         return False
 
@@ -436,13 +441,9 @@ def _looks_like_logs(inputs: list[str]) -> bool:
     """Whether the first line of the first file holds a Prefect log line."""
     from otel_bridge.translate.logs import looks_like_log, parse_log_lines
 
-    first = next((path for path in inputs if path != "-"), None)
-    if first is None:
-        return False
-    with open(first, "rb") as stream:
-        line = stream.readline(2_000_000)
+    line = _first_line(inputs)
     try:
-        values = parse_log_lines(line)
+        values = parse_log_lines(line) if line is not None else []
     except EventRejected:
         return False
     return bool(values) and looks_like_log(values[0])

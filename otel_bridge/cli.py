@@ -13,7 +13,7 @@ from otel_bridge.prefect_client import ui_url
 from otel_bridge._version import __version__
 from otel_bridge.model.events import EventRejected
 from otel_bridge.runtime import tune_gc
-from otel_bridge.sinks.factory import EVENT_SINKS, FILE_SINKS, SPAN_SINKS, open_sink
+from otel_bridge.sinks.factory import EVENT_SINKS, FILE_SINKS, LOG_SINKS, SPAN_SINKS, open_sink
 from otel_bridge.sources.jsonl import Line, parse_events, read_lines
 from otel_bridge.translate.assembler import Assembler, AssemblerOptions
 from otel_bridge.translate.forward import ForwardOptions
@@ -74,6 +74,11 @@ def _parser() -> argparse.ArgumentParser:
                          help="forward: a run's span is written once N more events have been read "
                               "after its final state (default: %(default)s); a state of the run "
                               "read later (a RolledBack far behind) is set aside and counted")
+    convert.add_argument("--logs", action="store_true",
+                         help="read Prefect log lines instead of events (what POST "
+                              "/api/logs/filter returns: a JSON array per line, or one log "
+                              "object per line) and write one OTLP log record each, on its "
+                              "run's span; --to otlp-json or otlp")
     convert.set_defaults(run=_convert, command_parser=convert)
 
     store = commands.add_parser(
@@ -180,6 +185,8 @@ def _convert(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.to not in FILE_SINKS and args.output != "-":
         parser.error(f"--output does not apply to --to {args.to}")
 
+    if args.logs:
+        return _convert_logs(args, parser)
     tune_gc()
     rejected = 0
 
@@ -207,6 +214,9 @@ def _convert(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.to in EVENT_SINKS and rejected and _looks_like_events(args.inputs):
         print("otel-bridge: this input looks like Prefect events, not OTLP spans: the forward "
               "direction reads events (--to otlp-json, otlp or tree)", file=sys.stderr)
+    if args.to not in EVENT_SINKS and rejected and _looks_like_logs(args.inputs):
+        print("otel-bridge: this input looks like Prefect log lines, not events: read them "
+              "with --logs", file=sys.stderr)
     unencodable = getattr(sink, "spans_unencodable", 0)
     if unencodable:
         summary += f", {unencodable} spans OTLP cannot carry set aside (see above)"
@@ -348,19 +358,95 @@ class _Output:
         self.written += len(spans)
 
 
+# Log records handed to the sink at a time.
+_CHUNK_LOGS = 2048
+# A page of /api/logs/filter is one line: up to 200 lines of up to a million
+# characters each, in principle; pages that big are refused, line and all.
+_MAX_LOG_PAGE_BYTES = 64 * 1024 * 1024
+
+
+def _convert_logs(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """Prefect log lines -> OTLP log records, each on its run's span."""
+    from otel_bridge.sinks.factory import open_log_sink
+    from otel_bridge.translate.logs import log_record, parse_log_lines
+
+    if args.to not in LOG_SINKS:
+        parser.error(f"--logs writes log records: --to {' or '.join(LOG_SINKS)}, not {args.to}")
+    try:
+        sink = open_log_sink(args.to, args.output)
+    except (OSError, ValueError, RuntimeError) as exc:
+        parser.error(str(exc))
+    read = written = no_run = rejected = 0
+    chunk: list = []
+    try:
+        for line in read_lines(args.inputs, _MAX_LOG_PAGE_BYTES):
+            try:
+                if line.data is None:
+                    raise EventRejected("too_large", f"line of {line.size} bytes is over the limit")
+                logs = parse_log_lines(line.data)
+            except EventRejected as error:
+                rejected += 1
+                print(f"otel-bridge: {line.where}: rejected ({error.reason}): {error.detail}",
+                      file=sys.stderr)
+                continue
+            for index, log in enumerate(logs):
+                read += 1
+                where = line.where if len(logs) == 1 else f"{line.where}[{index}]"
+                try:
+                    record = log_record(log)
+                except EventRejected as error:
+                    rejected += 1
+                    print(f"otel-bridge: {where}: rejected ({error.reason}): {error.detail}",
+                          file=sys.stderr)
+                    continue
+                if record is None:
+                    no_run += 1
+                    continue
+                chunk.append(record)
+                if len(chunk) >= _CHUNK_LOGS:
+                    sink.export(chunk)
+                    written, chunk = written + len(chunk), []
+        sink.export(chunk)
+        written += len(chunk)
+        sink.close()
+    except Exception as exc:  # an output's failure must not look like success
+        print(f"otel-bridge: output failed: {exc}", file=sys.stderr)
+        return EXIT_REJECTED
+    print(f"otel-bridge: {read} log lines -> {written} log records, {no_run} lines of no run "
+          f"passed over, {rejected} lines rejected", file=sys.stderr)
+    return EXIT_REJECTED if rejected else EXIT_OK
+
+
+def _first_line(inputs: list[str]) -> Optional[bytes]:
+    """The first line of the first file (not stdin, which is read once), for a hint."""
+    first = next((path for path in inputs if path != "-"), None)
+    if first is None:
+        return None
+    with open(first, "rb") as stream:
+        return stream.readline(2_000_000)
+
+
 def _looks_like_events(inputs: list[str]) -> bool:
     """Whether the first line of the first file is a Prefect event."""
     from otel_bridge.model.events import parse_wire_event
 
-    first = next((path for path in inputs if path != "-"), None)
-    if first is None:
-        return False
-    with open(first, "rb") as stream:
-        line = stream.readline(2_000_000)
+    line = _first_line(inputs)
     try:
-        return parse_wire_event(line) is not None
+        return line is not None and parse_wire_event(line) is not None
     except EventRejected:
         return False
+
+
+def _looks_like_logs(inputs: list[str]) -> bool:
+    """Whether the first line of the first file holds a Prefect log line."""
+    from otel_bridge.translate.logs import looks_like_log, parse_log_lines
+
+    line = _first_line(inputs)
+    try:
+        values = parse_log_lines(line) if line is not None else []
+    except EventRejected:
+        return False
+    return bool(values) and looks_like_log(values[0])
 
 
 def default_jobs() -> int:

@@ -11,6 +11,7 @@ from otel_bridge.sinks import Sink
 from otel_bridge.sinks.events_jsonl import EventsJsonlWriter
 from otel_bridge.sinks.otlp import OtlpSink
 from otel_bridge.sinks.otlp_json import OtlpJsonWriter
+from otel_bridge.sinks.otlp_logs import OtlpJsonLogWriter, OtlpLogSink
 from otel_bridge.sinks.prefect_events import PrefectEventSink
 from otel_bridge.sinks.tree import TreeWriter
 from otel_bridge.sources import Source
@@ -21,7 +22,7 @@ API_URL = "http://127.0.0.1:1/api"  # never reached: nothing is sent
 
 
 @pytest.mark.parametrize("sink", [EventsJsonlWriter, TreeWriter, OtlpJsonWriter, OtlpSink,
-                                  PrefectEventSink])
+                                  PrefectEventSink, OtlpJsonLogWriter, OtlpLogSink])
 def test_every_sink_declares_the_sink_protocol_and_implements_all_of_it(sink):
     assert Sink in sink.__mro__, f"{sink.__name__} does not say it is a Sink"
     assert not inspect.isabstract(sink)

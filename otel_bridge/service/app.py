@@ -4,6 +4,7 @@
     Prefect subscription --\\
     POST /v1/events --------+--> assembler --> spans --> SQLite --> OTLP | file
     OTLP gRPC / HTTP -----------> reverse  --> events --> SQLite --> Prefect | file
+    Prefect logs (REST) --------> log lines ----------> SQLite --> OTLP | file
 
 Life cycle: open the store and restore the runs that were open; bind every
 endpoint; follow Prefect; deliver. On SIGTERM or SIGINT: stop intake (the
@@ -28,14 +29,15 @@ from aiohttp import web
 from otel_bridge.prefect_client import ui_url
 from otel_bridge.model.events import EventRejected, validate_event
 from otel_bridge.runtime import tune_gc
+from otel_bridge.service import log_follower
 from otel_bridge.service.auth import server_tls
 from otel_bridge.service.config import ServeSettings
 from otel_bridge.service.delivery import Delivery
 from otel_bridge.service.http import admin_app
 from otel_bridge.service.metrics import Metrics
-from otel_bridge.service.pipeline import EVENT, SPAN, Pipeline
+from otel_bridge.service.pipeline import EVENT, LOG, SPAN, Pipeline
 from otel_bridge.service.store import Store
-from otel_bridge.sinks.factory import open_sink
+from otel_bridge.sinks.factory import open_log_sink, open_sink
 from otel_bridge.translate.assembler import AssemblerOptions
 from otel_bridge.translate.forward import ForwardOptions
 
@@ -50,7 +52,9 @@ _READY_OUTBOX_FRACTION = 0.9
 # (kind, forward_to or reverse_to) -> the sink (`sinks.factory`: a file gets
 # OTLP/JSON or event JSON lines), and its delivery's name in logs and metrics.
 _SINKS = {(SPAN, "otlp"): ("otlp", "otlp"), (SPAN, "file"): ("otlp-json", "file"),
-          (EVENT, "prefect"): ("prefect", "prefect"), (EVENT, "file"): ("events", "file-events")}
+          (EVENT, "prefect"): ("prefect", "prefect"), (EVENT, "file"): ("events", "file-events"),
+          (LOG, "otlp"): ("otlp", "otlp-logs"), (LOG, "file"): ("otlp-json", "file-logs")}
+_KINDS = (SPAN, EVENT, LOG)
 
 
 class Service:
@@ -71,6 +75,7 @@ class Service:
         self._last_tick = time.monotonic()
         self._pending: list = []  # events from the subscription, not yet taken
         self._subscription: Any = None
+        self._log_follower: Any = None
         self._runners: list[web.AppRunner] = []
         self._grpc: Any = None
         self._tasks: list[asyncio.Task] = []
@@ -83,7 +88,7 @@ class Service:
         return ok, {"status": "ok" if ok else "failing", "fatal": self._fatal, "stalled": stalled}
 
     def readiness(self) -> tuple[bool, dict[str, Any]]:
-        full = [kind for kind in (SPAN, EVENT) if self.store is not None and
+        full = [kind for kind in _KINDS if self.store is not None and
                 self.store.outbox_bytes(kind) > _READY_OUTBOX_FRACTION * self.settings.outbox_max_bytes]
         ok = self._started and not self._stopping and not full and self._fatal is None
         return ok, {"status": "ready" if ok else "not ready", "started": self._started,
@@ -131,6 +136,7 @@ class Service:
             await self._bind()
             if s.follows_prefect:
                 self._tasks.append(asyncio.create_task(self._follow_prefect(), name="prefect"))
+            self._start_logs()
             self._tasks.append(asyncio.create_task(self._tick(), name="tick"))
             self._started = True
             logger.info("serving", extra={"listen_host": s.listen_host, **self.bound,
@@ -147,9 +153,9 @@ class Service:
         self.metrics.watch("otel_bridge_open_runs", "Runs waiting for their final state",
                            lambda: {(): pipeline.assembler.open_runs})
         self.metrics.watch("otel_bridge_outbox_items", "Output waiting for its sink",
-                           lambda: {(k,): store.outbox_items(k) for k in (SPAN, EVENT)}, ("kind",))
+                           lambda: {(k,): store.outbox_items(k) for k in _KINDS}, ("kind",))
         self.metrics.watch("otel_bridge_outbox_bytes", "Disk held by output waiting for its sink",
-                           lambda: {(k,): store.outbox_bytes(k) for k in (SPAN, EVENT)}, ("kind",))
+                           lambda: {(k,): store.outbox_bytes(k) for k in _KINDS}, ("kind",))
 
         def subscription() -> dict[tuple[str, ...], float]:
             if self._subscription is None:
@@ -164,6 +170,16 @@ class Service:
                            "Unix time before which every Prefect event has been read, the ones "
                            "the live stream missed included; finished runs leave once behind it",
                            watermark)
+        mode = log_follower.MODE if self.settings.logs else "off"
+        self.metrics.watch("otel_bridge_logs_mode",
+                           "How Prefect's log lines are read: rest (POST /api/logs/filter, "
+                           "polled), or off", lambda: {(mode,): 1.0}, ("mode",))
+        self.metrics.watch(
+            "otel_bridge_prefect_logs", "The follower of Prefect's log lines: read, taken, "
+            "duplicates, no_run, rejected, late (stored after the fresh pass), rest_errors...",
+            lambda: {} if self._log_follower is None else {
+                (k,): v for k, v in self._log_follower.stats.as_dict().items()},
+            ("counter",), counter=True)
         self.metrics.watch("otel_bridge_prefect_subscription",
                            "The Prefect subscription's counters: live, reconciled (missed by the "
                            "live stream, read back from REST), reconnects, rest_errors...",
@@ -172,13 +188,19 @@ class Service:
     def _start_deliveries(self) -> None:
         s = self.settings
         outputs = {SPAN: (s.forward_to, s.forward_file)}
+        if s.logs:
+            outputs[LOG] = (s.forward_to, s.logs_file)
         if s.otlp_receiver or self.store.outbox_items(EVENT):
             outputs[EVENT] = (s.reverse_to, s.reverse_file)
         key = s.prefect_api_key.get_secret_value() if s.prefect_api_key else None
         for kind, (to, path) in outputs.items():
             sink_name, name = _SINKS[kind, to]
-            sink = open_sink(sink_name, path or "-", append=True, on_unencodable=self._unencodable,
-                             prefect_api_url=s.prefect_api_url, prefect_api_key=key)
+            if kind == LOG:
+                sink = open_log_sink(sink_name, path or "-", append=True)
+            else:
+                sink = open_sink(sink_name, path or "-", append=True,
+                                 on_unencodable=self._unencodable,
+                                 prefect_api_url=s.prefect_api_url, prefect_api_key=key)
             delivery = self.deliveries[kind] = Delivery(
                 self.store, kind, sink, name, self.metrics, batch_items=s.export_batch_items,
                 retry_initial=s.retry_initial_seconds, retry_max=s.retry_max_seconds)
@@ -281,6 +303,45 @@ class Service:
             logger.exception("the Prefect subscription failed")
             self.stop()
 
+    # -- Prefect's log lines -----------------------------------------------------------------
+
+    def _start_logs(self) -> None:
+        s = self.settings
+        if not s.logs:
+            logger.info("Prefect's log lines are not followed (logs: off)", extra={"logs_mode": "off"})
+            return
+        from otel_bridge.sources.prefect_logs import PrefectLogReader
+
+        key = s.prefect_api_key.get_secret_value() if s.prefect_api_key else None
+        self._log_follower = log_follower.LogFollower(
+            self.store, self.pipeline, PrefectLogReader(s.prefect_api_url, key),
+            since=datetime.now(timezone.utc) - timedelta(seconds=s.backfill_seconds),
+            poll_seconds=s.logs_poll_seconds, lateness_seconds=s.logs_lateness_seconds)
+        logger.info(
+            "following Prefect's log lines by polling REST (POST /api/logs/filter)", extra={
+                "logs_mode": log_follower.MODE, "poll_seconds": s.logs_poll_seconds,
+                "lateness_seconds": s.logs_lateness_seconds,
+                "resumed": self._log_follower.resumed,
+                "why": "the logs websocket (/api/logs/out) is off on a server with default "
+                       "settings and then sends nothing, which cannot be told from no logs"})
+        self._tasks.append(asyncio.create_task(self._follow_logs(), name="prefect-logs"))
+
+    async def _follow_logs(self) -> None:
+        from otel_bridge.prefect_client import PrefectError
+
+        try:
+            await self._log_follower.run()
+        except PrefectError as exc:  # credentials refused, not a Prefect API, gave up
+            self._fatal = f"Prefect logs: {exc}"
+            logger.error("cannot follow Prefect's logs", extra={"error": str(exc)})
+            self.stop()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug: stop with 1, the store keeps the marks
+            self._fatal = f"Prefect logs: {type(exc).__name__}: {exc}"
+            logger.exception("following Prefect's logs failed")
+            self.stop()
+
     def _take_pending(self) -> None:
         if self._pending:
             events, self._pending = self._pending, []
@@ -350,5 +411,6 @@ class Service:
         logger.info("stopped", extra={
             "delivered_all": all(drained), "open_runs_kept": self.pipeline.assembler.open_runs,
             "outbox_spans_kept": self.store.outbox_items(SPAN),
-            "outbox_events_kept": self.store.outbox_items(EVENT)})
+            "outbox_events_kept": self.store.outbox_items(EVENT),
+            "outbox_logs_kept": self.store.outbox_items(LOG)})
         return 1 if self._fatal else 0

@@ -91,6 +91,19 @@ class ServeSettings(BaseSettings):
     otlp_grpc_port: Port = Field(4317, ge=0, le=65535, description="the OTLP/gRPC receiver")
     otlp_http_port: Port = Field(4318, ge=0, le=65535, description="the OTLP/HTTP receiver")
 
+    # -- Prefect's log lines (README: "Logs")
+    logs: bool = Field(
+        False, description="also follow Prefect's flow-run and task-run log lines (REST, "
+                           "POST /api/logs/filter) and export each as an OTLP log record on its "
+                           "run's span: to OTEL_EXPORTER_OTLP_LOGS_* / _OTLP_*, or logs_file "
+                           "with forward_to: file")
+    logs_file: Optional[Path] = Field(None, description="OTLP/JSON log lines, with logs and "
+                                                        "forward_to: file")
+    logs_poll_seconds: float = Field(2.0, gt=0, description="how often to read new log lines")
+    logs_lateness_seconds: float = Field(
+        120.0, gt=0, description="a log line the server stores up to this long after its "
+                                 "timestamp is still read (it is read a second time then)")
+
     # -- where things go
     forward_to: Literal["otlp", "file"] = Field(
         "otlp", description="spans to OTLP (the OTEL_EXPORTER_OTLP_* variables) or to a file")
@@ -171,6 +184,11 @@ class ServeSettings(BaseSettings):
     def _consistent(self) -> "ServeSettings":
         if self.forward_to == "file" and self.forward_file is None:
             raise ValueError("forward_to is 'file' but forward_file is not set")
+        if self.logs and self.forward_to == "file" and self.logs_file is None:
+            raise ValueError("logs with forward_to 'file' needs logs_file")
+        if self.logs and not self.follows_prefect:
+            raise ValueError("logs are read from the Prefect server: set PREFECT_API_URL "
+                             "(and keep subscribe on)")
         if self.reverse_to == "file" and self.reverse_file is None:
             raise ValueError("reverse_to is 'file' but reverse_file is not set")
         if self.otlp_receiver and self.reverse_to == "prefect" and not self.prefect_api_url:

@@ -2,6 +2,8 @@
 
 Forward: events -> `Assembler` -> finished spans -> outbox ("span").
 Reverse: spans -> `iter_events_from_span` -> events -> outbox ("event").
+Logs: Prefect log lines -> checked -> outbox ("log"), made log records by
+`translate.logs` on their way out (`decode`).
 
 The assembler's journal is the `Store`, so every event kept and every span
 emitted is on disk in the same transaction as the intake that caused it. A
@@ -17,7 +19,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 from uuid import UUID
 
 import pydantic_core
@@ -25,6 +27,7 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span as ProtoSpan
 from opentelemetry.trace import SpanKind, StatusCode
 
 from otel_bridge.model.events import Event, EventRejected
+from otel_bridge.model.logs import LogRecord
 from otel_bridge.model.otlp import span_from_proto
 from otel_bridge.model.otlp_protobuf import Unencodable, encode_span
 from otel_bridge.model.spans import Span, SpanEvent, SpanLink
@@ -32,17 +35,18 @@ from otel_bridge.service.metrics import Metrics, event_label
 from otel_bridge.service.store import Store
 from otel_bridge.service.time_slices import TimeSlices
 from otel_bridge.translate.assembler import Assembler, AssemblerOptions
+from otel_bridge.translate.logs import checked_log, log_placement, log_record
 from otel_bridge.translate.reverse import iter_events_from_span
 
-__all__ = ["EVENT", "MAX_EVENTS_PER_REQUEST", "MAX_EVENTS_PER_SPAN", "SPAN", "Intake", "Pipeline",
+__all__ = ["EVENT", "LOG", "MAX_EVENTS_PER_REQUEST", "MAX_EVENTS_PER_SPAN", "SPAN", "Intake", "Pipeline",
            "ReversedSpans", "decode", "encoded_span", "reverse_spans"]
 
 logger = logging.getLogger(__name__)
 
-SPAN, EVENT = "span", "event"
+SPAN, EVENT, LOG = "span", "event", "log"
 
 
-def decode(kind: str, body: bytes) -> Span | Event:
+def decode(kind: str, body: bytes) -> Span | Event | LogRecord:
     """An outbox item as its sink takes it. A span is kept as its OTLP
     `Span` message (`model.otlp_protobuf`): the OTLP sink sends those bytes
     as they are, and a span OTLP cannot carry is found when the run closes,
@@ -51,6 +55,13 @@ def decode(kind: str, body: bytes) -> Span | Event:
     does (its first field is tag 0x0a)."""
     if kind == EVENT:
         return Event.model_validate_json(body)
+    if kind == LOG:
+        # Kept as the checked log line, not the record: translation is pure,
+        # so a record is the same whenever it is made.
+        record = log_record(pydantic_core.from_json(body))
+        if record is None:
+            raise ValueError("a log line of no run in the outbox")
+        return record
     if body[:1] != b"[":
         return span_from_proto(ProtoSpan.FromString(body))
     (trace_id, span_id, parent, name, start, end, attributes, events, links, span_kind, status,
@@ -224,6 +235,29 @@ class Pipeline:
     def flush_finished(self, watermark: Optional[datetime] = None) -> None:
         with self._transaction():
             self.assembler.flush_finished(watermark)
+
+    # -- Prefect's log lines ---------------------------------------------------------
+
+    def take_logs(self, logs: Sequence[Any], source: str) -> tuple[Intake, int]:
+        """Put log lines in the outbox ("log"), within the caller's
+        transaction; a line that is not one is refused and counted, a line of
+        no run passed over. Returns what became of them and how many were of
+        no run."""
+        intake, no_run = Intake(), 0
+        for index, log in enumerate(logs):
+            try:
+                checked = checked_log(log)
+            except EventRejected as exc:
+                self.reject(source, exc.reason)
+                intake.rejected.append((index, exc))
+                continue
+            if log_placement(checked.get("flow_run_id"), checked.get("task_run_id")) is None:
+                no_run += 1
+                continue
+            stamp = datetime.fromisoformat(checked["timestamp"]).timestamp()
+            self._put(LOG, pydantic_core.to_json(checked), stamp, {"log_id": checked.get("id")})
+            intake.accepted += 1
+        return intake, no_run
 
     # -- reverse ---------------------------------------------------------------------
 

@@ -12,6 +12,8 @@ One SQLite file (WAL, so a `kill -9` loses nothing that was committed):
   takes the run out of ``run_events``, and leaves the outbox only once a sink
   has accepted it: a crash in between re-sends the same bytes, never
   different content under one span id.
+- ``seen_logs``: the ids of Prefect log lines taken, with their timestamps,
+  for as long as a pass may read them again (`sources.prefect_logs`).
 - ``meta``: small values, like the subscription's resume point.
 
 Only the event loop's thread uses a `Store`; writes are grouped into one
@@ -61,6 +63,11 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     reason TEXT NOT NULL,
     at     REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS seen_logs (
+    log_id TEXT PRIMARY KEY,
+    stamp  REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS seen_logs_by_stamp ON seen_logs (stamp);
 CREATE TABLE IF NOT EXISTS meta (
     key   TEXT PRIMARY KEY,
     value TEXT NOT NULL
@@ -287,6 +294,22 @@ class Store:
     def _reload_outbox_totals(self) -> None:
         self._outbox_bytes = dict(self._db.execute("SELECT kind, SUM(size) FROM outbox GROUP BY kind").fetchall())
         self._outbox_items = dict(self._db.execute("SELECT kind, COUNT(*) FROM outbox GROUP BY kind").fetchall())
+
+    # -- Prefect log lines taken ------------------------------------------------
+
+    def unseen_logs(self, ids: list[str]) -> set[str]:
+        """Those of these log ids not taken yet."""
+        seen = {row[0] for row in self._db.execute(
+            "SELECT log_id FROM seen_logs WHERE log_id IN (SELECT value FROM json_each(?))",
+            (json.dumps(ids),))}
+        return set(ids) - seen
+
+    def remember_logs(self, logs: list[tuple[str, float]]) -> None:
+        """(log id, timestamp) of lines taken, in the transaction that takes them."""
+        self._db.executemany("INSERT OR IGNORE INTO seen_logs VALUES (?, ?)", logs)
+
+    def forget_logs_before(self, stamp: float) -> None:
+        self._db.execute("DELETE FROM seen_logs WHERE stamp < ?", (stamp,))
 
     # -- meta ---------------------------------------------------------------------
 

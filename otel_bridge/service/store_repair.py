@@ -30,12 +30,14 @@ _TABLES: dict[str, tuple[str, Callable[[tuple], bool]]] = {
                       lambda r: isinstance(r[1], str) and read_event_ids(r[2]) is not None),
     "outbox": ("seq, kind, body, size, stamp, attempts", lambda r: _outbox_item_ok(r[1], r[2])),
     "dead_letters": ("seq, kind, body, reason, at", lambda r: isinstance(r[2], (bytes, str))),
+    "seen_logs": ("log_id, stamp", lambda r: isinstance(r[0], str)
+                  and isinstance(r[1], (int, float))),
     "meta": ("key, value", lambda r: isinstance(r[0], str) and isinstance(r[1], str)),
 }
 
 
 def _outbox_item_ok(kind: object, body: object) -> bool:
-    if kind not in ("span", "event") or not isinstance(body, (bytes, str)):
+    if kind not in ("span", "event", "log") or not isinstance(body, (bytes, str)):
         return False
     try:
         decode(kind, body if isinstance(body, bytes) else body.encode())
@@ -136,6 +138,12 @@ def _readable_rows(db: sqlite3.Connection, table: str, columns: str,
                    report: TableReport) -> Iterator[tuple]:
     """Every row that can be read, in rowid order; past a damaged page,
     the read resumes further on (steps that double, 64 tries at most)."""
+    try:
+        if db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?",
+                      (table,)).fetchone() is None:
+            return  # a store made before the table was (seen_logs)
+    except sqlite3.DatabaseError:
+        pass  # the catalogue damaged: the read below says how far it gets
     after, step, tries = -(1 << 63), 1, 0
     while tries < 64:
         try:

@@ -12,10 +12,12 @@ from otel_bridge.sinks import Sink
 if TYPE_CHECKING:  # (the module loads the OTLP exporters: only for the sinks that need them)
     from otel_bridge.sinks.otlp import OnUnencodable
 
-__all__ = ["EVENT_SINKS", "FILE_SINKS", "SPAN_SINKS", "open_sink"]
+__all__ = ["EVENT_SINKS", "FILE_SINKS", "LOG_SINKS", "SPAN_SINKS", "open_log_sink", "open_sink"]
 
 SPAN_SINKS = ("otlp-json", "otlp", "tree")
 EVENT_SINKS = ("events", "prefect")
+# Where log records can go: OTLP/JSON lines, or the OTLP endpoint.
+LOG_SINKS = ("otlp-json", "otlp")
 # The sinks that write a file (or stdout); the others send over the network.
 FILE_SINKS = ("otlp-json", "tree", "events")
 
@@ -63,6 +65,22 @@ def open_sink(
     from otel_bridge.sinks.otlp_json import OtlpJsonWriter
 
     return OtlpJsonWriter(_open(output, append), resource_from_env(), on_unencodable)
+
+
+def open_log_sink(name: str, output: Union[str, Path] = "-", *, append: bool = False) -> Sink:
+    """The log record sink called `name` (one of `LOG_SINKS`): otlp-json
+    writes `output` ("-": stdout), otlp sends to the endpoint of
+    OTEL_EXPORTER_OTLP_LOGS_* / OTEL_EXPORTER_OTLP_*. Raises ValueError for
+    an unknown name, OSError for a file that cannot be opened,
+    `LogsUnavailable` for an SDK without the logs API."""
+    if name not in LOG_SINKS:
+        raise ValueError(f"log records cannot go to {name!r}: one of {', '.join(LOG_SINKS)}")
+    from otel_bridge.sinks.otlp_logs import OtlpJsonLogWriter, OtlpLogSink, log_exporter_from_env
+    from otel_bridge.sinks.sdk import resource_from_env
+
+    if name == "otlp":
+        return OtlpLogSink(log_exporter_from_env(), resource_from_env())
+    return OtlpJsonLogWriter(_open(output, append), resource_from_env())
 
 
 def _open(output: Union[str, Path], append: bool):

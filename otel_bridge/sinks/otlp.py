@@ -35,7 +35,7 @@ from otel_bridge.sinks import Sink
 from otel_bridge.sinks.sdk import to_readable_spans
 
 __all__ = ["EXPORTER_LOGGER", "ExportFailed", "MAX_REQUEST_BYTES", "OnUnencodable", "OtlpSink",
-           "exporter_from_env", "log_unencodable", "protocol_from_env", "requests_by_size",
+           "PROTOCOLS", "exporter_from_env", "log_unencodable", "protocol_from_env", "requests_by_size",
            "trace_request"]
 
 logger = logging.getLogger(__name__)

@@ -201,3 +201,27 @@ def flow_run_events(
         events.append(event)
         previous = event
     return events
+
+
+# -- log lines --------------------------------------------------------------
+
+LOG_FLOW_RUN = "0f6b3c1e-4a3e-4f7e-9a52-1d2c3b4a5f60"
+LOG_TASK_RUN = "7c1d2e3f-5a6b-4c7d-8e9f-0a1b2c3d4e5f"
+
+
+def prefect_log(**fields):
+    """A log line as POST /api/logs/filter returns it (Prefect 3.9.1)."""
+    log = {"id": str(uuid.uuid4()), "created": "2026-03-01T10:00:01.500000Z",
+           "updated": "2026-03-01T10:00:01.500000Z", "name": "prefect.task_runs", "level": 20,
+           "message": "Finished in state Completed()", "timestamp": "2026-03-01T10:00:01.250000Z",
+           "flow_run_id": LOG_FLOW_RUN, "task_run_id": LOG_TASK_RUN}
+    log.update(fields)
+    return log
+
+
+def runs_of_span(span):
+    """(flow_run_id, task_run_id) of a span made by the forward bridge."""
+    attributes = span.attributes
+    if "cicd.pipeline.task.run.id" in attributes:
+        return attributes.get("prefect.related.flow-run.id"), attributes["cicd.pipeline.task.run.id"]
+    return attributes["cicd.pipeline.run.id"], None

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from otel_bridge.model.spans import Attributes
+from otel_bridge.model.spans import Attributes, TraceContextIds
 
 __all__ = ["LogRecord", "MAX_LOG_MESSAGE_CHARS"]
 
@@ -20,7 +20,7 @@ MAX_LOG_MESSAGE_CHARS = 1_000_000
 
 
 @dataclass(frozen=True)
-class LogRecord:
+class LogRecord(TraceContextIds):
     """One OTLP log record, in the terms of the OpenTelemetry logs data model."""
 
     time_unix_nano: int
@@ -34,11 +34,3 @@ class LogRecord:
     # OpenTelemetry's own logging bridges name it.
     logger_name: str
     attributes: Attributes = field(default_factory=dict)
-
-    @property
-    def trace_id_hex(self) -> str:
-        return format(self.trace_id, "032x")
-
-    @property
-    def span_id_hex(self) -> str:
-        return format(self.span_id, "016x")

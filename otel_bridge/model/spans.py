@@ -33,8 +33,24 @@ class SpanLink:
     trace_flags: int = 1
 
 
+class TraceContextIds:
+    """`trace_id` and `span_id` as W3C trace context and OTLP/JSON write them
+    (lower-case hex), for what carries both: a span, a log record."""
+
+    trace_id: int
+    span_id: int
+
+    @property
+    def trace_id_hex(self) -> str:
+        return format(self.trace_id, "032x")
+
+    @property
+    def span_id_hex(self) -> str:
+        return format(self.span_id, "016x")
+
+
 @dataclass(frozen=True)
-class Span:
+class Span(TraceContextIds):
     trace_id: int
     span_id: int
     parent_span_id: Optional[int]
@@ -47,11 +63,3 @@ class Span:
     kind: SpanKind = SpanKind.INTERNAL
     status_code: StatusCode = StatusCode.UNSET
     status_message: str = ""
-
-    @property
-    def trace_id_hex(self) -> str:
-        return format(self.trace_id, "032x")
-
-    @property
-    def span_id_hex(self) -> str:
-        return format(self.span_id, "016x")

@@ -15,6 +15,8 @@ from opentelemetry.trace import Link, SpanContext, Status, TraceFlags
 from otel_bridge._version import __version__
 from otel_bridge.model.spans import Span
 
+__all__ = ["resource_from_env", "to_readable_span", "to_readable_spans"]
+
 DEFAULT_SERVICE_NAME = "prefect"
 SCOPE = InstrumentationScope("otel_bridge", __version__)
 

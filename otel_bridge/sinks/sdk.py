@@ -15,7 +15,7 @@ from opentelemetry.trace import Link, SpanContext, Status, TraceFlags
 from otel_bridge._version import __version__
 from otel_bridge.model.spans import Span
 
-__all__ = ["resource_from_env", "to_readable_span", "to_readable_spans"]
+__all__ = ["DEFAULT_SERVICE_NAME", "SCOPE", "resource_from_env", "to_readable_span", "to_readable_spans"]
 
 DEFAULT_SERVICE_NAME = "prefect"
 SCOPE = InstrumentationScope("otel_bridge", __version__)

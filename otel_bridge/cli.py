@@ -74,6 +74,11 @@ def _parser() -> argparse.ArgumentParser:
                          help="forward: a run's span is written once N more events have been read "
                               "after its final state (default: %(default)s); a state of the run "
                               "read later (a RolledBack far behind) is set aside and counted")
+    convert.add_argument("--metrics", metavar="DEST",
+                         help="also count the runs as metrics (docs/metrics.md): 'otlp' sends them "
+                              "to the endpoint of OTEL_EXPORTER_OTLP_METRICS_* / OTEL_EXPORTER_OTLP_*, "
+                              "anything else is a file to write them to as OTLP/JSON ('./otlp' for a "
+                              "file of that name); forward direction only")
     convert.add_argument("--logs", action="store_true",
                          help="read Prefect log lines instead of events (what POST "
                               "/api/logs/filter returns: a JSON array per line, or one log "
@@ -185,6 +190,11 @@ def _convert(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.to not in FILE_SINKS and args.output != "-":
         parser.error(f"--output does not apply to --to {args.to}")
 
+    if args.metrics is not None and (args.logs or args.to in EVENT_SINKS):
+        parser.error("--metrics counts runs from events: not with --logs or --to "
+                     f"{' or '.join(EVENT_SINKS)}")
+    if args.metrics == "-":
+        parser.error("--metrics needs a file (or otlp): '-' is where the spans go")
     if args.logs:
         return _convert_logs(args, parser)
     tune_gc()
@@ -196,8 +206,11 @@ def _convert(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         print(f"otel-bridge: {line.where}: rejected ({error.reason}): {error.detail}",
               file=sys.stderr)
 
+    metrics = None
     try:
         sink = open_sink(args.to, args.output, on_unencodable=_report_unencodable)
+        if args.metrics is not None:
+            metrics = _open_metrics(args.metrics)
     except (OSError, ValueError) as exc:
         parser.error(str(exc))
     try:
@@ -206,8 +219,11 @@ def _convert(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             sink.export(items)
             late = 0
         else:
-            summary, late = _forward(read_lines(args.inputs), reject, args, sink)
+            summary, late = _forward(read_lines(args.inputs), reject, args, sink, metrics)
         sink.close()
+        if metrics is not None:
+            metrics.close()
+            summary += f", {metrics.runs_recorded} finished runs counted in the metrics"
     except Exception as exc:  # an output's failure must not look like success
         print(f"otel-bridge: output failed: {exc}", file=sys.stderr)
         return EXIT_REJECTED
@@ -231,7 +247,17 @@ _BATCH_RUNS = 256
 _IN_FLIGHT_PER_WORKER = 4
 
 
-def _forward(lines, reject, args: argparse.Namespace, sink) -> tuple[str, int]:
+def _open_metrics(destination: str):
+    from otel_bridge.sinks.otlp_metrics import OTLP, open_run_metrics
+    from otel_bridge.sinks.sdk import resource_from_env
+
+    if destination == OTLP:
+        return open_run_metrics(OTLP, resource_from_env())
+    return open_run_metrics("file", resource_from_env(),
+                            open(destination, "w", encoding="utf-8"))
+
+
+def _forward(lines, reject, args: argparse.Namespace, sink, metrics=None) -> tuple[str, int]:
     """Events -> spans, streamed: a run's span leaves once `--linger-events`
     more events have been read after its final state, so memory is bounded
     by the runs open at a time, not by the input. A tree needs its whole
@@ -248,7 +274,7 @@ def _forward(lines, reject, args: argparse.Namespace, sink) -> tuple[str, int]:
         clock=lambda: read,
         defer_spans=jobs > 1,
     )
-    out = _Output(sink, jobs, options, streamed=args.to != "tree")
+    out = _Output(sink, jobs, options, streamed=args.to != "tree", metrics=metrics)
     try:
         for line, event in parse_events(lines, reject):
             read += 1
@@ -278,8 +304,9 @@ class _Output:
     """Where `_forward`'s spans go: to the sink in chunks, built here or, with
     several jobs, by worker processes (closed runs in, spans out, in order)."""
 
-    def __init__(self, sink, jobs: int, options: ForwardOptions, streamed: bool):
+    def __init__(self, sink, jobs: int, options: ForwardOptions, streamed: bool, metrics=None):
         self._sink, self._streamed = sink, streamed
+        self._metrics = metrics  # a RunMetricsRecorder, or None
         self._pending: list = []  # closed runs, for the workers
         self._chunk: list = []  # spans (or encoded spans) ready for the sink
         self._encoded = hasattr(sink, "export_encoded")
@@ -295,12 +322,13 @@ class _Output:
             self._jobs = jobs
             self._pool = concurrent.futures.ProcessPoolExecutor(
                 jobs, mp_context=multiprocessing.get_context("spawn"),
-                initializer=start_worker, initargs=(options, self._encoded))
+                initializer=start_worker, initargs=(options, self._encoded, metrics is not None))
 
     def take(self, items: list) -> None:
         if not items:
             return
         if self._pool is None:
+            self._measure(items)
             self._ready(items)
             return
         self._pending.extend(items)
@@ -330,6 +358,13 @@ class _Output:
         if self._pool is not None:
             self._pool.shutdown(cancel_futures=True)
 
+    def _measure(self, spans: list) -> None:
+        if self._metrics is not None:
+            from otel_bridge.translate.run_metrics import run_measurements
+
+            for span in spans:
+                self._metrics.record(run_measurements(span))
+
     def _submit(self, batch: list) -> None:
         from otel_bridge.translate.span_workers import build_spans
 
@@ -340,7 +375,9 @@ class _Output:
     def _collect(self) -> None:
         built = self._in_flight.popleft().result()
         spans = []
-        for span, why, unencodable in built:
+        for span, why, unencodable, measured in built:
+            if self._metrics is not None:
+                self._metrics.record(measured)
             if span is not None:
                 spans.append(span)
             elif unencodable is not None:

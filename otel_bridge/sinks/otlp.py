@@ -55,9 +55,12 @@ class ExportFailed(RuntimeError):
     pass
 
 
-def protocol_from_env() -> str:
+def protocol_from_env(signal: str = "traces") -> str:
+    """The OTLP protocol for a signal (traces, metrics, logs), as the
+    specification reads it: `OTEL_EXPORTER_OTLP_<SIGNAL>_PROTOCOL`, else
+    `OTEL_EXPORTER_OTLP_PROTOCOL`, else http/protobuf."""
     protocol = (
-        os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+        os.environ.get(f"OTEL_EXPORTER_OTLP_{signal.upper()}_PROTOCOL")
         or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL")
         or "http/protobuf"
     ).strip()

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import base64
 import logging
-import os
 from importlib import metadata
 from typing import IO, Any, Iterator, Sequence
 
@@ -42,10 +41,10 @@ from opentelemetry.trace import (
 
 from otel_bridge.model.logs import LogRecord
 from otel_bridge.sinks import Sink
-from otel_bridge.sinks.otlp import MAX_REQUEST_BYTES, PROTOCOLS, ExportFailed
+from otel_bridge.sinks.otlp import MAX_REQUEST_BYTES, ExportFailed, protocol_from_env
 
 __all__ = ["LogsUnavailable", "OtlpJsonLogWriter", "OtlpLogSink", "SdkLogRecords",
-           "TESTED_LOGS_SDK_VERSIONS", "batches_by_size", "log_exporter_from_env", "logs_protocol_from_env",
+           "TESTED_LOGS_SDK_VERSIONS", "batches_by_size", "log_exporter_from_env",
            "logs_request_json"]
 
 logger = logging.getLogger(__name__)
@@ -73,18 +72,9 @@ def _check_version() -> None:
                        ", ".join(TESTED_LOGS_SDK_VERSIONS))
 
 
-def logs_protocol_from_env() -> str:
-    protocol = (os.environ.get("OTEL_EXPORTER_OTLP_LOGS_PROTOCOL")
-                or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "http/protobuf").strip()
-    if protocol not in PROTOCOLS:
-        raise ValueError(
-            f"OTLP protocol {protocol!r} is not supported; use one of {', '.join(PROTOCOLS)}")
-    return protocol
-
-
 def log_exporter_from_env(protocol: str | None = None) -> Any:
     """The official OTLP log exporter for the protocol, configured by the environment."""
-    protocol = protocol or logs_protocol_from_env()
+    protocol = protocol or protocol_from_env("logs")
     _check_version()
     try:
         if protocol == "grpc":

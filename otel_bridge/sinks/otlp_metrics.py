@@ -19,7 +19,6 @@ the export's time, not the runs': the measurements are totals as of then.
 from __future__ import annotations
 
 import json
-import os
 from typing import IO, Optional
 
 from google.protobuf.json_format import MessageToDict
@@ -33,7 +32,7 @@ from opentelemetry.sdk.metrics.export import (
 )
 from opentelemetry.sdk.resources import Resource
 
-from otel_bridge.sinks.otlp import PROTOCOLS
+from otel_bridge.sinks.otlp import protocol_from_env
 from otel_bridge.sinks.sdk import SCOPE
 from otel_bridge.translate.run_metrics import (
     DURATION_BUCKETS,
@@ -42,28 +41,16 @@ from otel_bridge.translate.run_metrics import (
     RunMeasurements,
 )
 
-__all__ = ["RunMetricsRecorder", "metric_exporter_from_env", "metrics_protocol_from_env",
+__all__ = ["RunMetricsRecorder", "metric_exporter_from_env",
            "open_run_metrics", "request_json"]
 
 OTLP = "otlp"  # `open_run_metrics`'s destination for the OTLP endpoint
 
 
-def metrics_protocol_from_env() -> str:
-    protocol = (
-        os.environ.get("OTEL_EXPORTER_OTLP_METRICS_PROTOCOL")
-        or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL")
-        or "http/protobuf"
-    ).strip()
-    if protocol not in PROTOCOLS:
-        raise ValueError(
-            f"OTLP protocol {protocol!r} is not supported; use one of {', '.join(PROTOCOLS)}")
-    return protocol
-
-
 def metric_exporter_from_env(protocol: Optional[str] = None) -> MetricExporter:
     """The official OTLP metric exporter for the protocol, configured by the
     environment."""
-    if (protocol or metrics_protocol_from_env()) == "grpc":
+    if (protocol or protocol_from_env("metrics")) == "grpc":
         from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
 
         return OTLPMetricExporter()

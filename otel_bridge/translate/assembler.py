@@ -43,7 +43,9 @@ from otel_bridge.translate.forward import (
     run_key,
     run_span,
 )
+from otel_bridge.translate.open_run_metrics import OpenRun, open_run_of
 from otel_bridge.translate.packed_events import EventPacker, event_text
+from otel_bridge.translate.times import to_unix_nano
 
 ATTR_EVENTS_DROPPED = "otel_bridge.events.dropped"
 
@@ -57,6 +59,9 @@ class AssemblerOptions:
     # How many emitted runs to remember, to tell a late event from a duplicate.
     remember_finished_runs: int = 100_000
     forward: ForwardOptions = ForwardOptions()
+    # Keep each open run's latest state (`Assembler.open_run_states`), for
+    # the active and stuck run metrics; off, an event costs nothing more.
+    track_states: bool = False
 
 
 @dataclass(slots=True)
@@ -70,6 +75,7 @@ class _OpenRun:
     final_seen: Optional[float] = None
     final_occurred: Optional[datetime] = None
     dropped: int = 0
+    state: Optional[OpenRun] = None  # its latest state, with track_states
 
 
 SetAside = Callable[[Event, str], None]
@@ -147,6 +153,13 @@ class Assembler:
     def open_runs(self) -> int:
         return len(self._open)
 
+    def open_run_states(self) -> list[tuple[str, OpenRun]]:
+        """(resource id, latest state) of each open run (with
+        `track_states`), final ones left out: a run lingering after its end
+        is no longer active."""
+        return [(resource_id, run.state) for resource_id, run in self._open.items()
+                if run.state is not None and run.final_seen is None]
+
     def add(self, event: Event, raw: Optional[bytes] = None) -> list[Span]:
         """Take one event; returns spans it forced out (eviction), if any.
         `raw`: the JSON the event was parsed from, if the caller has it (it
@@ -187,6 +200,9 @@ class Assembler:
         run.events = self._packer.append(run.events, event, raw)
         run.count += 1
         run.event_ids += id_bytes
+        if self.options.track_states and (
+                run.state is None or to_unix_nano(event.occurred) >= run.state.entered_unix_nano):
+            run.state = open_run_of(key.kind, event)
         if run.final_seen is None and is_final(event):
             run.final_seen = now
             run.final_occurred = event.occurred

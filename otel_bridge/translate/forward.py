@@ -436,20 +436,18 @@ def _run_attributes(
     run_id = key.resource_id.removeprefix(f"prefect.{key.kind}.")
     if "prefect.resource.name" in resource:
         attributes["prefect.run.name"] = resource["prefect.resource.name"]
+    name = pipeline_name(key.kind, last)
     if key.kind == TASK_RUN:
-        task_key = _task_key(last)
-        if task_key is not None:
-            # task_key is "<function name>-<hash of its source>".
-            attributes["cicd.pipeline.task.name"] = _TASK_KEY_HASH.sub("", task_key)
+        if name is not None:
+            attributes["cicd.pipeline.task.name"] = name
         attributes["cicd.pipeline.task.run.id"] = run_id
         if result:
             attributes["cicd.pipeline.task.run.result"] = result
         if ui_url:
             attributes["cicd.pipeline.task.run.url.full"] = f"{ui_url}/runs/task-run/{run_id}"
     else:
-        flow = last.related_in_role("flow")
-        if flow and flow.get("prefect.resource.name"):
-            attributes["cicd.pipeline.name"] = flow["prefect.resource.name"]
+        if name is not None:
+            attributes["cicd.pipeline.name"] = name
         attributes["cicd.pipeline.run.id"] = run_id
         if result:
             attributes["cicd.pipeline.result"] = result
@@ -458,6 +456,19 @@ def _run_attributes(
     if error_type:
         attributes["error.type"] = error_type
     return attributes
+
+
+def pipeline_name(kind: str, event: Event) -> Optional[str]:
+    """A task run's task name, a flow run's flow name, as an event of the
+    run tells it (None if it does not): `cicd.pipeline.task.name` and
+    `cicd.pipeline.name` on the run's span and its metrics."""
+    if kind == TASK_RUN:
+        task_key = _task_key(event)
+        # task_key is "<function name>-<hash of its source>".
+        return _TASK_KEY_HASH.sub("", task_key) if task_key is not None else None
+    flow = event.related_in_role("flow")
+    name = flow.get("prefect.resource.name") if flow else None
+    return name or None
 
 
 _TASK_KEY_HASH = re.compile(r"-[0-9a-f]{8}$")

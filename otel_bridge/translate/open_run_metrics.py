@@ -12,7 +12,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
+from otel_bridge.model.events import Event
 from otel_bridge.model.states import StateType
+from otel_bridge.translate.forward import pipeline_name, state_type
 from otel_bridge.translate.run_metrics import (
     ATTR_PIPELINE_NAME,
     ATTR_RUN_STATE,
@@ -20,14 +22,16 @@ from otel_bridge.translate.run_metrics import (
     ATTR_TASK_RUN_STATE,
     FLOW_RUN_ACTIVE,
     TASK_RUN_ACTIVE,
+    UNKNOWN_NAME,
     InstrumentSpec,
     Measurement,
     phase_of,
 )
 from otel_bridge.translate.span_layout import FLOW_RUN
+from otel_bridge.translate.times import to_unix_nano
 
-__all__ = ["ATTR_STATE_NAME", "FLOW_RUN_STUCK", "TASK_RUN_STUCK", "OpenRun", "StuckThresholds",
-           "active_runs", "stuck_runs"]
+__all__ = ["ATTR_STATE_NAME", "FLOW_RUN_STUCK", "OPEN_RUN_INSTRUMENTS", "TASK_RUN_STUCK", "OpenRun",
+           "StuckThresholds", "active_runs", "open_run_of", "stuck_runs"]
 
 ATTR_STATE_NAME = "prefect.state.name"
 
@@ -38,6 +42,9 @@ TASK_RUN_STUCK = InstrumentSpec(
     "prefect.task.run.stuck", "gauge", "{run}",
     "Task runs in a state for longer than its threshold, by task and state name.")
 
+# What is observed of the open runs, at each export.
+OPEN_RUN_INSTRUMENTS = (FLOW_RUN_ACTIVE, TASK_RUN_ACTIVE, FLOW_RUN_STUCK, TASK_RUN_STUCK)
+
 
 @dataclass(frozen=True)
 class OpenRun:
@@ -46,6 +53,15 @@ class OpenRun:
     state_name: str  # as Prefect names it: Late, Pending, Running, ...
     state_type: StateType
     entered_unix_nano: int  # when the run entered that state
+
+
+def open_run_of(kind: str, event: Event) -> OpenRun:
+    """The open run as this state-change event leaves it: the state the
+    event names, entered when the event occurred. Names as the run's span
+    will carry them (`UNKNOWN_NAME` where the event tells none)."""
+    return OpenRun(kind, pipeline_name(kind, event) or UNKNOWN_NAME,
+                   event.resource.get("prefect.state-name") or "", state_type(event),
+                   to_unix_nano(event.occurred))
 
 
 def _default_after() -> dict[str, float]:

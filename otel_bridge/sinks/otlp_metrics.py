@@ -14,35 +14,59 @@ at `close`.
 
 Each run is recorded once, by its span id (`CountedRuns`). Data points carry
 the export's time, not the runs': the measurements are totals as of then.
+
+`serve` adds two things: the open runs, observed at each export (active and
+stuck runs), and `BaselineExporter`, which adds the totals its store kept
+from earlier processes to each cumulative point, so a restart continues the
+series instead of starting them again from zero.
 """
 
 from __future__ import annotations
 
 import json
-from typing import IO, Optional
+import threading
+from dataclasses import replace
+from typing import IO, Callable, Mapping, Optional, Sequence
 
 from google.protobuf.json_format import MessageToDict
 from opentelemetry.exporter.otlp.proto.common.metrics_encoder import encode_metrics
+from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.sdk.metrics import AlwaysOffExemplarFilter, MeterProvider
+from opentelemetry.sdk.metrics import Counter as SdkCounter
+from opentelemetry.sdk.metrics import Histogram as SdkHistogram
 from opentelemetry.sdk.metrics.export import (
+    AggregationTemporality,
+    Histogram,
+    HistogramDataPoint,
     InMemoryMetricReader,
+    Metric,
     MetricExporter,
+    MetricExportResult,
     MetricReader,
+    MetricsData,
+    NumberDataPoint,
     PeriodicExportingMetricReader,
+    ResourceMetrics,
+    ScopeMetrics,
+    Sum,
 )
 from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
 from otel_bridge.sinks.otlp import protocol_from_env
 from otel_bridge.sinks.sdk import SCOPE
+from otel_bridge.translate.metric_totals import SeriesKey, SeriesTotal
+from otel_bridge.translate.open_run_metrics import OPEN_RUN_INSTRUMENTS
 from otel_bridge.translate.run_metrics import (
     DURATION_BUCKETS,
     INSTRUMENTS,
     CountedRuns,
+    Measurement,
     RunMeasurements,
 )
 
-__all__ = ["RunMetricsRecorder", "metric_exporter_from_env",
-           "open_run_metrics", "request_json"]
+__all__ = ["BaselineExporter", "BaselineReader", "OtlpJsonMetricExporter", "RunMetricsRecorder",
+           "metric_exporter_from_env", "open_run_metrics", "request_json", "with_baseline"]
 
 OTLP = "otlp"  # `open_run_metrics`'s destination for the OTLP endpoint
 
@@ -67,7 +91,10 @@ class RunMetricsRecorder:
 
     def __init__(self, reader: MetricReader, resource: Resource,
                  counted: Optional[CountedRuns] = None,
-                 stream: Optional[IO[str]] = None) -> None:
+                 stream: Optional[IO[str]] = None,
+                 open_runs: Optional[Callable[[], Sequence[Measurement]]] = None) -> None:
+        """`open_runs`: the open runs' measurements (`open_run_metrics`) as
+        of now, called on the reader's thread at each export."""
         self._reader, self._stream = reader, stream
         self.counted = counted if counted is not None else CountedRuns()
         # Exemplars would put trace and span ids on the points: no run's identity.
@@ -84,31 +111,57 @@ class RunMetricsRecorder:
             else:
                 made = meter.create_counter(spec.name, spec.unit, spec.description)
             self._instruments[spec.name] = made
+        self._open_runs = open_runs
+        if open_runs is not None:
+            for spec in OPEN_RUN_INSTRUMENTS:
+                make = (meter.create_observable_up_down_counter if spec.kind == "updowncounter"
+                        else meter.create_observable_gauge)
+                make(spec.name, [self._observer(spec.name)], spec.unit, spec.description)
         self.runs_recorded = 0
+
+    def _observer(self, name: str):
+        # A series seen once then reports 0 rather than vanishing: "none
+        # active, none stuck" is a value an alert can read.
+        seen: set = set()
+
+        def observe(options: CallbackOptions) -> list[Observation]:
+            now = {m.attributes: m.value for m in self._open_runs() if m.instrument.name == name}
+            seen.update(now)
+            return [Observation(now.get(attributes, 0), dict(attributes)) for attributes in sorted(seen)]
+
+        return observe
+
+    def record_measurements(self, measurements: Sequence[Measurement]) -> None:
+        """Record a run's measurements, with no check of whether the run was
+        counted before: for a caller that keeps that itself (`serve`)."""
+        for m in measurements:
+            instrument = self._instruments[m.instrument.name]
+            if m.instrument.kind == "histogram":
+                instrument.record(m.value, dict(m.attributes))
+            else:
+                instrument.add(m.value, dict(m.attributes))
+        self.runs_recorded += 1
 
     def record(self, found: Optional[RunMeasurements]) -> bool:
         """Record a run's measurements unless it was counted before; whether it was new."""
         if found is None or not self.counted.first_time(found.span_id):
             return False
-        for m in found.measurements:
-            instrument = self._instruments[m.instrument.name]
-            attributes = dict(m.attributes)
-            if m.instrument.kind == "histogram":
-                instrument.record(m.value, attributes)
-            else:
-                instrument.add(m.value, attributes)
-        self.runs_recorded += 1
+        self.record_measurements(found.measurements)
         return True
 
-    def close(self) -> None:
+    def force_flush(self) -> None:
+        """Export now (a reader that exports on its own)."""
+        self._provider.force_flush()
+
+    def close(self, timeout_seconds: float = 30.0) -> None:
         """Export what was recorded (to the endpoint, or the file as one
-        request line) and let go of the provider."""
+        request line) and let go of the provider, within the time given."""
         if self._stream is not None:
             data = self._reader.get_metrics_data()
             if data is not None and data.resource_metrics:
                 self._stream.write(json.dumps(request_json(data), separators=(",", ":")) + "\n")
             self._stream.flush()
-        self._provider.shutdown()
+        self._provider.shutdown(timeout_millis=timeout_seconds * 1000)
 
 
 def request_json(data) -> dict:
@@ -129,3 +182,168 @@ def open_run_metrics(destination: str, resource: Resource,
     if stream is None:
         raise ValueError("OTLP/JSON metrics need a stream to write")
     return RunMetricsRecorder(InMemoryMetricReader(), resource, stream=stream)
+
+
+class OtlpJsonMetricExporter(MetricExporter):
+    """Each export as one OTLP/JSON `ExportMetricsServiceRequest` line, as
+    the Collector's file exporter writes it (`serve` with forward_to: file)."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        super().__init__()
+        self._stream, self._lock = stream, threading.Lock()
+
+    def export(self, metrics_data: MetricsData, timeout_millis: float = 10_000,
+               **kwargs) -> MetricExportResult:
+        if metrics_data.resource_metrics:
+            with self._lock:
+                self._stream.write(json.dumps(request_json(metrics_data), separators=(",", ":")) + "\n")
+                self._stream.flush()
+        return MetricExportResult.SUCCESS
+
+    def force_flush(self, timeout_millis: float = 10_000) -> bool:
+        return True
+
+    def shutdown(self, timeout_millis: float = 30_000, **kwargs) -> None:
+        with self._lock:
+            self._stream.close()
+
+
+class BaselineExporter(MetricExporter):
+    """Another exporter, with the totals that earlier processes counted
+    added to each cumulative point (`with_baseline`): the SDK aggregates
+    only what this process records, and a series that started again from
+    zero at each restart would read as a reset, or as a drop in a sum."""
+
+    def __init__(self, exporter: MetricExporter, baseline: Mapping[SeriesKey, SeriesTotal],
+                 start_unix_nano: int, resource: Resource) -> None:
+        super().__init__(preferred_temporality=exporter._preferred_temporality,
+                         preferred_aggregation=exporter._preferred_aggregation)
+        self._exporter, self._baseline, self._start = exporter, dict(baseline), start_unix_nano
+        self._resource = resource
+
+    def _cumulative(self, kind: str) -> bool:
+        instrument = SdkHistogram if kind == "histogram" else SdkCounter
+        wanted = (self._preferred_temporality or {}).get(instrument)
+        return wanted in (None, AggregationTemporality.CUMULATIVE)
+
+    def export(self, metrics_data: MetricsData, timeout_millis: float = 10_000,
+               **kwargs) -> MetricExportResult:
+        data = with_baseline(metrics_data, self._baseline, self._start, self._resource,
+                             self._cumulative)
+        if not data.resource_metrics:
+            return MetricExportResult.SUCCESS
+        return self._exporter.export(data, timeout_millis=timeout_millis, **kwargs)
+
+    def force_flush(self, timeout_millis: float = 10_000) -> bool:
+        return self._exporter.force_flush(timeout_millis)
+
+    def shutdown(self, timeout_millis: float = 30_000, **kwargs) -> None:
+        self._exporter.shutdown(timeout_millis=timeout_millis, **kwargs)
+
+
+_SPECS = {spec.name: spec for spec in INSTRUMENTS}
+
+
+class BaselineReader(PeriodicExportingMetricReader):
+    """The SDK's periodic reader, except that it exports when this process
+    has recorded nothing yet: the SDK's collection is then None, and the
+    series of earlier processes (`BaselineExporter`) would vanish until a
+    run ends."""
+
+    def collect(self, timeout_millis: float = 10_000) -> None:
+        if self._collect is None:
+            return super().collect(timeout_millis)
+        metrics = self._collect(self, timeout_millis=timeout_millis)
+        self._receive_metrics(metrics if metrics is not None else MetricsData([]),
+                              timeout_millis=timeout_millis)
+
+
+def with_baseline(data: Optional[MetricsData], baseline: Mapping[SeriesKey, SeriesTotal],
+                  start_unix_nano: int, resource: Optional[Resource] = None,
+                  cumulative: Callable[[str], bool] = lambda kind: True) -> MetricsData:
+    """`data` with the baseline added to the run metrics' cumulative points
+    (and a point for each baseline series this process has not recorded),
+    each such point starting at `start_unix_nano`, when the store first
+    counted. Delta points are left as they are: earlier processes' counts
+    were exported as deltas already. `resource`: the provider's, for when
+    `data` has none (None, or empty: nothing recorded yet). `cumulative`:
+    whether the exporter wants an instrument kind's points cumulative."""
+    data = data if data is not None else MetricsData([])
+    left = {key: total for key, total in baseline.items()
+            if key[0] in _SPECS and cumulative(_SPECS[key[0]].kind)}
+    if not left:
+        return data
+    now, resource_metrics = start_unix_nano, []
+    for rm in data.resource_metrics:
+        scopes = []
+        for sm in rm.scope_metrics:
+            metrics = []
+            for metric in sm.metrics:
+                points = getattr(metric.data, "data_points", ())
+                now = max([now, *(p.time_unix_nano for p in points)])
+                if (sm.scope.name == SCOPE.name and metric.name in _SPECS
+                        and getattr(metric.data, "aggregation_temporality", None)
+                        is AggregationTemporality.CUMULATIVE):
+                    metric = _merged(metric, left, start_unix_nano)
+                metrics.append(metric)
+            scopes.append(replace(sm, metrics=metrics))
+        resource_metrics.append(replace(rm, scope_metrics=scopes))
+    if left:  # series no point of this export carries: this process has not recorded them
+        extra = [_merged(Metric(name, spec.description, spec.unit, _empty(spec.kind)),
+                         left, start_unix_nano, now)
+                 for name, spec in _SPECS.items() if any(key[0] == name for key in left)]
+        if resource_metrics:
+            first = resource_metrics[0]
+            scopes = list(first.scope_metrics)
+            ours = next((i for i, sm in enumerate(scopes) if sm.scope.name == SCOPE.name), None)
+            if ours is None:
+                scopes.append(ScopeMetrics(_SCOPE, extra, ""))
+            else:
+                scopes[ours] = replace(scopes[ours], metrics=[*scopes[ours].metrics, *extra])
+            resource_metrics[0] = replace(first, scope_metrics=scopes)
+        else:
+            resource_metrics.append(ResourceMetrics(resource or Resource.create(),
+                                                    [ScopeMetrics(_SCOPE, extra, "")], ""))
+    return MetricsData(resource_metrics)
+
+
+_SCOPE = InstrumentationScope(SCOPE.name, SCOPE.version)
+
+
+def _empty(kind: str):
+    if kind == "histogram":
+        return Histogram([], AggregationTemporality.CUMULATIVE)
+    return Sum([], AggregationTemporality.CUMULATIVE, is_monotonic=True)
+
+
+def _merged(metric: Metric, left: dict[SeriesKey, SeriesTotal], start: int,
+            now: Optional[int] = None) -> Metric:
+    """The metric's points plus their baseline (taken out of `left`), and a
+    point for each baseline series of the metric left over."""
+    points = []
+    for point in metric.data.data_points:
+        base = left.pop((metric.name, tuple(sorted(point.attributes.items()))), None)
+        points.append(point if base is None else _add(point, base, start))
+        now = point.time_unix_nano
+    for key in [key for key in left if key[0] == metric.name]:
+        base = left.pop(key)
+        attributes = dict(key[1])
+        if isinstance(metric.data, Histogram):
+            zero = HistogramDataPoint(attributes, start, now or start, 0, 0.0,
+                                      [0] * (len(DURATION_BUCKETS) + 1), DURATION_BUCKETS,
+                                      float("inf"), float("-inf"))
+        else:
+            zero = NumberDataPoint(attributes, start, now or start, 0)
+        points.append(_add(zero, base, start))
+    return replace(metric, data=replace(metric.data, data_points=points))
+
+
+def _add(point, base: SeriesTotal, start: int):
+    start = min(start, point.start_time_unix_nano)
+    if isinstance(point, HistogramDataPoint):
+        counts = base.bucket_counts or [0] * len(point.bucket_counts)
+        return replace(point, start_time_unix_nano=start, count=point.count + base.count,
+                       sum=point.sum + base.sum,
+                       bucket_counts=[a + b for a, b in zip(point.bucket_counts, counts)],
+                       min=min(point.min, base.min), max=max(point.max, base.max))
+    return replace(point, start_time_unix_nano=start, value=point.value + base.sum)

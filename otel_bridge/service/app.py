@@ -49,6 +49,7 @@ RESUME_KEY = "prefect_resume_point"
 TICK_SECONDS = 0.2
 _SPANS_PER_TICK_SLICE = 200
 _READY_OUTBOX_FRACTION = 0.9
+_OBSERVE_SECONDS = 5.0
 # (kind, forward_to or reverse_to) -> the sink (`sinks.factory`: a file gets
 # OTLP/JSON or event JSON lines), and its delivery's name in logs and metrics.
 _SINKS = {(SPAN, "otlp"): ("otlp", "otlp"), (SPAN, "file"): ("otlp-json", "file"),
@@ -77,6 +78,8 @@ class Service:
         self._subscription: Any = None
         self._log_follower: Any = None
         self._runners: list[web.AppRunner] = []
+        self._run_metrics: Any = None  # a RunMetricsRecorder, with metrics on
+        self._open_runs_observed = 0.0
         self._grpc: Any = None
         self._tasks: list[asyncio.Task] = []
 
@@ -121,8 +124,11 @@ class Service:
                     linger_seconds=s.linger_seconds, run_timeout_seconds=s.run_timeout_seconds,
                     max_open_runs=s.max_open_runs, max_events_per_run=s.max_events_per_run,
                     forward=ForwardOptions(prefect_trace_context=s.prefect_trace_context,
-                                           ui_url=ui_url())),
+                                           ui_url=ui_url()),
+                    track_states=s.metrics),
                 outbox_max_bytes=s.outbox_max_bytes)
+            if s.metrics:
+                self._start_run_metrics()
             self._watch()
             logger.info("store opened", extra={
                 "store_path": str(s.store_path), "open_runs": self.pipeline.assembler.open_runs,
@@ -184,6 +190,42 @@ class Service:
                            "The Prefect subscription's counters: live, reconciled (missed by the "
                            "live stream, read back from REST), reconnects, rest_errors...",
                            subscription, ("counter",), counter=True)
+
+    def _start_run_metrics(self) -> None:
+        """Run metrics through the SDK's `MeterProvider`, exported every
+        OTEL_METRIC_EXPORT_INTERVAL ms by its periodic reader, with what the
+        store counted before this process as the baseline."""
+        from otel_bridge.service.run_metrics import RunCounter, Shard
+        from otel_bridge.sinks.otlp_metrics import (
+            BaselineExporter,
+            BaselineReader,
+            OtlpJsonMetricExporter,
+            RunMetricsRecorder,
+            metric_exporter_from_env,
+        )
+        from otel_bridge.sinks.sdk import resource_from_env
+        from otel_bridge.translate.open_run_metrics import StuckThresholds
+
+        s = self.settings
+        thresholds = StuckThresholds({"Late": s.metrics_stuck_late_seconds,
+                                      "Pending": s.metrics_stuck_pending_seconds,
+                                      "Running": s.metrics_stuck_running_seconds})
+        counter = RunCounter(self.store, lambda found: recorder.record_measurements(found),
+                             Shard.parse(s.metrics_shard), thresholds)
+        exporter = (OtlpJsonMetricExporter(open(s.metrics_file, "a", encoding="utf-8"))
+                    if s.forward_to == "file" else metric_exporter_from_env())
+        resource = resource_from_env()
+        reader = BaselineReader(
+            BaselineExporter(exporter, counter.totals, counter.started_unix_nano, resource))
+        recorder = RunMetricsRecorder(reader, resource, open_runs=counter.open_run_measurements)
+        counter.observe_open_runs(self.pipeline.assembler.open_run_states())
+        self.pipeline.run_counter, self._run_metrics = counter, recorder
+        self.metrics.watch("otel_bridge_runs_counted",
+                           "Finished runs this process counted in the run metrics",
+                           lambda: {(): counter.runs_counted}, counter=True)
+        logger.info("run metrics on", extra={
+            "series_in_store": len(counter.totals), "shard": s.metrics_shard,
+            "to": str(s.metrics_file) if s.forward_to == "file" else "otlp"})
 
     def _start_deliveries(self) -> None:
         s = self.settings
@@ -360,10 +402,20 @@ class Service:
                 while emitted == _SPANS_PER_TICK_SLICE:
                     await asyncio.sleep(0)
                     emitted = self.pipeline.tick(watermark, _SPANS_PER_TICK_SLICE)
+                self._observe_open_runs()
                 self._last_tick = time.monotonic()  # /healthz fails while ticks fail
             except Exception:  # a full disk, a store error: keep trying, loudly
                 logger.exception("tick failed")
             await asyncio.sleep(TICK_SECONDS)
+
+    def _observe_open_runs(self, force: bool = False) -> None:
+        # For the active and stuck run metrics, read at each export: often
+        # enough for those, rarely enough to cost nothing with many runs open.
+        counter = self.pipeline.run_counter
+        now = time.monotonic()
+        if counter is not None and (force or now - self._open_runs_observed >= _OBSERVE_SECONDS):
+            counter.observe_open_runs(self.pipeline.assembler.open_run_states())
+            self._open_runs_observed = now
 
     def _watermark(self) -> Optional[datetime]:
         """Runs leave once their final state is behind this: every event that
@@ -402,8 +454,15 @@ class Service:
             self._take_pending()
             self.pipeline.flush_finished(self._watermark())
             self._save_resume_point()
-        # 3. deliver what the grace period allows
+        # 3. deliver what the grace period allows, the run metrics' last export too
+        export = None
+        if self._run_metrics is not None:
+            self._observe_open_runs(force=True)
+            export = asyncio.get_running_loop().run_in_executor(
+                None, self._run_metrics.close, max(0.0, deadline - time.monotonic()))
         drained = await asyncio.gather(*(d.drain(deadline) for d in self.deliveries.values()))
+        if export is not None:
+            await export
         for delivery in self.deliveries.values():
             delivery.close()
         for runner in self._runners:

@@ -104,6 +104,22 @@ class ServeSettings(BaseSettings):
         120.0, gt=0, description="a log line the server stores up to this long after its "
                                  "timestamp is still read (it is read a second time then)")
 
+    # -- run metrics (docs/metrics.md)
+    metrics: bool = Field(
+        False, description="also export run metrics (durations, errors, active and stuck runs, "
+                           "by the CI/CD conventions): to OTEL_EXPORTER_OTLP_METRICS_* / _OTLP_* "
+                           "every OTEL_METRIC_EXPORT_INTERVAL ms, or metrics_file with forward_to: file")
+    metrics_file: Optional[Path] = Field(None, description="OTLP/JSON metric lines, with metrics "
+                                                           "and forward_to: file")
+    metrics_shard: str = Field(
+        "0/1", description="K/N: count only the runs whose span id is K modulo N, for N replicas "
+                           "that follow the same server (each K once): their sum is then exact")
+    metrics_stuck_late_seconds: float = Field(300.0, gt=0, description="a run Late this long is stuck")
+    metrics_stuck_pending_seconds: float = Field(600.0, gt=0,
+                                                 description="a run Pending this long is stuck")
+    metrics_stuck_running_seconds: float = Field(3600.0, gt=0,
+                                                 description="a run Running this long is stuck")
+
     # -- where things go
     forward_to: Literal["otlp", "file"] = Field(
         "otlp", description="spans to OTLP (the OTEL_EXPORTER_OTLP_* variables) or to a file")
@@ -155,6 +171,14 @@ class ServeSettings(BaseSettings):
     def _lower(cls, value: Any) -> Any:
         return value.strip().lower() if isinstance(value, str) else value
 
+    @field_validator("metrics_shard")
+    @classmethod
+    def _shard(cls, value: str) -> str:
+        from otel_bridge.service.run_metrics import Shard
+
+        Shard.parse(value)  # raises ValueError, said with the setting's name
+        return value.strip()
+
     @model_validator(mode="after")
     def _secrets(self) -> "ServeSettings":
         """Secrets from their files; surrounding whitespace stripped (a
@@ -186,6 +210,8 @@ class ServeSettings(BaseSettings):
             raise ValueError("forward_to is 'file' but forward_file is not set")
         if self.logs and self.forward_to == "file" and self.logs_file is None:
             raise ValueError("logs with forward_to 'file' needs logs_file")
+        if self.metrics and self.forward_to == "file" and self.metrics_file is None:
+            raise ValueError("metrics with forward_to 'file' needs metrics_file")
         if self.logs and not self.follows_prefect:
             raise ValueError("logs are read from the Prefect server: set PREFECT_API_URL "
                              "(and keep subscribe on)")

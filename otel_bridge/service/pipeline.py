@@ -4,6 +4,8 @@ Forward: events -> `Assembler` -> finished spans -> outbox ("span").
 Reverse: spans -> `iter_events_from_span` -> events -> outbox ("event").
 Logs: Prefect log lines -> checked -> outbox ("log"), made log records by
 `translate.logs` on their way out (`decode`).
+Run metrics: each finished run counted as its span is emitted
+(`service.run_metrics`).
 
 The assembler's journal is the `Store`, so every event kept and every span
 emitted is on disk in the same transaction as the intake that caused it. A
@@ -32,6 +34,7 @@ from otel_bridge.model.otlp import span_from_proto
 from otel_bridge.model.otlp_protobuf import Unencodable, encode_span
 from otel_bridge.model.spans import Span, SpanEvent, SpanLink
 from otel_bridge.service.metrics import Metrics, event_label
+from otel_bridge.service.run_metrics import RunCounter
 from otel_bridge.service.store import Store
 from otel_bridge.service.time_slices import TimeSlices
 from otel_bridge.translate.assembler import Assembler, AssemblerOptions
@@ -178,6 +181,8 @@ class Pipeline:
         self._options, self._clock = options, clock
         self.assembler = self._assembler_from_store()
         self.on_output: Callable[[str], None] = lambda kind: None  # wakes a delivery
+        # Counts each finished run in the run metrics, when they are on.
+        self.run_counter: Optional[RunCounter] = None
 
     def _assembler_from_store(self) -> Assembler:
         assembler = Assembler(self._options, self._clock, on_set_aside=self._set_aside,
@@ -315,6 +320,8 @@ class Pipeline:
                          extra={"resource_id": resource_id})
             return
         self.metrics.spans_built.labels(span.attributes.get("otel_bridge.synthetic.end", "final")).inc()
+        if self.run_counter is not None:  # the run happened, whether OTLP can carry its span or not
+            self.run_counter.span_emitted(span)
         what = {"trace_id": span.trace_id_hex, "span_id": span.span_id_hex, "span_name": span.name,
                 "resource_id": resource_id}
         try:

@@ -14,6 +14,10 @@ One SQLite file (WAL, so a `kill -9` loses nothing that was committed):
   different content under one span id.
 - ``seen_logs``: the ids of Prefect log lines taken, with their timestamps,
   for as long as a pass may read them again (`sources.prefect_logs`).
+- ``counted_runs`` and ``metric_totals``: the span ids of the runs counted
+  in the run metrics (bounded as ``finished_runs``) and the cumulative
+  totals of each metric series, written in the transaction that emits the
+  run's span, so a run is counted once whatever restarts.
 - ``meta``: small values, like the subscription's resume point.
 
 Only the event loop's thread uses a `Store`; writes are grouped into one
@@ -28,10 +32,11 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 from uuid import UUID
 
 from otel_bridge.model.events import Event, EventRejected, parse_wire_event
+from otel_bridge.translate.metric_totals import SeriesKey, SeriesTotal
 
 __all__ = ["OutboxItem", "OutboxReader", "Store", "StoreError"]
 
@@ -68,6 +73,16 @@ CREATE TABLE IF NOT EXISTS seen_logs (
     stamp  REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS seen_logs_by_stamp ON seen_logs (stamp);
+CREATE TABLE IF NOT EXISTS counted_runs (
+    seq     INTEGER PRIMARY KEY AUTOINCREMENT,
+    span_id TEXT NOT NULL UNIQUE
+);
+CREATE TABLE IF NOT EXISTS metric_totals (
+    instrument TEXT NOT NULL,
+    attributes TEXT NOT NULL,
+    total      TEXT NOT NULL,
+    PRIMARY KEY (instrument, attributes)
+);
 CREATE TABLE IF NOT EXISTS meta (
     key   TEXT PRIMARY KEY,
     value TEXT NOT NULL
@@ -156,6 +171,7 @@ class Store:
             raise StoreError(f"cannot open the store at {self.path}: {exc}") from None
         self._lock = _exclusive_lock(self.path.with_name(self.path.name + ".lock"))
         self._depth = 0
+        self._on_commit: list[tuple[Callable[[], None], Optional[Callable[[], None]]]] = []
         # Rows restore could not read (`open_events`, `finished_runs`):
         # passed over, counted, logged by the service.
         self.unreadable_rows = 0
@@ -179,12 +195,35 @@ class Store:
         except BaseException:
             self._depth -= 1
             if self._depth == 0:
-                self._db.execute("ROLLBACK")
-                self._reload_outbox_totals()
+                self._roll_back()
             raise
         self._depth -= 1
         if self._depth == 0:
-            self._db.execute("COMMIT")
+            try:
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._roll_back()
+                raise
+            callbacks, self._on_commit = self._on_commit, []
+            for committed, _ in callbacks:
+                committed()
+
+    def _roll_back(self) -> None:
+        callbacks, self._on_commit = self._on_commit, []
+        if self._db.in_transaction:
+            self._db.execute("ROLLBACK")
+        self._reload_outbox_totals()
+        for _, rolled_back in callbacks:
+            if rolled_back is not None:
+                rolled_back()
+
+    def on_commit(self, committed: Callable[[], None],
+                  rolled_back: Optional[Callable[[], None]] = None) -> None:
+        """Call `committed` once the current transaction has committed, or
+        `rolled_back` if it rolls back: for memory that must not run ahead
+        of the disk."""
+        assert self._depth > 0, "on_commit outside a transaction"
+        self._on_commit.append((committed, rolled_back))
 
     # -- open and finished runs -------------------------------------------------
 
@@ -310,6 +349,41 @@ class Store:
 
     def forget_logs_before(self, stamp: float) -> None:
         self._db.execute("DELETE FROM seen_logs WHERE stamp < ?", (stamp,))
+
+    # -- run metrics ------------------------------------------------------------
+
+    def counted_runs(self) -> list[int]:
+        """The span ids of the runs counted, oldest first."""
+        out = []
+        for (span_id,) in self._rows("SELECT span_id FROM counted_runs ORDER BY seq"):
+            try:
+                out.append(int(span_id, 16))
+            except (TypeError, ValueError):
+                self.unreadable_rows += 1
+        return out
+
+    def count_run(self, span_id: int, changed: dict[SeriesKey, SeriesTotal]) -> None:
+        """A run counted: its span id, and the series totals it changed."""
+        cur = self._db.execute("INSERT OR IGNORE INTO counted_runs (span_id) VALUES (?)",
+                               (f"{span_id:016x}",))
+        self._db.execute("DELETE FROM counted_runs WHERE seq <= ?",
+                         (cur.lastrowid - self.remember_finished_runs,))
+        self._db.executemany(
+            "INSERT OR REPLACE INTO metric_totals VALUES (?, ?, ?)",
+            [(name, json.dumps(attributes), total.to_json())
+             for (name, attributes), total in changed.items()])
+
+    def metric_totals(self) -> dict[SeriesKey, SeriesTotal]:
+        """Every series' totals; a row that is not one is passed over and counted."""
+        totals: dict[SeriesKey, SeriesTotal] = {}
+        for name, attributes, total in self._rows(
+                "SELECT instrument, attributes, total FROM metric_totals"):
+            try:
+                key = (name, tuple((str(k), str(v)) for k, v in json.loads(attributes)))
+                totals[key] = SeriesTotal.from_json(total)
+            except (TypeError, ValueError, KeyError):
+                self.unreadable_rows += 1
+        return totals
 
     # -- meta ---------------------------------------------------------------------
 

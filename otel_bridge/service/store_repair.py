@@ -19,6 +19,7 @@ from typing import Callable, Iterator
 
 from otel_bridge.service.pipeline import decode
 from otel_bridge.service.store import Store, read_event, read_event_ids
+from otel_bridge.translate.metric_totals import SeriesTotal
 
 __all__ = ["TableReport", "check", "salvage"]
 
@@ -32,8 +33,26 @@ _TABLES: dict[str, tuple[str, Callable[[tuple], bool]]] = {
     "dead_letters": ("seq, kind, body, reason, at", lambda r: isinstance(r[2], (bytes, str))),
     "seen_logs": ("log_id, stamp", lambda r: isinstance(r[0], str)
                   and isinstance(r[1], (int, float))),
+    "counted_runs": ("seq, span_id", lambda r: _hex(r[1])),
+    "metric_totals": ("instrument, attributes, total", lambda r: _series_total_ok(r[2])),
     "meta": ("key, value", lambda r: isinstance(r[0], str) and isinstance(r[1], str)),
 }
+
+
+def _hex(text: object) -> bool:
+    try:
+        int(text, 16)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def _series_total_ok(text: object) -> bool:
+    try:
+        SeriesTotal.from_json(text)  # type: ignore[arg-type]
+    except (TypeError, ValueError, KeyError):
+        return False
+    return True
 
 
 def _outbox_item_ok(kind: object, body: object) -> bool:

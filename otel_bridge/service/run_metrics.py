@@ -1,0 +1,123 @@
+"""Run metrics in `serve` (docs/metrics.md): each finished run counted once,
+in the store, whatever restarts; the open runs observed at each export.
+
+A run is counted when its span is emitted, in the same transaction: its
+span id goes in `counted_runs`, and the totals of the series it adds to in
+`metric_totals`. The SDK records it once that transaction has committed, so
+the exporter never shows a count the disk does not have. At start, the
+store's totals become the exporter's baseline (`BaselineExporter`), and its
+counted span ids the runs not to count again: a run rebuilt after a crash,
+or whose events are read again, is found counted.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from typing import Callable, Optional, Sequence
+
+from otel_bridge.model.spans import Span
+from otel_bridge.service.store import Store
+from otel_bridge.translate.ids import span_id_for
+from otel_bridge.translate.metric_totals import SeriesKey, SeriesTotal, add_measurements
+from otel_bridge.translate.open_run_metrics import OpenRun, StuckThresholds, active_runs, stuck_runs
+from otel_bridge.translate.run_metrics import CountedRuns, Measurement, RunMeasurements, run_measurements
+
+__all__ = ["STARTED_KEY", "RunCounter", "Shard"]
+
+logger = logging.getLogger(__name__)
+
+# meta: when the store first counted a run (the cumulative series' start).
+STARTED_KEY = "run_metrics_started_unix_nano"
+
+
+class Shard:
+    """Which runs this replica counts: those whose span id is `index`
+    modulo `count` (0 of 1: all of them). Span ids are derived from run
+    ids, so replicas that see the same events split the runs between them
+    exactly, and a sum across them counts each run once."""
+
+    def __init__(self, index: int = 0, count: int = 1) -> None:
+        if not 0 <= index < count:
+            raise ValueError(f"shard {index}/{count}: the index must be at least 0 and below {count}")
+        self.index, self.count = index, count
+
+    @classmethod
+    def parse(cls, text: str) -> "Shard":
+        """"K/N" (replica K of N, from 0)."""
+        try:
+            index, count = (int(part) for part in text.split("/"))
+        except ValueError:
+            raise ValueError(f"shard {text!r}: write it K/N, e.g. 0/2") from None
+        return cls(index, count)
+
+    def mine(self, span_id: int) -> bool:
+        return span_id % self.count == self.index
+
+
+class RunCounter:
+    """Counts finished runs into the store and the recorder (anything with
+    `record_measurements`), once each; observes the open runs for it."""
+
+    def __init__(self, store: Store, record: Callable[[Sequence[Measurement]], None],
+                 shard: Shard = Shard(), thresholds: StuckThresholds = StuckThresholds()) -> None:
+        self.store, self._record, self.shard, self.thresholds = store, record, shard, thresholds
+        self._counted = CountedRuns(store.remember_finished_runs, store.counted_runs())
+        # Committed totals: the baseline for an exporter made now, and the
+        # base of the rows a transaction writes.
+        self.totals: dict[SeriesKey, SeriesTotal] = store.metric_totals()
+        self._staged: dict[SeriesKey, SeriesTotal] = {}
+        self._pending: list[RunMeasurements] = []
+        self._open_runs: list[Measurement] = []
+        if store.get_meta(STARTED_KEY) is None:
+            with store.transaction():
+                store.set_meta(STARTED_KEY, str(time.time_ns()))
+        self.started_unix_nano = int(store.get_meta(STARTED_KEY) or 0)
+        self.runs_counted = 0
+
+    def span_emitted(self, span: Span) -> None:
+        """Within the transaction that emits the span: count its run, unless
+        it is not this replica's, not finished, or counted already."""
+        if not self.shard.mine(span.span_id):
+            return
+        found = run_measurements(span)
+        if found is None or found.span_id in self._counted or any(
+                p.span_id == found.span_id for p in self._pending):
+            return
+        changed = {}
+        for m in found.measurements:
+            key = (m.instrument.name, m.attributes)
+            if key not in self._staged:
+                base = self.totals.get(key)
+                self._staged[key] = copy.deepcopy(base) if base is not None else SeriesTotal()
+            changed[key] = self._staged[key]
+        add_measurements(self._staged, found.measurements)
+        self.store.count_run(found.span_id, changed)
+        if not self._pending:
+            self.store.on_commit(self._committed, self._rolled_back)
+        self._pending.append(found)
+
+    def _committed(self) -> None:
+        self.totals.update(self._staged)
+        for found in self._pending:
+            self._counted.first_time(found.span_id)
+            self._record(found.measurements)
+            self.runs_counted += 1
+        self._staged, self._pending = {}, []
+
+    def _rolled_back(self) -> None:
+        self._staged, self._pending = {}, []
+
+    # -- the open runs --------------------------------------------------------------------
+
+    def observe_open_runs(self, states: Sequence[tuple[str, OpenRun]],
+                          now_unix_nano: Optional[int] = None) -> None:
+        """Take the open runs as of now (on the event loop); the exporter's
+        thread reads what was last taken (`open_run_measurements`)."""
+        now = time.time_ns() if now_unix_nano is None else now_unix_nano
+        mine = [state for resource_id, state in states if self.shard.mine(span_id_for(resource_id))]
+        self._open_runs = active_runs(mine) + stuck_runs(mine, now, self.thresholds)
+
+    def open_run_measurements(self) -> list[Measurement]:
+        return self._open_runs

@@ -100,14 +100,18 @@ def _parser() -> argparse.ArgumentParser:
         help="start a local Prefect server, run an example flow, show its trace",
         description=(
             "The embedded default: starts a real local Prefect server on a free loopback port, "
-            "runs a bundled example flow against it, reads the flow's events back, and shows "
-            "the trace as a tree and as OTLP/JSON in a file. Needs the 'demo' extra (prefect)."
+            "runs a bundled example flow against it, reads the flow's events and log lines back, "
+            "and shows the trace as a tree (a failed task run's last log lines under its span, "
+            "the run metrics below) and as OTLP/JSON in files. Needs the 'demo' extra (prefect)."
         ),
     )
     demo.add_argument("-o", "--output", default="otel-bridge-demo.otlp.jsonl",
                       help="where to write the OTLP/JSON (default: %(default)s)")
     demo.add_argument("--events-output", default="otel-bridge-demo.events.jsonl",
                       help="where to write the captured Prefect events (default: %(default)s)")
+    demo.add_argument("--logs-output", default="otel-bridge-demo.logs.otlp.jsonl",
+                      help="where to write the flow's log lines as OTLP/JSON log records "
+                           "(default: %(default)s)")
     demo.set_defaults(run=_demo)
 
     serve = commands.add_parser(
@@ -224,7 +228,8 @@ def _store(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 def _demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from otel_bridge.demo.run import run_demo
 
-    return run_demo(otlp_json_path=args.output, events_path=args.events_output)
+    return run_demo(otlp_json_path=args.output, events_path=args.events_output,
+                    logs_path=args.logs_output)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,14 @@
 """The flow the demo runs: small, but it shows what the bridge maps — a task
 that succeeds, one that succeeds after a retry, a nested task, tags, and a task
-that fails (the flow catches it and carries on)."""
+that fails (the flow catches it and carries on). The retried task and the
+failing one log through Prefect's run logger, so their lines reach the server
+and the demo can show the failing task's last lines under its span."""
 
 from __future__ import annotations
 
 import sys
 
-from prefect import flow, tags, task
+from prefect import flow, get_run_logger, tags, task
 
 _attempts = {"flaky": 0}
 
@@ -18,9 +20,12 @@ def extract(n: int) -> list[int]:
 
 @task(retries=2, retry_delay_seconds=0)
 def flaky_transform(values: list[int]) -> list[int]:
+    logger = get_run_logger()
     _attempts["flaky"] += 1
     if _attempts["flaky"] == 1:
+        logger.warning("attempt 1: upstream not ready, raising so Prefect retries")
         raise ConnectionError("upstream hiccup, will retry")
+    logger.info("attempt %d: doubled %d values", _attempts["flaky"], len(values))
     return [v * 2 for v in values]
 
 
@@ -37,6 +42,9 @@ def load(values: list[int]) -> int:
 
 @task
 def validate(values: list[int]) -> None:
+    logger = get_run_logger()
+    logger.info("validating %d rows against the expected 100", len(values))
+    logger.warning("%d rows missing; the first is %d", 100 - len(values), len(values))
     raise ValueError(f"validation failed: {len(values)} rows, expected 100")
 
 

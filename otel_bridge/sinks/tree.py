@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import IO, Sequence
+from typing import IO, Mapping, Optional, Sequence
 
 from opentelemetry.trace import StatusCode
 
@@ -13,7 +13,12 @@ from otel_bridge.sinks.otlp_json import group_by_trace
 __all__ = ["TreeWriter", "render_trace"]
 
 
-def render_trace(spans: Sequence[Span]) -> str:
+def render_trace(spans: Sequence[Span],
+                 notes: Optional[Mapping[int, Sequence[str]]] = None) -> str:
+    """The trace as a tree of lines, a span's children by start time; the
+    `notes` of a span (by span id: its log lines, say) on lines of their
+    own right under it, indented past its children's branches."""
+    notes = notes or {}
     by_id = {s.span_id: s for s in spans}
     children: dict[int | None, list[Span]] = {}
     for span in spans:
@@ -26,7 +31,11 @@ def render_trace(spans: Sequence[Span]) -> str:
         for i, span in enumerate(kids):
             last = i == len(kids) - 1
             lines.append(prefix + ("└─ " if last else "├─ ") + _describe(span, parent, by_id))
-            walk(span.span_id, prefix + ("   " if last else "│  "))
+            below = prefix + ("   " if last else "│  ")
+            # The branch down to its first child runs past its notes.
+            beside = "│  " if children.get(span.span_id) else "   "
+            lines.extend(below + beside + note for note in notes.get(span.span_id, ()))
+            walk(span.span_id, below)
 
     walk(None, "")
     return "\n".join(lines)
@@ -90,13 +99,14 @@ def _seconds(value: float) -> str:
 
 
 class TreeWriter(Sink[Span]):
-    def __init__(self, stream: IO[str]):
+    def __init__(self, stream: IO[str], notes: Optional[Mapping[int, Sequence[str]]] = None):
         self._stream = stream
+        self._notes = notes or {}
         self.spans_written = 0
 
     def export(self, spans: Sequence[Span]) -> None:
         for trace in group_by_trace(spans):
-            self._stream.write(render_trace(trace) + "\n\n")
+            self._stream.write(render_trace(trace, self._notes) + "\n\n")
             self.spans_written += len(trace)
         self._stream.flush()
 

@@ -17,6 +17,7 @@ import bisect
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import uuid
@@ -166,6 +167,18 @@ def test_run_metrics_reach_prometheus_directly(prometheus, tmp_path):
     # The other resource attributes go to target_info, not on every series.
     (info,) = prometheus.query(f'target_info{{job="{service}"}}')
     assert info["metric"]["telemetry_sdk_name"] == "opentelemetry"
+    # The PromQL examples in docs/metrics.md are queries Prometheus takes.
+    for query in docs_promql():
+        prometheus.query(query.replace('job="prefect"', f'job="{service}"'))
+
+
+def docs_promql() -> list[str]:
+    """The queries of docs/metrics.md's promql block (a comment before each)."""
+    text = (ROOT / "docs" / "metrics.md").read_text()
+    block = text.split("```promql\n", 1)[1].split("```", 1)[0]
+    queries = [q.strip() for q in re.split(r"^#.*$", block, flags=re.M) if q.strip()]
+    assert len(queries) == 2, queries
+    return queries
 
 
 def test_run_metrics_reach_prometheus_through_the_collector(prometheus, collector, tmp_path):

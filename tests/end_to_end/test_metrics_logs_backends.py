@@ -285,17 +285,32 @@ def test_log_records_reach_victorialogs_directly(victorialogs, tmp_path):
                       "OTEL_EXPORTER_OTLP_LOGS_PROTOCOL": "http/protobuf"}, service, tmp_path)
     assert_victorialogs_has(victorialogs, lines, service)
 
-    # docs/logs.md: a span's log lines, and a trace's errors and worse.
+    # docs/logs.md's queries: a span's log lines in order, a trace's errors
+    # and worse, a service's last hour (none: the captures' times are older).
     first = log_record(lines[0])
     trace, span = format(first.trace_id, "032x"), format(first.span_id, "016x")
-    on_span = victorialogs.query(f'trace_id:="{trace}" span_id:="{span}" | sort by (_time)')
+    on_span, errors, last_hour = (
+        victorialogs.query(q.replace(DOCS_TRACE_ID, trace).replace(DOCS_SPAN_ID, span)
+                           .replace('"prefect"', backends.logsql_quote(service)))
+        for q in docs_logsql())
     assert [r["_msg"] for r in on_span] == [
         l["message"] for l in lines if (log_record(l).trace_id, log_record(l).span_id)
         == (first.trace_id, first.span_id)]
-    errors = victorialogs.query(f'trace_id:="{trace}" severity_number:>=17')
-    assert sorted(r["log.record.uid"] for r in errors) == sorted(
+    assert errors and sorted(r["log.record.uid"] for r in errors) == sorted(
         l["id"] for l in lines if log_record(l).trace_id == first.trace_id and l["level"] >= 40)
-    assert errors
+    assert last_hour == []
+
+
+DOCS_TRACE_ID, DOCS_SPAN_ID = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+
+
+def docs_logsql() -> list[str]:
+    """The queries of docs/logs.md's logsql block, one a line."""
+    text = (ROOT / "docs" / "logs.md").read_text()
+    block = text.split("```logsql\n", 1)[1].split("```", 1)[0]
+    queries = [q.strip() for q in block.splitlines() if q.strip()]
+    assert len(queries) == 3 and DOCS_TRACE_ID in queries[0], queries
+    return queries
 
 
 def test_log_records_reach_victorialogs_through_the_collector(victorialogs, collector, tmp_path):

@@ -30,7 +30,7 @@ $(VENV)/.demo-installed: pyproject.toml $(VENV)/bin/python
 demo: $(VENV)/.demo-installed
 	$(VENV)/bin/otel-bridge demo
 
-# The whole test suite, real Prefect server and real Jaeger/Collector included,
+# The whole test suite, real Prefect server and real backends included,
 # and the unit tests on the newest Python too.
 test: $(VENV)/.installed backends newest-python
 	$(PY) -m pytest
@@ -57,8 +57,8 @@ newest-python:
 	  $(NEWEST_VENV)/bin/python -m pytest -q -m "not integration" -p no:cacheprovider; \
 	fi
 
-# Jaeger and the OpenTelemetry Collector, built from source at pinned versions
-# into a cache outside the repo. Not Grafana Tempo: it is AGPL-3.0 (the tests
+# Jaeger, the OpenTelemetry Collector, Prometheus and VictoriaLogs, built from
+# source at pinned versions into a cache outside the repo. Not Grafana Tempo: it is AGPL-3.0 (the tests
 # check collector-config/tempo.yaml and our output against its limits instead).
 backends:
 	scripts/build-backends.sh

@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
-# Builds the tracing backends that the test suite runs, from Go modules at
-# pinned versions, into a cache OUTSIDE the repo:
+# Builds the backends that the test suite runs, from Go modules at pinned
+# versions, into a cache OUTSIDE the repo:
 #
-#   ${OTEL_BRIDGE_CACHE:-$HOME/.cache/otel-bridge}/bin/jaeger          Jaeger v2
+#   ${OTEL_BRIDGE_CACHE:-$HOME/.cache/otel-bridge}/bin/jaeger          Jaeger v2 (traces)
 #   ${OTEL_BRIDGE_CACHE:-$HOME/.cache/otel-bridge}/bin/otelcol-bridge  OpenTelemetry Collector (ocb)
+#   ${OTEL_BRIDGE_CACHE:-$HOME/.cache/otel-bridge}/bin/prometheus      Prometheus 3 (metrics)
+#   ${OTEL_BRIDGE_CACHE:-$HOME/.cache/otel-bridge}/bin/victoria-logs   VictoriaLogs (logs)
+#
+# All four are Apache-2.0.
 #
 # Each binary has a stamp file next to it (<name>.version); a binary whose
 # stamp matches the pinned version is not rebuilt. GOPATH, the module cache
@@ -11,7 +15,8 @@
 #
 # Grafana Tempo is not built: it is AGPL-3.0, and the project uses no AGPL
 # software, not even in tests (collector-config/tempo.yaml still sends to it).
-# The script exits non-zero when Jaeger or the Collector fails.
+# The script builds every one it can, says which failed (BUILD FAILED: NAME,
+# with the end of its build log) and exits non-zero when any did.
 #
 # Builds run under `nice` (NICE, default 10): they are CPU-heavy.
 set -euo pipefail
@@ -26,6 +31,18 @@ JAEGER_RELEASE=v2.13.0
 # component at this same version.
 OCB_MODULE=go.opentelemetry.io/collector/cmd/builder
 OCB_VERSION=v0.165.0
+# Prometheus: Go module versions are v0.<minor>.<patch> for release 3.<minor>.<patch>.
+# v0.316.0 == Prometheus 3.16.0, the newest the proxy serves for go1.26 (its
+# go.mod needs go 1.26.7). Built without the `builtinassets` tag: the web UI's
+# compiled assets are not in the module (they come from an npm build) and the
+# tests only use the HTTP API and the OTLP receiver, so the UI pages 404.
+PROMETHEUS_MODULE=github.com/prometheus/prometheus
+PROMETHEUS_MODULE_VERSION=v0.316.0
+PROMETHEUS_RELEASE=3.16.0
+# VictoriaLogs: its own module since the split from VictoriaMetrics; the
+# server is app/victoria-logs (its web UI, vmui, is embedded from the module).
+VICTORIALOGS_MODULE=github.com/VictoriaMetrics/VictoriaLogs
+VICTORIALOGS_VERSION=v1.52.1
 
 # ---- layout ----------------------------------------------------------------
 REPO_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -101,6 +118,30 @@ build_jaeger() {
     mv -f "$BIN/jaeger.tmp" "$BIN/jaeger"
 }
 
+# ---- prometheus -------------------------------------------------------------
+build_prometheus() {
+    local dir="$SRC/prometheus-$PROMETHEUS_MODULE_VERSION" date
+    writable_copy "$PROMETHEUS_MODULE@$PROMETHEUS_MODULE_VERSION" "$dir" || return 1
+    date="$(sed -n 's/.*"Time":"\([^"]*\)".*/\1/p' "$GOMODCACHE/cache/download/$PROMETHEUS_MODULE/@v/$PROMETHEUS_MODULE_VERSION.info" 2>/dev/null || true)"
+    local pkg=github.com/prometheus/common/version
+    # GOWORK=off: the module ships a go.work naming sub-modules the module zip
+    # does not hold (compliance/, internal/tools/, ...).
+    (cd "$dir" && GOWORK=off nice -n "$NICE" go build -trimpath \
+        -ldflags "-s -w -X $pkg.Version=$PROMETHEUS_RELEASE -X $pkg.Revision=$PROMETHEUS_MODULE_VERSION -X $pkg.Branch=module -X $pkg.BuildUser=build-backends -X $pkg.BuildDate=${date:-unknown}" \
+        -o "$BIN/prometheus.tmp" ./cmd/prometheus) || return 1
+    mv -f "$BIN/prometheus.tmp" "$BIN/prometheus"
+}
+
+# ---- victorialogs -----------------------------------------------------------
+build_victorialogs() {
+    local dir="$SRC/victorialogs-$VICTORIALOGS_VERSION"
+    writable_copy "$VICTORIALOGS_MODULE@$VICTORIALOGS_VERSION" "$dir" || return 1
+    (cd "$dir" && nice -n "$NICE" go build -trimpath \
+        -ldflags "-s -w -X github.com/VictoriaMetrics/VictoriaMetrics/lib/buildinfo.Version=victoria-logs-$VICTORIALOGS_VERSION" \
+        -o "$BIN/victoria-logs.tmp" ./app/victoria-logs) || return 1
+    mv -f "$BIN/victoria-logs.tmp" "$BIN/victoria-logs"
+}
+
 # ---- collector (ocb) -------------------------------------------------------
 build_collector() {
     local ocb="$GOPATH/bin/builder" out="$SRC/otelcol-bridge" manifest="$SRC/otelcol-builder.yaml"
@@ -137,7 +178,7 @@ run_build() {
         return 0
     fi
     secs=$(($(date +%s) - t0))
-    log "$name: BUILD FAILED after $(fmt_secs "$secs") ($secs s); last lines of $logf:"
+    log "BUILD FAILED: $name, after $(fmt_secs "$secs") ($secs s); last lines of $logf:"
     tail -n 25 "$logf" | sed 's/^/    /' >&2
     return 1
 }
@@ -145,12 +186,16 @@ run_build() {
 manifest_sum="$(sha256sum "$MANIFEST" | cut -c1-16)"
 JAEGER_STAMP="$JAEGER_MODULE@$JAEGER_MODULE_VERSION (jaeger $JAEGER_RELEASE) $GO_VERSION"
 COLLECTOR_STAMP="$OCB_MODULE@$OCB_VERSION manifest-sha256:$manifest_sum $GO_VERSION"
+PROMETHEUS_STAMP="$PROMETHEUS_MODULE@$PROMETHEUS_MODULE_VERSION (prometheus $PROMETHEUS_RELEASE) $GO_VERSION"
+VICTORIALOGS_STAMP="$VICTORIALOGS_MODULE@$VICTORIALOGS_VERSION $GO_VERSION"
 
 failed=()
 total0=$(date +%s)
 
 run_build jaeger "$JAEGER_STAMP" build_jaeger || failed+=(jaeger)
 run_build otelcol-bridge "$COLLECTOR_STAMP" build_collector || failed+=(otelcol-bridge)
+run_build prometheus "$PROMETHEUS_STAMP" build_prometheus || failed+=(prometheus)
+run_build victoria-logs "$VICTORIALOGS_STAMP" build_victorialogs || failed+=(victoria-logs)
 
 # Grafana Tempo is AGPL-3.0: remove what earlier versions of this script built.
 tempo_left=("$BIN/tempo" "$BIN/tempo.version" "$BIN/tempo.tmp" "$BIN/tempo.build-error"
@@ -162,6 +207,6 @@ rm -rf "${tempo_left[@]}" || log "could not remove all of an earlier Tempo build
 log "done in $(fmt_secs $(($(date +%s) - total0))); binaries in $BIN:"
 ls -l "$BIN" | sed 's/^/    /' >&2
 if ((${#failed[@]})); then
-    log "FAILED: ${failed[*]}"
+    log "FAILED: ${failed[*]} (build logs: $LOGS/<name>-build.log)"
     exit 1
 fi

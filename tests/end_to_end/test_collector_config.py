@@ -2,9 +2,12 @@
 
 Every YAML file there (and the collector config embedded in the Kubernetes
 ConfigMap) passes the real Collector's ``validate`` with the environment it
-documents, tempo.yaml included; sidecar.yaml runs for real on loopback ports,
-and otel-bridge's spans sent through it (by the CLI, as a real process) are
-read back from both of its legs.
+documents, tempo.yaml included, and so do sidecar.yaml, prometheus.yaml and
+victorialogs.yaml merged into one Collector (one pipeline per signal);
+sidecar.yaml runs for real on loopback ports, and otel-bridge's spans sent
+through it (by the CLI, as a real process) are read back from both of its
+legs. prometheus.yaml and victorialogs.yaml run for real in
+test_metrics_logs_backends.py.
 
 Its Tempo leg does not go to Grafana Tempo: Tempo is AGPL-3.0 and the project
 runs no AGPL software, not even in tests. It goes over OTLP/gRPC, as it would
@@ -15,7 +18,9 @@ receive limit (as Tempo's), which writes what it gets to a file.
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
 import uuid
 from pathlib import Path
 
@@ -42,7 +47,12 @@ README = CONFIG_DIR / "README.md"
 REQUIRED_ENV = {
     "JAEGER_OTLP_ENDPOINT": "jaeger-collector.observability:4317",
     "TEMPO_OTLP_ENDPOINT": "tempo-distributor.observability:4317",
+    "PROMETHEUS_OTLP_ENDPOINT": "http://prometheus.monitoring:9090/api/v1/otlp",
+    "VICTORIALOGS_OTLP_ENDPOINT": "http://victorialogs.logging:9428/insert/opentelemetry",
 }
+# One Collector for every signal: these files merged (`--config` each).
+EVERY_SIGNAL = [CONFIG_DIR / "sidecar.yaml", CONFIG_DIR / "prometheus.yaml",
+                CONFIG_DIR / "victorialogs.yaml"]
 ENV_REF = re.compile(r"\$\{env:([A-Za-z_][A-Za-z0-9_]*)(:-[^}]*)?\}")
 UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
@@ -100,7 +110,7 @@ def env_refs(text: str) -> dict[str, str | None]:
 
 def test_the_expected_files_are_there():
     names = {str(p.relative_to(CONFIG_DIR)) for p in yaml_files()}
-    assert {"sidecar.yaml", "jaeger.yaml", "tempo.yaml",
+    assert {"sidecar.yaml", "jaeger.yaml", "tempo.yaml", "prometheus.yaml", "victorialogs.yaml",
             "kubernetes/prefect-worker-sidecars.yaml"} <= names
     assert README.is_file()
 
@@ -122,17 +132,50 @@ def test_every_config_validates(path, tmp_path):
         assert ok, output
 
 
-@pytest.mark.parametrize("path", [CONFIG_DIR / "sidecar.yaml", CONFIG_DIR / "jaeger.yaml",
-                                  CONFIG_DIR / "tempo.yaml"], ids=lambda p: p.name)
+# How the Collector v0.165 says an exporter has no endpoint.
+NO_ENDPOINT = {"otlp_grpc": 'requires a non-empty "endpoint"',
+               "otlp_http": "at least one endpoint must be specified"}
+
+
+@pytest.mark.parametrize("path", [CONFIG_DIR / name for name in (
+    "sidecar.yaml", "jaeger.yaml", "tempo.yaml", "prometheus.yaml", "victorialogs.yaml")],
+    ids=lambda p: p.name)
 def test_endpoints_are_required(path):
-    """No endpoint default to send spans to a wrong place: validate fails
+    """No endpoint default to send data to a wrong place: validate fails
     without them and names the exporter."""
     needed = {k for k, default in env_refs(path.read_text()).items() if default is None}
     assert needed and needed <= set(REQUIRED_ENV)
     env = {k: "" for k in needed}
     ok, output = backends.validate_collector_config(path, env)
     assert not ok
-    assert 'requires a non-empty "endpoint"' in output
+    (exporter,) = {name.split("/")[0] for name in yaml.safe_load(path.read_text())["exporters"]}
+    assert NO_ENDPOINT[exporter] in output
+    assert f"exporters::{exporter}/" in output
+
+
+def test_the_files_merge_into_one_collector_for_every_signal():
+    """sidecar.yaml + prometheus.yaml + victorialogs.yaml, each a --config:
+    one Collector with a traces, a metrics and a logs pipeline, each to its
+    own backends, the shared parts (receiver, processors, extension) the same
+    in all three so that none overrides another."""
+    ok, output = backends.validate_collector_config(EVERY_SIGNAL, REQUIRED_ENV)
+    assert ok, output
+    docs = [yaml.safe_load(p.read_text()) for p in EVERY_SIGNAL]
+    for key in ("extensions", "receivers", "processors"):
+        assert all(d[key] == docs[0][key] for d in docs), key
+    assert all(d["service"]["telemetry"] == docs[0]["service"]["telemetry"] for d in docs)
+    printed = subprocess.run(
+        [str(backends.collector_binary()), "print-config",
+         *(f"--config={p}" for p in EVERY_SIGNAL)],
+        env={**os.environ, **REQUIRED_ENV}, capture_output=True, text=True,
+        timeout=60)
+    assert printed.returncode == 0, printed.stderr
+    pipelines = yaml.safe_load(printed.stdout)["service"]["pipelines"]
+    assert {signal: p["exporters"] for signal, p in pipelines.items()} == {
+        "traces": ["otlp_grpc/jaeger", "otlp_grpc/tempo"],
+        "metrics": ["otlp_http/prometheus"],
+        "logs": ["otlp_http/victorialogs"],
+    }
 
 
 def test_a_bad_value_from_the_environment_is_refused():
@@ -180,6 +223,8 @@ def test_every_exporter_cuts_requests_under_4_mib():
                 checked.append((path.name, name))
     assert ("tempo.yaml", "otlp_grpc/tempo") in checked
     assert ("sidecar.yaml", "otlp_grpc/tempo") in checked
+    assert ("prometheus.yaml", "otlp_http/prometheus") in checked
+    assert ("victorialogs.yaml", "otlp_http/victorialogs") in checked
 
 
 # ---------------------------------------------------------------- Kubernetes

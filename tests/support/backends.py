@@ -1,5 +1,6 @@
-"""Real tracing backends for the test suite: Jaeger v2 and the OpenTelemetry
-Collector (built with ocb). Grafana Tempo is not among them: it is AGPL-3.0
+"""Real backends for the test suite: Jaeger v2 (traces), the OpenTelemetry
+Collector (built with ocb), Prometheus 3 (metrics) and VictoriaLogs (logs),
+all Apache-2.0. Grafana Tempo is not among them: it is AGPL-3.0
 and the project runs no AGPL software, not even in tests; where a test stood
 for Tempo, a Collector writing what it receives to a file (:func:`file_collector`)
 takes its place.
@@ -21,6 +22,14 @@ functions and context managers, usable from fixtures or a REPL::
         ...send spans to c.otlp_grpc_endpoint...
 
     ok, output = validate_collector_config(config_path, env)
+
+    with prometheus() as p:         # OTLP receiver on
+        ...send metrics to p.otlp_http_metrics_url (or p.otlp_http_endpoint from a Collector)...
+        samples = p.wait_for('cicd_pipeline_run_duration_seconds_count{job="svc"}')
+
+    with victorialogs() as v:
+        ...send log records to v.otlp_http_logs_url (or v.otlp_http_endpoint)...
+        records = v.wait_for('trace_id:"4bf9..."', min_records=3)
 
     with file_collector(tmp_path / "copy.jsonl") as c:
         ...send spans to c.otlp_grpc_endpoint...
@@ -72,6 +81,8 @@ BUILD_SCRIPT = REPO_ROOT / "scripts" / "build-backends.sh"
 
 JAEGER = "jaeger"
 COLLECTOR = "otelcol-bridge"
+PROMETHEUS = "prometheus"
+VICTORIALOGS = "victoria-logs"
 
 LOOPBACK = "127.0.0.1"
 
@@ -576,24 +587,38 @@ def _collector_env(env: Mapping[str, str] | None) -> dict[str, str]:
     return {k: str(v) for k, v in (env or {}).items()}
 
 
+ConfigPaths = str | os.PathLike | Sequence[str | os.PathLike]
+
+
+def _config_paths(config_path: Any) -> list[Path]:
+    if isinstance(config_path, (str, os.PathLike)):
+        config_path = [config_path]
+    paths = [Path(p).resolve() for p in config_path]
+    if not paths:
+        raise ValueError("no collector config given")
+    return paths
+
+
 @contextlib.contextmanager
-def collector(config_path: str | os.PathLike, env: Mapping[str, str] | None = None, *,
+def collector(config_path: ConfigPaths, env: Mapping[str, str] | None = None, *,
               health_path: str | None = "/", timeout: float = 60.0,
               keep_workdir: bool = False) -> Iterator[Collector]:
-    """Run ``otelcol-bridge --config=<config_path>`` with ``env`` added to the
+    """Run ``otelcol-bridge --config=<config_path>`` (one ``--config`` per
+    path when given several: the Collector merges them in order, maps key by
+    key, lists replaced) with ``env`` added to the
     environment and the ``COLLECTOR_PORT_VARS`` set to free ports (unless
     ``env`` sets them). Ready when the health_check extension at
     ``127.0.0.1:$OTELCOL_HEALTH_PORT<health_path>`` answers 200 (with
     ``health_path=None``: when the OTLP gRPC port accepts connections)."""
     exe = collector_binary()
-    config = Path(config_path).resolve()
+    configs = _config_paths(config_path)
     user_env = _collector_env(env)
     preset = {k: int(user_env[k]) for k in COLLECTOR_PORT_VARS if k in user_env}
 
     def make(workdir: Path, ports: dict[str, int]):
         run_env = dict(user_env)
         run_env.update({k: str(v) for k, v in ports.items()})
-        return [str(exe), f"--config={config}"], config, run_env
+        return [str(exe), *(f"--config={c}" for c in configs)], configs[0], run_env
 
     def ready(bp: BackendProcess) -> bool:
         if health_path is None:
@@ -674,9 +699,10 @@ def wait_for_file_trace(copy_file: Path, trace_id: str | int, *, min_spans: int 
     return wait_until(spans, timeout, what=f"trace {want} in {copy_file} ({min_spans}+ spans)")
 
 
-def validate_collector_config(path: str | os.PathLike, env: Mapping[str, str] | None = None,
+def validate_collector_config(path: ConfigPaths, env: Mapping[str, str] | None = None,
                               timeout: float = 60.0) -> tuple[bool, str]:
-    """``otelcol-bridge validate --config=<path>``: (exit code == 0, output).
+    """``otelcol-bridge validate --config=<path>``: (exit code == 0, output);
+    several paths are merged as :func:`collector` merges them.
 
     The ``COLLECTOR_PORT_VARS`` not in ``env`` are set to placeholder ports so
     configs written for :func:`collector` validate as they would run."""
@@ -685,11 +711,187 @@ def validate_collector_config(path: str | os.PathLike, env: Mapping[str, str] | 
     full_env.update({k: str(p) for k, p in zip(COLLECTOR_PORT_VARS, range(14317, 14321))})
     full_env.update(_collector_env(env))
     proc = subprocess.run(
-        [str(exe), "validate", f"--config={Path(path).resolve()}"],
+        [str(exe), "validate", *(f"--config={c}" for c in _config_paths(path))],
         env=full_env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True, timeout=timeout,
     )
     return proc.returncode == 0, proc.stdout
+
+
+# --------------------------------------------------------------------------
+# Prometheus 3 (metrics)
+# --------------------------------------------------------------------------
+
+
+def prometheus_binary() -> Path:
+    return binary(PROMETHEUS)
+
+
+def prometheus_config(otlp: Mapping[str, Any] | None = None) -> dict:
+    """Prometheus's config file: no scrape jobs (everything comes in over
+    OTLP), and its ``otlp:`` section (``translation_strategy``,
+    ``promote_resource_attributes``, ...) as given."""
+    return {"global": {"evaluation_interval": "1m"}, "scrape_configs": [],
+            "otlp": dict(otlp or {})}
+
+
+@dataclass
+class Prometheus:
+    """A running Prometheus with its OTLP receiver on, and a small PromQL client.
+
+    Prometheus takes OTLP over HTTP only (protobuf; no gRPC), at
+    ``/api/v1/otlp/v1/metrics``, and only cumulative sums and histograms
+    unless a delta feature flag is on."""
+
+    process: BackendProcess
+
+    @property
+    def url(self) -> str:
+        return f"http://{LOOPBACK}:{self.process.ports['http']}"
+
+    @property
+    def otlp_http_endpoint(self) -> str:
+        """Base of the OTLP receiver: the Collector's otlp_http ``endpoint``
+        form (it appends ``/v1/metrics``)."""
+        return f"{self.url}/api/v1/otlp"
+
+    @property
+    def otlp_http_metrics_url(self) -> str:
+        """Full URL: the Python exporter's ``OTEL_EXPORTER_OTLP_METRICS_ENDPOINT`` form."""
+        return f"{self.otlp_http_endpoint}/v1/metrics"
+
+    def query(self, promql: str, at: float | None = None) -> list[dict]:
+        """Instant query (``/api/v1/query``): the vector's samples as
+        ``{"metric": {label: value}, "value": float}``. Raises BackendError
+        on an error answer (a bad query), so a typo does not read as "no data"."""
+        params: dict[str, Any] = {"query": promql}
+        if at is not None:
+            params["time"] = f"{at:.3f}"
+        status, body = http_get_json(f"{self.url}/api/v1/query", params)
+        if status != 200 or not body or body.get("status") != "success":
+            raise BackendError(f"PromQL {promql!r}: HTTP {status}: {body}")
+        data = body["data"]
+        if data["resultType"] != "vector":
+            raise BackendError(f"PromQL {promql!r} gave a {data['resultType']}, not a vector")
+        return [{"metric": r["metric"], "value": float(r["value"][1])} for r in data["result"]]
+
+    def wait_for(self, promql: str, *, min_series: int = 1, timeout: float = 20.0) -> list[dict]:
+        """Poll an instant query until it returns at least ``min_series`` samples."""
+        return wait_until(lambda: (r := self.query(promql)) and len(r) >= min_series and r,
+                          timeout, what=f"{min_series}+ series of {promql!r} in Prometheus",
+                          proc=self.process.proc, log_path=self.process.log_path)
+
+
+@contextlib.contextmanager
+def prometheus(*, otlp: Mapping[str, Any] | None = None, extra_args: Sequence[str] = (),
+               timeout: float = 60.0, keep_workdir: bool = False) -> Iterator[Prometheus]:
+    """Run Prometheus 3 with ``--web.enable-otlp-receiver`` on a free loopback
+    port, its TSDB in a temporary directory. Ready when ``/-/ready`` answers
+    200. ``otlp`` is the config file's ``otlp:`` section; ``extra_args`` go on
+    the command line (``--enable-feature=otlp-deltatocumulative``, ...)."""
+    exe = prometheus_binary()
+
+    def make(workdir: Path, ports: dict[str, int]):
+        path = _write_config(workdir / "prometheus.yml", prometheus_config(otlp))
+        return [str(exe), f"--config.file={path}", f"--storage.tsdb.path={workdir / 'data'}",
+                f"--web.listen-address={LOOPBACK}:{ports['http']}",
+                "--web.enable-otlp-receiver", *extra_args], path, {}
+
+    def ready(bp: BackendProcess) -> bool:
+        return http_get(f"http://{LOOPBACK}:{bp.ports['http']}/-/ready", timeout=2)[0] == 200
+
+    with _backend("prometheus", make, ["http"], ready, timeout, keep_workdir) as bp:
+        yield Prometheus(bp)
+
+
+# --------------------------------------------------------------------------
+# VictoriaLogs (logs)
+# --------------------------------------------------------------------------
+
+
+def victorialogs_binary() -> Path:
+    return binary(VICTORIALOGS)
+
+
+@dataclass
+class VictoriaLogs:
+    """A running VictoriaLogs and a small LogsQL client.
+
+    It takes OTLP logs over HTTP only, as protobuf (JSON is refused), at
+    ``/insert/opentelemetry/v1/logs``. A record is stored as flat fields: the
+    body as ``_msg``, ``_time``, ``trace_id`` and ``span_id`` in hex,
+    ``severity_number`` (a string) and ``severity_text``, ``scope.name`` and
+    ``scope.version``, each record attribute and each resource attribute under
+    its own name (``log.record.uid``, ``service.name``); the resource
+    attributes also make its ``_stream``. The observed time is not kept."""
+
+    process: BackendProcess
+
+    @property
+    def url(self) -> str:
+        return f"http://{LOOPBACK}:{self.process.ports['http']}"
+
+    @property
+    def otlp_http_endpoint(self) -> str:
+        """Base of the OTLP receiver: the Collector's otlp_http ``endpoint``
+        form (it appends ``/v1/logs``)."""
+        return f"{self.url}/insert/opentelemetry"
+
+    @property
+    def otlp_http_logs_url(self) -> str:
+        """Full URL: the Python exporter's ``OTEL_EXPORTER_OTLP_LOGS_ENDPOINT`` form."""
+        return f"{self.otlp_http_endpoint}/v1/logs"
+
+    def flush(self) -> None:
+        """Make what was ingested searchable now (else within about a second)."""
+        http_get(f"{self.url}/internal/force_flush", timeout=10)
+
+    def query(self, logsql: str, limit: int | None = None) -> list[dict]:
+        """``/select/logsql/query``: the matching records, each a dict of its
+        fields (all values strings, as VictoriaLogs stores them). Raises
+        BackendError on an error answer (a bad query)."""
+        self.flush()
+        params: dict[str, Any] = {"query": logsql}
+        if limit is not None:
+            params["limit"] = limit
+        status, body = http_get(f"{self.url}/select/logsql/query", params, timeout=30)
+        if status != 200:
+            raise BackendError(f"LogsQL {logsql!r}: HTTP {status}: {body[:500]!r}")
+        return [json.loads(line) for line in body.decode().splitlines() if line.strip()]
+
+    def wait_for(self, logsql: str, *, min_records: int = 1, timeout: float = 20.0) -> list[dict]:
+        """Poll a query until it returns at least ``min_records`` records."""
+        return wait_until(lambda: (r := self.query(logsql)) and len(r) >= min_records and r,
+                          timeout, what=f"{min_records}+ records of {logsql!r} in VictoriaLogs",
+                          proc=self.process.proc, log_path=self.process.log_path)
+
+
+@contextlib.contextmanager
+def victorialogs(*, retention: str = "100y", extra_args: Sequence[str] = (),
+                 timeout: float = 60.0, keep_workdir: bool = False) -> Iterator[VictoriaLogs]:
+    """Run VictoriaLogs on a free loopback port, its data in a temporary
+    directory. Ready when ``/health`` answers 200.
+
+    ``retention`` is ``-retentionPeriod``: VictoriaLogs drops, with HTTP 200
+    and only a warning in its log, every record older than now minus it (7d
+    by default), so the tests keep 100 years to take the captures' times."""
+    exe = victorialogs_binary()
+
+    def make(workdir: Path, ports: dict[str, int]):
+        return [str(exe), f"-storageDataPath={workdir / 'data'}",
+                f"-httpListenAddr={LOOPBACK}:{ports['http']}",
+                f"-retentionPeriod={retention}", *extra_args], workdir / "data", {}
+
+    def ready(bp: BackendProcess) -> bool:
+        return http_get(f"http://{LOOPBACK}:{bp.ports['http']}/health", timeout=2)[0] == 200
+
+    with _backend("victorialogs", make, ["http"], ready, timeout, keep_workdir) as bp:
+        yield VictoriaLogs(bp)
+
+
+def logsql_quote(value: str) -> str:
+    """A LogsQL string literal (double quotes, JSON escapes)."""
+    return json.dumps(value)
 
 
 # --------------------------------------------------------------------------

@@ -13,6 +13,7 @@ Jaeger holds for its run.
 from __future__ import annotations
 
 import sys
+import time
 from collections import Counter, defaultdict
 from datetime import datetime
 
@@ -88,6 +89,17 @@ def _seconds(text: str) -> float:
     return datetime.fromisoformat(text).timestamp()
 
 
+def settle(read, want, timeout: float):
+    """What `read` gives once it gives `want`, or at the timeout (for the
+    assertion to show the difference)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = read()
+        if got == want or time.monotonic() > deadline:
+            return got
+        time.sleep(1)
+
+
 def _by_series(samples: list[dict], *labels: str) -> dict[tuple, float]:
     return {tuple(s["metric"].get(label, "") for label in labels): s["value"] for s in samples}
 
@@ -154,24 +166,30 @@ def test_serve_carries_traces_metrics_and_logs_into_real_backends(server, fleet,
 
         def task_counts():
             return _by_series(prometheus.query(
-                f"prefect_task_run_duration_seconds_count{{{executing}}}"), *labels)
+                f"sum by ({','.join(labels)}) (prefect_task_run_duration_seconds_count{{{executing}}})"),
+                *labels)
 
-        backends.wait_until(lambda: task_counts() == dict(want_count), 90,
-                            what="the task-run histogram counts the server records")
-        sums = _by_series(prometheus.query(f"prefect_task_run_duration_seconds_sum{{{executing}}}"),
-                          *labels)
+        assert settle(task_counts, dict(want_count), 90) == dict(want_count)
+        sums = _by_series(prometheus.query(
+            f"sum by ({','.join(labels)}) (prefect_task_run_duration_seconds_sum{{{executing}}})"),
+            *labels)
         assert set(sums) == set(want_sum)
         for key, seconds in want_sum.items():
             assert sums[key] == pytest.approx(seconds, abs=1e-3), key
-        errors = _by_series(prometheus.query("prefect_task_run_errors_total"),
-                            "cicd_pipeline_task_name")
+        errors = _by_series(prometheus.query(
+            "sum by (cicd_pipeline_task_name) (prefect_task_run_errors_total)"),
+            "cicd_pipeline_task_name")
         assert errors == {(k,): float(v) for k, v in want_errors.items()}
         assert want_errors == {"broken": 2}
-        assert _by_series(prometheus.query("prefect_task_run_errors_total"), "error_type") \
-            == {("ValueError",): 2.0}
-        flows_seen = _by_series(prometheus.query(
+        assert _by_series(prometheus.query("sum by (error_type) (prefect_task_run_errors_total)"),
+                          "error_type") == {("ValueError",): 2.0}
+        # The task's flow is a label too: each flow's share is its own runs'.
+        assert _by_series(prometheus.query("prefect_task_run_errors_total"), "cicd_pipeline_name") \
+            == {("signals-first",): 1.0, ("signals-second",): 1.0}
+        # A flow run's span leaves after its tasks' (its end is later).
+        flows_seen = settle(lambda: _by_series(prometheus.query(
             'cicd_pipeline_run_duration_seconds_count{cicd_pipeline_run_state="executing"}'),
-            "cicd_pipeline_name", "cicd_pipeline_result")
+            "cicd_pipeline_name", "cicd_pipeline_result"), dict(flow_want), 60)
         assert flows_seen == {k: float(v) for k, v in flow_want.items()}
         assert _by_series(prometheus.query("cicd_pipeline_run_errors_total"),
                           "cicd_pipeline_name", "error_type") == {("signals-second", "RuntimeError"): 1.0}

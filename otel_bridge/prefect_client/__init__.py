@@ -5,8 +5,9 @@ One place for what the sources and the sinks share:
 
 - `settings`: where the API is and how to authenticate, from Prefect's own
   settings (PREFECT_API_URL, PREFECT_API_KEY, ...);
-- `events_socket`: the event websockets, both directions (events/out for
-  the subscription, events/in for the sink), opened and authenticated;
+- `events_socket`: the websockets, opened and authenticated: the event
+  websockets, both directions (events/out for the subscription, events/in
+  for the sink), and the logs websocket (logs/out, for the log follower);
 - `rest`: the REST API's event filter, paging and answers;
 - `errors`: one family of errors, `PrefectError`, for all of them.
 
@@ -24,6 +25,7 @@ from otel_bridge.prefect_client.errors import (
 from otel_bridge.prefect_client.settings import (
     PrefectApi,
     events_socket_url,
+    logs_socket_url,
     resolve_api,
     ui_url,
 )
@@ -36,6 +38,7 @@ __all__ = [
     "PrefectRefused",
     "PrefectUnavailable",
     "events_socket_url",
+    "logs_socket_url",
     "resolve_api",
     "ui_url",
 ]

@@ -1,8 +1,11 @@
-"""Prefect's event websockets, both directions: ``/api/events/out`` (what
-the subscription reads) and ``/api/events/in`` (where the sink writes).
+"""Prefect's websockets: the event websockets, both directions,
+``/api/events/out`` (what the subscription reads) and ``/api/events/in``
+(where the sink writes), and the logs websocket ``/api/logs/out`` (what the
+log follower reads).
 
-Opening one, as Prefect's clients do (prefect/events/clients.py, and the
-server's prefect/server/api/events.py, 3.9):
+Opening one, as Prefect's clients do (prefect/events/clients.py,
+prefect/logging/clients.py, and the server's prefect/server/api/events.py,
+logs.py and utilities/subscriptions.py, 3.9):
 
 1. connect with the websocket subprotocol ``prefect`` (without it the server
    falls back to a legacy mode with no auth handshake, and refuses it when
@@ -38,7 +41,7 @@ from otel_bridge.prefect_client.errors import (
 )
 from otel_bridge.prefect_client.settings import PrefectApi
 
-__all__ = ["REFUSAL_CODES", "RETRYABLE", "is_refusal", "open_events_socket"]
+__all__ = ["REFUSAL_CODES", "RETRYABLE", "is_refusal", "open_events_socket", "open_logs_socket"]
 
 # Network trouble worth a reconnect (Prefect's RETRYABLE_EXCEPTIONS), and a
 # handshake the server broke off (it restarted during the upgrade, say).
@@ -61,8 +64,20 @@ async def open_events_socket(
 ) -> ClientConnection:
     """A socket to ``events/<direction>``, authenticated; `options` go to
     `websockets.connect` (keepalive, frame size...)."""
-    url = api.events_url(direction)
-    upgrade_only = direction == "in" and api.cloud
+    return await _open_socket(api, api.events_url(direction), upgrade_only=direction == "in"
+                              and api.cloud, open_timeout=open_timeout, **options)
+
+
+async def open_logs_socket(api: PrefectApi, *, open_timeout: float = 10.0,
+                           **options: Any) -> ClientConnection:
+    """A socket to ``logs/out``, authenticated as events/out is (the same
+    handshake, on Prefect Cloud too); `options` go to `websockets.connect`."""
+    return await _open_socket(api, api.logs_url(), upgrade_only=False,
+                              open_timeout=open_timeout, **options)
+
+
+async def _open_socket(api: PrefectApi, url: str, *, upgrade_only: bool, open_timeout: float,
+                       **options: Any) -> ClientConnection:
     try:
         ws = await connect(
             url,
@@ -79,7 +94,7 @@ async def open_events_socket(
             raise
         raise refusal from exc
     except InvalidURI as exc:
-        raise PrefectConfigError(f"bad events URL {url}: {exc}") from exc
+        raise PrefectConfigError(f"bad websocket URL {url}: {exc}") from exc
     try:
         # A server that did not take the subprotocol is in legacy mode: no handshake.
         if ws.subprotocol == "prefect":

@@ -27,7 +27,7 @@ from typing import Literal, Mapping, Optional
 
 from otel_bridge.prefect_client.errors import PrefectConfigError
 
-__all__ = ["PrefectApi", "events_socket_url", "resolve_api", "ui_url"]
+__all__ = ["PrefectApi", "events_socket_url", "logs_socket_url", "resolve_api", "ui_url"]
 
 DEFAULT_CLOUD_API_URL = "https://api.prefect.cloud/api/"
 # Headers a custom-header setting must not override (Prefect's list).
@@ -94,18 +94,29 @@ class PrefectApi:
     def events_url(self, direction: Literal["in", "out"]) -> str:
         return events_socket_url(self.url, direction)
 
+    def logs_url(self) -> str:
+        return logs_socket_url(self.url)
+
+
+def _socket_base(api_url: str) -> str:
+    url = api_url.strip().rstrip("/")
+    if url.startswith("https://"):
+        return "wss://" + url[len("https://"):]
+    if url.startswith("http://"):
+        return "ws://" + url[len("http://"):]
+    raise PrefectConfigError(f"PREFECT_API_URL must be an http(s) URL, got {api_url!r}")
+
 
 def events_socket_url(api_url: str, direction: Literal["in", "out"]) -> str:
     """http(s)://host/api -> ws(s)://host/api/events/in (or out), as Prefect
     makes it."""
-    url = api_url.strip().rstrip("/")
-    if url.startswith("https://"):
-        url = "wss://" + url[len("https://"):]
-    elif url.startswith("http://"):
-        url = "ws://" + url[len("http://"):]
-    else:
-        raise PrefectConfigError(f"PREFECT_API_URL must be an http(s) URL, got {api_url!r}")
-    return f"{url}/events/{direction}"
+    return f"{_socket_base(api_url)}/events/{direction}"
+
+
+def logs_socket_url(api_url: str) -> str:
+    """http(s)://host/api -> ws(s)://host/api/logs/out, as Prefect's logs
+    subscriber makes it (prefect/logging/clients.py)."""
+    return f"{_socket_base(api_url)}/logs/out"
 
 
 def resolve_api(

@@ -4,7 +4,7 @@
     Prefect subscription --\\
     POST /v1/events --------+--> assembler --> spans --> SQLite --> OTLP | file
     OTLP gRPC / HTTP -----------> reverse  --> events --> SQLite --> Prefect | file
-    Prefect logs (REST) --------> log lines ----------> SQLite --> OTLP | file
+    Prefect logs (REST, ws) ----> log lines ----------> SQLite --> OTLP | file
 
 Life cycle: open the store and restore the runs that were open; bind every
 endpoint; follow Prefect; deliver. On SIGTERM or SIGINT: stop intake (the
@@ -176,13 +176,21 @@ class Service:
                            "Unix time before which every Prefect event has been read, the ones "
                            "the live stream missed included; finished runs leave once behind it",
                            watermark)
-        mode = log_follower.MODE if self.settings.logs else "off"
+
+        def logs_mode() -> dict[tuple[str, ...], float]:
+            if not self.settings.logs:
+                return {("off",): 1.0}
+            mode = log_follower.REST if self._log_follower is None else self._log_follower.mode
+            return {(m,): float(m == mode) for m in log_follower.MODES}
+
         self.metrics.watch("otel_bridge_logs_mode",
-                           "How Prefect's log lines are read: rest (POST /api/logs/filter, "
-                           "polled), or off", lambda: {(mode,): 1.0}, ("mode",))
+                           "How Prefect's log lines come: 1 for the mode it is in. rest (POST "
+                           "/api/logs/filter, polled), websocket (the logs websocket delivers; "
+                           "REST still reconciles), or off", logs_mode, ("mode",))
         self.metrics.watch(
-            "otel_bridge_prefect_logs", "The follower of Prefect's log lines: read, taken, "
-            "duplicates, no_run, rejected, late (stored after the fresh pass), rest_errors...",
+            "otel_bridge_prefect_logs", "The follower of Prefect's log lines: read, taken (live: "
+            "from the websocket, reconciled: from REST), duplicates, no_run, rejected, late "
+            "(stored after the fresh pass), socket_missed, rest_errors...",
             lambda: {} if self._log_follower is None else {
                 (k,): v for k, v in self._log_follower.stats.as_dict().items()},
             ("counter",), counter=True)
@@ -352,20 +360,28 @@ class Service:
         if not s.logs:
             logger.info("Prefect's log lines are not followed (logs: off)", extra={"logs_mode": "off"})
             return
-        from otel_bridge.sources.prefect_logs import PrefectLogReader
+        from otel_bridge.prefect_client import resolve_api
+        from otel_bridge.sources.prefect_logs import PrefectLogReader, PrefectLogSocket
 
         key = s.prefect_api_key.get_secret_value() if s.prefect_api_key else None
+        api = resolve_api(s.prefect_api_url, key)
         self._log_follower = log_follower.LogFollower(
-            self.store, self.pipeline, PrefectLogReader(s.prefect_api_url, key),
+            self.store, self.pipeline, PrefectLogReader(s.prefect_api_url, key, api=api),
+            socket=PrefectLogSocket(api) if s.logs_websocket else None,
             since=datetime.now(timezone.utc) - timedelta(seconds=s.backfill_seconds),
             poll_seconds=s.logs_poll_seconds, lateness_seconds=s.logs_lateness_seconds)
-        logger.info(
-            "following Prefect's log lines by polling REST (POST /api/logs/filter)", extra={
-                "logs_mode": log_follower.MODE, "poll_seconds": s.logs_poll_seconds,
-                "lateness_seconds": s.logs_lateness_seconds,
-                "resumed": self._log_follower.resumed,
-                "why": "the logs websocket (/api/logs/out) is off on a server with default "
-                       "settings and then sends nothing, which cannot be told from no logs"})
+        if s.logs_websocket:
+            how = ("following Prefect's log lines: polling REST (POST /api/logs/filter), and the "
+                   "logs websocket (/api/logs/out) once it proves to deliver")
+            why = ("the logs websocket is off on a server with default settings and then sends "
+                   "nothing, which cannot be told from no logs: REST until a line comes on it")
+        else:
+            how = "following Prefect's log lines by polling REST (POST /api/logs/filter)"
+            why = "logs_websocket: off"
+        logger.info(how, extra={
+            "logs_mode": self._log_follower.mode, "poll_seconds": s.logs_poll_seconds,
+            "lateness_seconds": s.logs_lateness_seconds, "websocket": s.logs_websocket,
+            "resumed": self._log_follower.resumed, "why": why})
         self._tasks.append(asyncio.create_task(self._follow_logs(), name="prefect-logs"))
 
     async def _follow_logs(self) -> None:

@@ -94,12 +94,16 @@ class ServeSettings(BaseSettings):
     # -- Prefect's log lines (README: "Logs")
     logs: bool = Field(
         False, description="also follow Prefect's flow-run and task-run log lines (REST, "
-                           "POST /api/logs/filter) and export each as an OTLP log record on its "
+                           "POST /api/logs/filter, and the logs websocket where the server "
+                           "streams them) and export each as an OTLP log record on its "
                            "run's span: to OTEL_EXPORTER_OTLP_LOGS_* / _OTLP_*, or logs_file "
                            "with forward_to: file")
     logs_file: Optional[Path] = Field(None, description="OTLP/JSON log lines, with logs and "
                                                         "forward_to: file")
     logs_poll_seconds: float = Field(2.0, gt=0, description="how often to read new log lines")
+    logs_websocket: bool = Field(
+        True, description="with logs: also subscribe to the logs websocket (/api/logs/out) and "
+                          "take the lines it sends at once; REST is polled either way")
     logs_lateness_seconds: float = Field(
         120.0, gt=0, description="a log line the server stores up to this long after its "
                                  "timestamp is still read (it is read a second time then)")

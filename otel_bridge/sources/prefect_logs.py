@@ -1,12 +1,15 @@
-"""Prefect's stored log lines, read from `POST /api/logs/filter` in passes
-over windows of their timestamps.
+"""Prefect's log lines, read two ways: stored, from `POST /api/logs/filter`
+in passes over windows of their timestamps (`PrefectLogReader`), and live,
+from the logs websocket `/api/logs/out` (`PrefectLogSocket`).
 
-Why REST, not the logs websocket (`/api/logs/out`): on a server with default
-settings the websocket is off (PREFECT_SERVER_LOGS_STREAM_OUT_ENABLED and
+REST is the ground truth: it has every line the server stored, whatever its
+settings. The websocket is faster but may be off: on a server with default
+settings it is (PREFECT_SERVER_LOGS_STREAM_OUT_ENABLED and
 PREFECT_SERVER_LOGS_STREAM_PUBLISHING_ENABLED are both false), and then it
 accepts the subscription and sends nothing, with no error and no close:
-silence that cannot be told from "no logs". The REST API has every line
-the server stored, whatever its settings.
+silence that cannot be told from "no logs". So REST is always read, and the
+caller (`service.log_follower`) decides from what both bring whether the
+socket delivers.
 
 A line's `timestamp` is when the client logged it, and the client sends its
 lines in batches (every 2 s by default, `PREFECT_LOGGING_TO_API_BATCH_INTERVAL`)
@@ -22,20 +25,53 @@ Each line is thus read twice, not once per poll of a sliding window, and a
 line stored within `lateness` of its timestamp is read. The caller
 deduplicates by id (a line at a window's edge is read by both windows) and
 keeps the marks, so a restart neither loses nor repeats lines.
+
+The logs websocket, as Prefect 3.9.1's server speaks it
+(prefect/server/api/logs.py, prefect/server/logs/stream.py; its client is
+prefect/logging/clients.py):
+
+1. connect with the subprotocol ``prefect``, send ``{"type": "auth",
+   "token": ...}``, receive ``{"type": "auth_success"}`` (or a close 1008),
+   as on events/out (`prefect_client.events_socket`);
+2. send ``{"type": "filter", "filter": <LogFilter JSON>}``; anything else,
+   or a filter that does not validate, is closed with 1002. There is no
+   acknowledgement and no backfill: only lines stored from then on come;
+3. receive ``{"type": "log", "log": <Log JSON>}`` frames, nothing else (no
+   heartbeat). The filter is applied to live lines, `timestamp` included
+   (Prefect's client sends a year ahead as `before_`); the empty filter
+   sent here lets every line through.
+
+What the frames hold: the line as REST gives it, with the same `id`, but
+`created` and `updated` null (the server publishes the line it is about to
+insert; the database sets them). The server publishes before its
+transaction commits, so a line usually comes on the socket before REST can
+read it. Each subscriber has a backlog of 256 lines, past which the server
+drops lines for it, silently. Nothing comes while disconnected: REST fills
+every gap.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
+import logging
+import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Any, AsyncIterator, Optional
+from typing import Any, AsyncIterator, Callable, Optional
 
 import httpx
+from websockets.asyncio.client import ClientConnection
+from websockets.exceptions import ConnectionClosed
 
-from otel_bridge.prefect_client import PrefectApi, resolve_api
+from otel_bridge.backoff import Backoff
+from otel_bridge.prefect_client import PrefectApi, PrefectError, resolve_api
 from otel_bridge.prefect_client.rest import check_response
 
-__all__ = ["LOG_PAGE_SIZE", "LogPass", "PrefectLogReader", "log_filter"]
+__all__ = ["LOG_PAGE_SIZE", "LogPass", "PrefectLogReader", "PrefectLogSocket", "log_filter",
+           "socket_filter"]
+
+logger = logging.getLogger(__name__)
 
 # PREFECT_SERVER_API_DEFAULT_LIMIT: the most a page may hold (larger is a 422).
 LOG_PAGE_SIZE = 200
@@ -119,3 +155,164 @@ def _timestamp(log: Any) -> Optional[datetime]:
     except (TypeError, KeyError, ValueError):
         return None
     return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
+def socket_filter() -> dict[str, Any]:
+    """The logs websocket's filter message: every line (an empty LogFilter;
+    a `timestamp` window would be applied to live lines as well)."""
+    return {"type": "filter", "filter": {}}
+
+
+class PrefectLogSocket:
+    """Live log lines from `/api/logs/out`: ``async for batch in s.batches()``.
+
+    Each batch is the ``log`` objects of the frames that came together (up
+    to `max_batch`, gathered for at most `gather_seconds` after the first),
+    as the server sent them. Reconnects after any drop or failure, with
+    `backoff` (its `max_attempts` is not heeded: the socket is an extra,
+    REST is the safety net, and giving up is REST's to decide); a refusal
+    (credentials, a filter refused, no such route on an older server) is
+    logged and tried again after the backoff's maximum. Only `close()`
+    ends it.
+
+    `connected_since` is the wall-clock time (`clock`) from which the
+    current connection has been subscribed, None while there is none;
+    `down_since` the time the last one ended (or the socket was made).
+    """
+
+    def __init__(self, api: PrefectApi, *, backoff: Backoff = Backoff(),
+                 open_timeout: float = 10.0, max_batch: int = LOG_PAGE_SIZE,
+                 gather_seconds: float = 0.05, clock: Callable[[], float] = time.time):
+        self.api = api
+        self.url = api.logs_url()
+        self.backoff = backoff
+        self.open_timeout = open_timeout
+        self.max_batch = max_batch
+        self.gather_seconds = gather_seconds
+        self.clock = clock
+        self.connected_since: Optional[float] = None
+        self.down_since: Optional[float] = clock()
+        # Counters, for metrics.
+        self.connections = 0  # subscriptions made
+        self.failures = 0  # connections that failed or were lost
+        self.lines = 0  # lines the socket sent
+        self._ws: Optional[ClientConnection] = None
+        self._closed = False
+        self._last_refusal = ""
+
+    async def close(self) -> None:
+        self._closed = True
+        ws, self._ws = self._ws, None
+        if ws is not None:
+            await ws.close()
+
+    async def _open(self) -> ClientConnection:
+        from otel_bridge.prefect_client.events_socket import open_logs_socket
+
+        # A message may be up to 1,000,000 characters, JSON-escaped in a frame.
+        ws = await asyncio.wait_for(
+            open_logs_socket(self.api, open_timeout=self.open_timeout, max_size=16 * 1024 * 1024),
+            self.open_timeout * 2)
+        try:
+            await ws.send(json.dumps(socket_filter()))
+        except BaseException:
+            await ws.close()
+            raise
+        return ws
+
+    async def batches(self) -> AsyncIterator[list[Any]]:
+        from otel_bridge.prefect_client.events_socket import RETRYABLE, is_refusal
+
+        loop = asyncio.get_running_loop()
+        failures = 0
+        while not self._closed:
+            try:
+                self._ws = await self._open()
+            except PrefectError as exc:  # a refusal: a retry now would get the same
+                self.failures += 1
+                failures += 1
+                await self._wait(self.backoff.maximum, exc, refused=True)
+                continue
+            except RETRYABLE as exc:
+                self.failures += 1
+                failures += 1
+                await self._wait(self.backoff.delay(failures), exc)
+                continue
+            self.connections += 1
+            self.connected_since = self.clock()
+            self.down_since = None
+            opened, delivered = loop.time(), False
+            refused = False
+            try:
+                async for batch in self._read(self._ws):
+                    delivered = True
+                    yield batch
+                exc: BaseException = EOFError("the server closed the logs websocket")
+            except ConnectionClosed as closed:
+                exc, refused = closed, is_refusal(closed)
+            except PrefectError as bad:  # not a frame of this protocol
+                exc, refused = bad, True
+            finally:
+                self.connected_since, self.down_since = None, self.clock()
+                ws, self._ws = self._ws, None
+                if ws is not None:
+                    await ws.close()
+            if self._closed:
+                return
+            self.failures += 1
+            # A connection that worked resets the count; one that died at
+            # once keeps backing off (a server that accepts and drops would
+            # otherwise be hammered).
+            worked = delivered or loop.time() - opened > self.backoff.maximum
+            failures = 1 if worked else failures + 1
+            await self._wait(self.backoff.maximum if refused else self.backoff.delay(failures),
+                             exc, refused=refused)
+
+    async def _wait(self, delay: float, exc: BaseException, refused: bool = False) -> None:
+        error = f"{type(exc).__name__}: {exc}"[:300]
+        if refused and error == self._last_refusal:
+            logger.debug("the logs websocket refused again", extra={"error": error})
+        else:
+            logger.warning("the logs websocket %s: reconnecting; REST polling goes on",
+                           "refused" if refused else "failed", extra={
+                               "url": self.url, "error": error, "retry_seconds": round(delay, 1)})
+        if refused:
+            self._last_refusal = error
+        await asyncio.sleep(delay)
+
+    async def _read(self, ws: ClientConnection) -> AsyncIterator[list[Any]]:
+        """Batches of lines until the connection ends; what came before a
+        close is yielded before the close is raised."""
+        while True:
+            batch = [self._line(await ws.recv())]
+            lost: Optional[ConnectionClosed] = None
+            while len(batch) < self.max_batch:
+                try:
+                    batch.append(self._line(await asyncio.wait_for(ws.recv(),
+                                                                   self.gather_seconds)))
+                except asyncio.TimeoutError:  # (cancelling recv loses no message)
+                    break
+                except ConnectionClosed as closed:
+                    lost = closed
+                    break
+            lines = [line for line in batch if line is not _NOT_A_LINE]
+            self.lines += len(lines)
+            if lines:
+                yield lines
+            if lost is not None:
+                raise lost
+
+    def _line(self, message: Any) -> Any:
+        text = message.decode() if isinstance(message, bytes) else message
+        try:
+            frame = json.loads(text)
+        except ValueError as exc:
+            raise PrefectError(f"{self.url} sent a non-JSON frame: {text[:200]!r}") from exc
+        # Prefect 3.9.1 sends only log frames after the handshake; anything
+        # else a later server might add is passed over.
+        if isinstance(frame, dict) and frame.get("type") == "log":
+            return frame.get("log")
+        return _NOT_A_LINE
+
+
+_NOT_A_LINE = object()

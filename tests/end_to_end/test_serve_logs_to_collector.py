@@ -1,13 +1,19 @@
-"""`serve --logs` end to end, real parts only (issue #14, item 2).
+"""`serve --logs` end to end, real parts only (issue #14).
 
-A real Prefect 3.9.1 server with default settings (its logs websocket off)
-runs a real flow whose flow and tasks log through `get_run_logger()`;
-`otel-bridge serve --logs` runs as its own process and exports spans and log
-records over OTLP/HTTP to a real OpenTelemetry Collector, whose `file`
-exporter writes what it received. Ground truth is the server: every log line
-it stored for the flow's runs (POST /api/logs/filter) must arrive exactly
-once, on the trace and span the bridge gave that run, across a restart of
-the bridge on the same store.
+A real Prefect 3.9.1 server runs a real flow whose flow and tasks log
+through `get_run_logger()`; `otel-bridge serve --logs` runs as its own
+process and exports spans and log records over OTLP/HTTP to a real
+OpenTelemetry Collector, whose `file` exporter writes what it received.
+Ground truth is the server: every log line it stored for the flow's runs
+(POST /api/logs/filter) must arrive exactly once, on the trace and span the
+bridge gave that run.
+
+Two servers: one with default settings, whose logs websocket accepts the
+subscription and sends nothing (the bridge stays in mode rest, and says the
+socket is silent), across a restart of the bridge on the same store; and
+one that streams its logs (PREFECT_SERVER_LOGS_STREAM_OUT_ENABLED and
+PREFECT_SERVER_LOGS_STREAM_PUBLISHING_ENABLED true), where the lines come by
+the socket and the bridge says mode websocket.
 """
 
 from __future__ import annotations
@@ -22,10 +28,20 @@ from pathlib import Path
 import pytest
 from test_serve_prefect_to_collector import Bridge, api_post, bridge_env, fleet, server  # noqa: F401
 
+from otel_bridge.demo.server import LocalPrefectServer
 from otel_bridge.translate.ids import span_id_for, trace_id_for
 from support import backends
 
 pytestmark = [pytest.mark.prefect_server, pytest.mark.backend]
+
+STREAMING = {"PREFECT_SERVER_LOGS_STREAM_OUT_ENABLED": "true",
+             "PREFECT_SERVER_LOGS_STREAM_PUBLISHING_ENABLED": "true"}
+
+
+@pytest.fixture(scope="module")
+def streaming_server():
+    with LocalPrefectServer(extra_env=STREAMING) as srv:
+        yield srv
 
 LOGGING_FLOW = """\
 import sys
@@ -130,9 +146,26 @@ def test_every_stored_log_line_arrives_once_on_its_runs_span_across_a_restart(
         assert bridge.metric("otel_bridge_logs_mode", mode="rest") == 1
         said = [r for r in bridge.log().splitlines() if '"logs_mode": "rest"' in r]
         assert said, bridge.log_tail()
+        backends.wait_until(lambda: counter(bridge, "socket_connections") >= 1, 30,
+                            what="the logs websocket subscribed", proc=bridge.proc,
+                            log_path=bridge.log_path)
 
         flow_runs = [run_logging_flow(server, "logs-first", tmp_path)]
         expect_all_once(server, flow_runs, copy_file, bridge)
+        # The socket is subscribed and silent: that is not taken for "no
+        # logs". REST brought every line, the socket none; once the grace has
+        # gone by the bridge says so, and stays in mode rest.
+        backends.wait_until(lambda: counter(bridge, "socket_missed") > 0, 30,
+                            what="the silent socket noticed", proc=bridge.proc,
+                            log_path=bridge.log_path)
+        assert (counter(bridge, "live"), counter(bridge, "socket_lines")) == (0, 0)
+        assert counter(bridge, "reconciled") == counter(bridge, "taken") > 0
+        assert bridge.metric("otel_bridge_logs_mode", mode="rest") == 1
+        assert bridge.metric("otel_bridge_logs_mode", mode="websocket") == 0
+        hint = [r for r in bridge.log().splitlines()
+                if "PREFECT_SERVER_LOGS_STREAM_OUT_ENABLED=true" in r]
+        assert len(hint) == 1, bridge.log_tail()
+        assert not [r for r in bridge.log().splitlines() if '"logs_mode": "websocket"' in r]
 
         # A restart on the same store: the lines already sent are not sent
         # again, and those of a flow run while the bridge was down all come.
@@ -143,7 +176,52 @@ def test_every_stored_log_line_arrives_once_on_its_runs_span_across_a_restart(
         assert bridge.metric("otel_bridge_prefect_logs_total", counter="taken") > 0
 
 
-def expect_all_once(server, flow_runs: list[str], copy_file: Path, bridge: Bridge) -> None:
+def test_a_server_that_streams_its_logs_sends_them_by_the_websocket_each_once(
+        streaming_server, fleet, tmp_path):  # noqa: F811
+    copy_file = tmp_path / "received.jsonl"
+    with backends.collector(collector_config(tmp_path / "collector.yaml"),
+                            {"COPY_FILE": str(copy_file)}) as collector:
+        endpoint = f"http://127.0.0.1:{collector.ports['OTELCOL_OTLP_HTTP_PORT']}"
+        env = bridge_env(streaming_server, "http/protobuf", f"{endpoint}/v1/traces")
+        env["OTEL_EXPORTER_OTLP_LOGS_ENDPOINT"] = f"{endpoint}/v1/logs"
+        # REST polled slowly: what comes at once comes by the socket.
+        bridge = Bridge(tmp_path, "bridge", env, ["--logs", "--logs-poll-seconds", "3",
+                                                  "--logs-lateness-seconds", "6"])
+        fleet.bridges.append(bridge)
+        bridge.start()
+        # Nothing has come on the socket yet: rest, until it proves to deliver.
+        assert bridge.metric("otel_bridge_logs_mode", mode="rest") == 1
+        backends.wait_until(lambda: counter(bridge, "socket_connections") >= 1, 30,
+                            what="the logs websocket subscribed", proc=bridge.proc,
+                            log_path=bridge.log_path)
+
+        flow_runs = [run_logging_flow(streaming_server, "logs-streamed", tmp_path)]
+        stored = expect_all_once(streaming_server, flow_runs, copy_file, bridge)
+
+        assert bridge.metric("otel_bridge_logs_mode", mode="websocket") == 1
+        assert bridge.metric("otel_bridge_logs_mode", mode="rest") == 0
+        changes = bridge.log_records("Prefect's log lines: mode websocket")
+        assert len(changes) == 1 and changes[0]["logs_mode"] == "websocket", bridge.log_tail()
+        live = counter(bridge, "live")
+        assert live > 0
+        # REST reads them all again, and passes over what the socket brought.
+        backends.wait_until(lambda: counter(bridge, "duplicates") >= live, 30,
+                            what="REST reading the socket's lines again", proc=bridge.proc,
+                            log_path=bridge.log_path)
+        live, reconciled = counter(bridge, "live"), counter(bridge, "reconciled")
+        assert live + reconciled == counter(bridge, "taken") == len(stored)
+        assert counter(bridge, "socket_lines") >= live
+        print(f"\nstreaming server: {len(stored)} lines stored, {live:g} live, "
+              f"{reconciled:g} reconciled, {counter(bridge, 'duplicates'):g} duplicates")
+        assert counter(bridge, "socket_missed") == 0
+        assert not bridge.log_records("Prefect's log lines: mode rest")
+
+
+def counter(bridge: Bridge, name: str) -> float:
+    return bridge.metric("otel_bridge_prefect_logs_total", counter=name)
+
+
+def expect_all_once(server, flow_runs: list[str], copy_file: Path, bridge: Bridge) -> list[dict]:
     stored = stored_logs(server, flow_runs)
     assert len({log["task_run_id"] for log in stored if log["task_run_id"]}) >= 7  # 3+3+1 tasks
     wanted = {log["id"]: log for log in stored}
@@ -184,3 +262,4 @@ def expect_all_once(server, flow_runs: list[str], copy_file: Path, bridge: Bridg
     backends.wait_until(lambda: {f"prefect.flow-run.{f}" for f in flow_runs}
                         <= set(s["attributes"].get("prefect.resource.id")
                                for s in received(copy_file)[0]), 30, what="the flow runs' spans")
+    return stored

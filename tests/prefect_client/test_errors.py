@@ -61,5 +61,5 @@ def test_one_family_whatever_the_direction():
 
 def test_a_bad_events_url_is_a_configuration_error():
     api = resolve_api("http:///api", env={})
-    with pytest.raises(PrefectConfigError, match="bad events URL"):
+    with pytest.raises(PrefectConfigError, match="bad websocket URL"):
         asyncio.run(open_events_socket(api, "out", open_timeout=1))

@@ -62,6 +62,9 @@ def convert_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -
         sink.close()
         if metrics is not None:
             metrics.close()
+            if metrics.exports is not None and metrics.exports.failed:
+                raise RuntimeError("the metrics' endpoint refused them or could not be reached "
+                                   f"({metrics.exports.failed} exports failed)")
             summary += f", {metrics.runs_recorded} finished runs counted in the metrics"
     except Exception as exc:  # an output's failure must not look like success
         print(f"otel-bridge: output failed: {exc}", file=sys.stderr)

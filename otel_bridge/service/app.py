@@ -207,6 +207,7 @@ class Service:
         from otel_bridge.sinks.otlp_metrics import (
             BaselineExporter,
             BaselineReader,
+            CheckedExporter,
             OtlpJsonMetricExporter,
             RunMetricsRecorder,
             metric_exporter_from_env,
@@ -220,8 +221,16 @@ class Service:
                                       "Running": s.metrics_stuck_running_seconds})
         counter = RunCounter(self.store, lambda found: recorder.record_measurements(found),
                              Shard.parse(s.metrics_shard), thresholds)
-        exporter = (OtlpJsonMetricExporter(open(s.metrics_file, "a", encoding="utf-8"))
-                    if s.forward_to == "file" else metric_exporter_from_env())
+        def failed() -> None:  # on the reader's thread; the next export carries the same totals
+            self.metrics.export_failures.labels("otlp-metrics").inc()
+            if exporter.failed == 1 or exporter.failed % 10 == 0:
+                logger.warning("run metrics: exports are failing; each next one carries the same "
+                               "totals, so none is lost", extra={"failed": exporter.failed,
+                                                                 "succeeded": exporter.succeeded})
+
+        exporter = CheckedExporter(
+            OtlpJsonMetricExporter(open(s.metrics_file, "a", encoding="utf-8"))
+            if s.forward_to == "file" else metric_exporter_from_env(), failed)
         resource = resource_from_env()
         reader = BaselineReader(
             BaselineExporter(exporter, counter.totals, counter.started_unix_nano, resource))

@@ -65,7 +65,7 @@ from otel_bridge.translate.run_metrics import (
     RunMeasurements,
 )
 
-__all__ = ["BaselineExporter", "BaselineReader", "OtlpJsonMetricExporter", "RunMetricsRecorder",
+__all__ = ["BaselineExporter", "BaselineReader", "CheckedExporter", "OtlpJsonMetricExporter", "RunMetricsRecorder",
            "metric_exporter_from_env", "open_run_metrics", "request_json", "with_baseline"]
 
 OTLP = "otlp"  # `open_run_metrics`'s destination for the OTLP endpoint
@@ -112,6 +112,7 @@ class RunMetricsRecorder:
                 made = meter.create_counter(spec.name, spec.unit, spec.description)
             self._instruments[spec.name] = made
         self._open_runs = open_runs
+        self.exports: Optional[CheckedExporter] = None  # the outcomes, when sent to an endpoint
         if open_runs is not None:
             for spec in OPEN_RUN_INSTRUMENTS:
                 make = (meter.create_observable_up_down_counter if spec.kind == "updowncounter"
@@ -177,11 +178,48 @@ def open_run_metrics(destination: str, resource: Resource,
     """A recorder that sends to the OTLP endpoint (`destination` "otlp") or
     writes OTLP/JSON to `stream` at close."""
     if destination == OTLP:
-        return RunMetricsRecorder(PeriodicExportingMetricReader(metric_exporter_from_env()),
-                                  resource)
+        exporter = CheckedExporter(metric_exporter_from_env())
+        recorder = RunMetricsRecorder(PeriodicExportingMetricReader(exporter), resource)
+        recorder.exports = exporter
+        return recorder
     if stream is None:
         raise ValueError("OTLP/JSON metrics need a stream to write")
     return RunMetricsRecorder(InMemoryMetricReader(), resource, stream=stream)
+
+
+class CheckedExporter(MetricExporter):
+    """Another exporter, with its outcomes counted and its failures told
+    (`on_failure`): the SDK's reader logs a failed export and goes on, and
+    a batch that reported success when its metrics were refused would lose
+    them silently. (A cumulative export that fails loses nothing for good:
+    the next one carries the same totals, and more.)"""
+
+    def __init__(self, exporter: MetricExporter,
+                 on_failure: Optional[Callable[[], None]] = None) -> None:
+        super().__init__(preferred_temporality=exporter._preferred_temporality,
+                         preferred_aggregation=exporter._preferred_aggregation)
+        self._exporter, self._on_failure = exporter, on_failure
+        self.succeeded = self.failed = 0
+
+    def export(self, metrics_data: MetricsData, timeout_millis: float = 10_000,
+               **kwargs) -> MetricExportResult:
+        try:
+            result = self._exporter.export(metrics_data, timeout_millis=timeout_millis, **kwargs)
+        except Exception:
+            result = MetricExportResult.FAILURE
+        if result is MetricExportResult.SUCCESS:
+            self.succeeded += 1
+        else:
+            self.failed += 1
+            if self._on_failure is not None:
+                self._on_failure()
+        return result
+
+    def force_flush(self, timeout_millis: float = 10_000) -> bool:
+        return self._exporter.force_flush(timeout_millis)
+
+    def shutdown(self, timeout_millis: float = 30_000, **kwargs) -> None:
+        self._exporter.shutdown(timeout_millis=timeout_millis, **kwargs)
 
 
 class OtlpJsonMetricExporter(MetricExporter):

@@ -198,7 +198,7 @@ def test_prometheus_refuses_delta_temporality(prometheus, tmp_path):
     OTLP receiver as it runs by default (HTTP 500, "invalid temporality and
     type combination" in its log) and nothing of them is stored."""
     service = f"prefect-delta-{uuid.uuid4().hex[:8]}"
-    subprocess.run(
+    refused = subprocess.run(
         [sys.executable, "-m", "otel_bridge", "convert", str(CAPTURES[1]),
          "-o", str(tmp_path / "spans.jsonl"), "--metrics", "otlp"], cwd=ROOT,
         env={**os.environ, "OTEL_SERVICE_NAME": service,
@@ -206,6 +206,9 @@ def test_prometheus_refuses_delta_temporality(prometheus, tmp_path):
              "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL": "http/protobuf",
              "OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE": "delta"},
         capture_output=True, text=True, timeout=180)
+    # convert says so, rather than reporting success.
+    assert refused.returncode == 1, refused.stderr
+    assert "the metrics' endpoint refused them" in refused.stderr
     backends.wait_until(
         lambda: 'invalid temporality and type combination for metric \\"cicd.pipeline.run.duration'
         in prometheus.process.log(), 10, what="Prometheus to refuse the delta points")

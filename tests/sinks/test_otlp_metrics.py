@@ -133,3 +133,4 @@ def test_the_file_exporter_writes_one_request_per_export():
     exporter.export(data)
     lines = stream.getvalue().splitlines()
     assert [json.loads(line) for line in lines] == [request_json(data)] * 2
+

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any, Literal
+from typing import Any, Literal, Optional
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
@@ -41,7 +41,8 @@ from otel_bridge.prefect_client.errors import (
 )
 from otel_bridge.prefect_client.settings import PrefectApi
 
-__all__ = ["REFUSAL_CODES", "RETRYABLE", "is_refusal", "open_events_socket", "open_logs_socket"]
+__all__ = ["REFUSAL_CODES", "RETRYABLE", "is_refusal", "open_events_socket", "open_logs_socket",
+           "typed_frame"]
 
 # Network trouble worth a reconnect (Prefect's RETRYABLE_EXCEPTIONS), and a
 # handshake the server broke off (it restarted during the upgrade, say).
@@ -49,6 +50,21 @@ RETRYABLE = (OSError, asyncio.TimeoutError, ConnectionClosed, InvalidHandshake)
 # Close codes with which the server gives a verdict rather than drops us:
 # 1008 policy violation (authentication), 1002 protocol error (a bad filter).
 REFUSAL_CODES = (1002, 1008)
+
+
+def typed_frame(url: str, message: Any, kind: str) -> Optional[tuple[str, Any]]:
+    """A frame's text and JSON if it is of `kind` ("event", "log"): Prefect
+    3.9.1 sends only those after the handshake, and anything else a later
+    server might add is passed over (None). Raises `PrefectError` for a
+    frame that is not JSON."""
+    text = message.decode() if isinstance(message, bytes) else message
+    try:
+        frame = json.loads(text)
+    except ValueError as exc:
+        raise PrefectError(f"{url} sent a non-JSON frame: {text[:200]!r}") from exc
+    if isinstance(frame, dict) and frame.get("type") == kind:
+        return text, frame
+    return None
 
 
 def is_refusal(closed: ConnectionClosed) -> bool:

@@ -303,16 +303,10 @@ class PrefectLogSocket:
                 raise lost
 
     def _line(self, message: Any) -> Any:
-        text = message.decode() if isinstance(message, bytes) else message
-        try:
-            frame = json.loads(text)
-        except ValueError as exc:
-            raise PrefectError(f"{self.url} sent a non-JSON frame: {text[:200]!r}") from exc
-        # Prefect 3.9.1 sends only log frames after the handshake; anything
-        # else a later server might add is passed over.
-        if isinstance(frame, dict) and frame.get("type") == "log":
-            return frame.get("log")
-        return _NOT_A_LINE
+        from otel_bridge.prefect_client.events_socket import typed_frame
+
+        found = typed_frame(self.url, message, "log")
+        return _NOT_A_LINE if found is None else found[1].get("log")
 
 
 _NOT_A_LINE = object()

@@ -33,12 +33,16 @@ from websockets.exceptions import ConnectionClosed, ConnectionClosedOK
 from otel_bridge.backoff import Backoff
 from otel_bridge.prefect_client import (
     PrefectApi,
-    PrefectError,
     PrefectRefused,
     PrefectUnavailable,
     resolve_api,
 )
-from otel_bridge.prefect_client.events_socket import RETRYABLE, is_refusal, open_events_socket
+from otel_bridge.prefect_client.events_socket import (
+    RETRYABLE,
+    is_refusal,
+    open_events_socket,
+    typed_frame,
+)
 from otel_bridge.sources import Source
 
 logger = logging.getLogger(__name__)
@@ -147,15 +151,9 @@ class PrefectEventStream(Source):
                 return
             # ConnectionClosedError (abnormal close, or 1002 for a filter the
             # server rejected) propagates: the caller must know it lost events.
-            text = message.decode() if isinstance(message, bytes) else message
-            try:
-                frame = json.loads(text)
-            except ValueError as exc:
-                raise PrefectError(f"{self.url} sent a non-JSON frame: {text[:200]!r}") from exc
-            # Prefect 3.9.1 sends only event frames after the handshake; skip
-            # anything else a later server might add.
-            if isinstance(frame, dict) and frame.get("type") == "event":
-                yield text, frame
+            found = typed_frame(self.url, message, "event")
+            if found is not None:
+                yield found
 
     async def frames(self) -> AsyncIterator[str]:
         """Raw text of each ``{"type": "event", ...}`` frame; ends on a clean close."""

@@ -10,7 +10,7 @@ import sqlite3
 import pytest
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.resources import Resource
-from support.helpers import FIXTURES, convert, events, load_jsonl
+from support.helpers import FIXTURES, convert, events, load_jsonl, metric_points, totals_points
 
 from otel_bridge.service.metrics import Metrics
 from otel_bridge.service.pipeline import Pipeline
@@ -62,22 +62,10 @@ class Process:
         """What the exporter would send now: this process's points plus the baseline."""
         data = with_baseline(self.reader.get_metrics_data(), self.baseline,
                              self.counter.started_unix_nano, RESOURCE)
-        return _points(data)
+        return metric_points(data)
 
     def crash(self):
         self.store.close()
-
-
-def _points(data) -> dict:
-    out = {}
-    for rm in data.resource_metrics:
-        for sm in rm.scope_metrics:
-            for metric in sm.metrics:
-                for p in metric.data.data_points:
-                    key = (metric.name, tuple(sorted(p.attributes.items())))
-                    out[key] = ((p.count, round(p.sum, 6), tuple(p.bucket_counts))
-                                if hasattr(p, "bucket_counts") else p.value)
-    return out
 
 
 def _expected(names, shard=Shard()) -> dict:
@@ -88,9 +76,7 @@ def _expected(names, shard=Shard()) -> dict:
             found = run_measurements(span)
             if found and shard.mine(found.span_id) and counted.first_time(found.span_id):
                 add_measurements(totals, found.measurements)
-    return {key: ((t.count, round(t.sum, 6), tuple(t.bucket_counts))
-                  if t.bucket_counts is not None else t.sum)
-            for key, t in totals.items()}
+    return totals_points(totals)
 
 
 def test_a_restart_mid_stream_with_every_event_read_again_changes_no_count(tmp_path):

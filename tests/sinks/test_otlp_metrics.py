@@ -17,6 +17,8 @@ from opentelemetry.sdk.metrics import Counter as CounterInstrument
 from opentelemetry.sdk.metrics import Histogram as HistogramInstrument
 from opentelemetry.sdk.resources import Resource
 
+from support.helpers import metric_points
+
 from otel_bridge.sinks.otlp_metrics import (
     OtlpJsonMetricExporter,
     RunMetricsRecorder,
@@ -62,21 +64,6 @@ def _recorded(measurements, temporality=None, baseline=None, start=0):
     return data
 
 
-def _points(data) -> dict:
-    """(metric, attributes) -> the point's values, without times."""
-    out = {}
-    for rm in data.resource_metrics:
-        for sm in rm.scope_metrics:
-            for metric in sm.metrics:
-                for p in metric.data.data_points:
-                    key = (metric.name, tuple(sorted(p.attributes.items())))
-                    if hasattr(p, "bucket_counts"):
-                        out[key] = (p.count, round(p.sum, 6), tuple(p.bucket_counts), p.min, p.max)
-                    else:
-                        out[key] = round(p.value, 6)
-    return out
-
-
 @settings(max_examples=60, deadline=None)
 @given(st.lists(VALUES, min_size=1, max_size=30), st.lists(NAMES, min_size=30, max_size=30),
        st.integers(min_value=0, max_value=30))
@@ -88,7 +75,7 @@ def test_a_baseline_of_earlier_totals_exports_what_one_process_would(values, nam
     add_measurements(totals, earlier)
     # The totals go through the store's text form.
     stored = {key: SeriesTotal.from_json(total.to_json()) for key, total in totals.items()}
-    assert _points(_recorded(later, baseline=stored, start=1)) == _points(_recorded(measurements))
+    assert metric_points(_recorded(later, baseline=stored, start=1)) == metric_points(_recorded(measurements))
 
 
 def test_baseline_points_start_when_the_store_first_counted_and_delta_is_left_alone():
@@ -103,24 +90,24 @@ def test_baseline_points_start_when_the_store_first_counted_and_delta_is_left_al
              CounterInstrument: AggregationTemporality.DELTA}
     plain = _recorded(_measurements([7.0], ["a"]), temporality=delta)
     with_base = _recorded(_measurements([7.0], ["a"]), temporality=delta, baseline=totals, start=123)
-    assert _points(with_base) == _points(plain)
+    assert metric_points(with_base) == metric_points(plain)
 
 
 def test_series_of_earlier_processes_only_are_exported_too():
     totals: dict = {}
     add_measurements(totals, _measurements([2.0, 40.0], ["a", "b"]))
     data = _recorded([], baseline=totals, start=5)  # this process counted nothing yet
-    assert _points(data) == _points(_recorded(_measurements([2.0, 40.0], ["a", "b"])))
+    assert metric_points(data) == metric_points(_recorded(_measurements([2.0, 40.0], ["a", "b"])))
 
 
 def test_open_runs_are_observed_at_each_export_and_a_series_seen_once_reports_zero():
     now = [Measurement(FLOW_RUN_STUCK, 2, (("cicd.pipeline.name", "f"), ("prefect.state.name", "Late")))]
     reader = InMemoryMetricReader()
     RunMetricsRecorder(reader, RESOURCE, open_runs=lambda: now)
-    first = _points(reader.get_metrics_data())
+    first = metric_points(reader.get_metrics_data())
     assert first[("prefect.flow.run.stuck", (("cicd.pipeline.name", "f"), ("prefect.state.name", "Late")))] == 2
     now = []
-    second = _points(reader.get_metrics_data())
+    second = metric_points(reader.get_metrics_data())
     assert second[("prefect.flow.run.stuck", (("cicd.pipeline.name", "f"), ("prefect.state.name", "Late")))] == 0
 
 

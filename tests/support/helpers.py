@@ -101,3 +101,27 @@ def self_signed_certificate(directory: Path) -> tuple[Path, Path]:
                     "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
                     "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
     return cert, key
+
+
+def metric_points(data) -> dict:
+    """The SDK's `MetricsData` as {(metric, attributes): values}, without
+    times: a histogram's (count, sum, bucket counts, min, max), a sum's or
+    gauge's value. Sums rounded to the microsecond."""
+    out = {}
+    for rm in data.resource_metrics if data is not None else ():
+        for sm in rm.scope_metrics:
+            for metric in sm.metrics:
+                for p in metric.data.data_points:
+                    key = (metric.name, tuple(sorted(p.attributes.items())))
+                    if hasattr(p, "bucket_counts"):
+                        out[key] = (p.count, round(p.sum, 6), tuple(p.bucket_counts), p.min, p.max)
+                    else:
+                        out[key] = round(p.value, 6)
+    return out
+
+
+def totals_points(totals) -> dict:
+    """`metric_points`'s form of series totals (`translate.metric_totals`)."""
+    return {key: ((t.count, round(t.sum, 6), tuple(t.bucket_counts), t.min, t.max)
+                  if t.bucket_counts is not None else round(t.sum, 6))
+            for key, t in totals.items()}

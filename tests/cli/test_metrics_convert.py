@@ -5,10 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from support.helpers import FIXTURES, convert, load_jsonl
+from support.helpers import FIXTURES, measured_runs
 
 from otel_bridge.cli import main
-from otel_bridge.translate.run_metrics import CountedRuns, run_measurements
 
 CAPTURES = [FIXTURES / f"{name}.jsonl" for name in
             ("failure", "crash-sigterm", "timeout", "cancelled", "retries-immediate", "not-ready")]
@@ -34,16 +33,12 @@ def _points(path) -> dict:
 
 
 def _expected() -> dict:
-    counted, out = CountedRuns(), {}
-    for capture in CAPTURES:
-        for span in convert(load_jsonl(capture)):
-            found = run_measurements(span)
-            if found is None or not counted.first_time(found.span_id):
-                continue
-            for m in found.measurements:
-                key = (m.instrument.name, m.instrument.unit, m.attributes)
-                n, total = out.get(key, (0, 0.0))
-                out[key] = (n + 1, total + m.value)
+    out = {}
+    for found in measured_runs(CAPTURES):
+        for m in found.measurements:
+            key = (m.instrument.name, m.instrument.unit, m.attributes)
+            n, total = out.get(key, (0, 0.0))
+            out[key] = (n + 1, total + m.value)
     return {k: (n, round(total, 6) if k[0].endswith("duration") else None)
             for k, (n, total) in out.items()}
 

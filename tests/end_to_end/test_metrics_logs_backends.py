@@ -27,10 +27,10 @@ from pathlib import Path
 
 import pytest
 from support.factories import prefect_log, runs_of_span
-from support.helpers import FIXTURES, ROOT, convert, load_jsonl
+from support.helpers import FIXTURES, ROOT, convert, load_jsonl, measured_runs
 
 from otel_bridge.translate.logs import log_record
-from otel_bridge.translate.run_metrics import DURATION_BUCKETS, CountedRuns, run_measurements
+from otel_bridge.translate.run_metrics import DURATION_BUCKETS
 from support import backends
 
 # A cold cache builds the backends from source first.
@@ -94,15 +94,11 @@ def collector(prometheus, victorialogs):
 def expected_measurements() -> dict[tuple[str, tuple], list[float]]:
     """(metric, attributes as Prometheus labels) -> every value recorded, as
     the pure core measures the captures' runs (each run once)."""
-    counted, out = CountedRuns(), defaultdict(list)
-    for capture in CAPTURES:
-        for span in convert(load_jsonl(capture)):
-            found = run_measurements(span)
-            if found is None or not counted.first_time(found.span_id):
-                continue
-            for m in found.measurements:
-                labels = tuple(sorted((k.replace(".", "_"), v) for k, v in m.attributes))
-                out[(m.instrument.name, labels)].append(m.value)
+    out = defaultdict(list)
+    for found in measured_runs(CAPTURES):
+        for m in found.measurements:
+            labels = tuple(sorted((k.replace(".", "_"), v) for k, v in m.attributes))
+            out[(m.instrument.name, labels)].append(m.value)
     return dict(out)
 
 

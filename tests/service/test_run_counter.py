@@ -10,7 +10,14 @@ import sqlite3
 import pytest
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.resources import Resource
-from support.helpers import FIXTURES, convert, events, load_jsonl, metric_points, totals_points
+from support.helpers import (
+    FIXTURES,
+    events,
+    load_jsonl,
+    measured_runs,
+    metric_points,
+    totals_points,
+)
 
 from otel_bridge.service.metrics import Metrics
 from otel_bridge.service.pipeline import Pipeline
@@ -19,7 +26,6 @@ from otel_bridge.service.store import Store
 from otel_bridge.sinks.otlp_metrics import RunMetricsRecorder, with_baseline
 from otel_bridge.translate.assembler import AssemblerOptions
 from otel_bridge.translate.metric_totals import add_measurements
-from otel_bridge.translate.run_metrics import CountedRuns, run_measurements
 
 CAPTURES = ["failure", "crash-sigterm", "timeout", "cancelled", "retries-immediate", "not-ready",
             "nested-tasks", "mapped"]
@@ -70,12 +76,10 @@ class Process:
 
 def _expected(names, shard=Shard()) -> dict:
     """What one uninterrupted process makes of these captures: the pure core."""
-    counted, totals = CountedRuns(), {}
-    for name in names:
-        for span in convert(load_jsonl(FIXTURES / f"{name}.jsonl")):
-            found = run_measurements(span)
-            if found and shard.mine(found.span_id) and counted.first_time(found.span_id):
-                add_measurements(totals, found.measurements)
+    totals: dict = {}
+    for found in measured_runs(FIXTURES / f"{name}.jsonl" for name in names):
+        if shard.mine(found.span_id):
+            add_measurements(totals, found.measurements)
     return totals_points(totals)
 
 

@@ -6,11 +6,10 @@ from __future__ import annotations
 import json
 import time
 
-from support.helpers import FIXTURES, convert, load_jsonl
+from support.helpers import FIXTURES, convert, measured_runs
 from test_serve_endpoints import TOKEN, fixture, lines, serving, spans_in, wait_for
 
 from otel_bridge.translate.metric_totals import add_measurements
-from otel_bridge.translate.run_metrics import CountedRuns, run_measurements
 
 CAPTURES = ["failure", "crash-sigterm", "timeout", "cancelled", "retries-immediate", "not-ready",
             "nested-tasks"]
@@ -37,12 +36,9 @@ def _last_export(path) -> dict:
 
 
 def _expected(names) -> dict:
-    counted, totals = CountedRuns(), {}
-    for name in names:
-        for span in convert(load_jsonl(FIXTURES / f"{name}.jsonl")):
-            found = run_measurements(span)
-            if found and counted.first_time(found.span_id):
-                add_measurements(totals, found.measurements)
+    totals: dict = {}
+    for found in measured_runs(FIXTURES / f"{name}.jsonl" for name in names):
+        add_measurements(totals, found.measurements)
     return {key: ((t.count, round(t.sum, 6), tuple(t.bucket_counts))
                   if t.bucket_counts is not None else int(t.sum))
             for key, t in totals.items()}

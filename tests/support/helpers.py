@@ -125,3 +125,17 @@ def totals_points(totals) -> dict:
     return {key: ((t.count, round(t.sum, 6), tuple(t.bucket_counts), t.min, t.max)
                   if t.bucket_counts is not None else round(t.sum, 6))
             for key, t in totals.items()}
+
+
+def measured_runs(captures: Iterable[Path]) -> list:
+    """The run measurements of the captures' runs, each run once, as the
+    pure core measures them (`translate.run_metrics`)."""
+    from otel_bridge.translate.run_metrics import CountedRuns, run_measurements
+
+    counted, out = CountedRuns(), []
+    for capture in captures:
+        for span in convert(load_jsonl(capture)):
+            found = run_measurements(span)
+            if found is not None and counted.first_time(found.span_id):
+                out.append(found)
+    return out

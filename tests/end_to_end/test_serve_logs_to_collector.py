@@ -131,18 +131,23 @@ def run_logging_flow(server, name: str, tmp_path: Path) -> str:
     return runs[0]["id"]
 
 
+def logs_bridge(server, collector, fleet, tmp_path: Path, poll_seconds: float) -> Bridge:
+    """`serve --logs` following `server`, spans and log records to `collector`, started."""
+    endpoint = f"http://127.0.0.1:{collector.ports['OTELCOL_OTLP_HTTP_PORT']}"
+    env = bridge_env(server, "http/protobuf", f"{endpoint}/v1/traces")
+    env["OTEL_EXPORTER_OTLP_LOGS_ENDPOINT"] = f"{endpoint}/v1/logs"
+    bridge = Bridge(tmp_path, "bridge", env, ["--logs", "--logs-poll-seconds", str(poll_seconds),
+                                              "--logs-lateness-seconds", "6"])
+    fleet.bridges.append(bridge)
+    return bridge.start()
+
+
 def test_every_stored_log_line_arrives_once_on_its_runs_span_across_a_restart(
         server, fleet, tmp_path):  # noqa: F811
     copy_file = tmp_path / "received.jsonl"
     with backends.collector(collector_config(tmp_path / "collector.yaml"),
                             {"COPY_FILE": str(copy_file)}) as collector:
-        endpoint = f"http://127.0.0.1:{collector.ports['OTELCOL_OTLP_HTTP_PORT']}"
-        env = bridge_env(server, "http/protobuf", f"{endpoint}/v1/traces")
-        env["OTEL_EXPORTER_OTLP_LOGS_ENDPOINT"] = f"{endpoint}/v1/logs"
-        bridge = Bridge(tmp_path, "bridge", env, ["--logs", "--logs-poll-seconds", "0.5",
-                                                  "--logs-lateness-seconds", "6"])
-        fleet.bridges.append(bridge)
-        bridge.start()
+        bridge = logs_bridge(server, collector, fleet, tmp_path, poll_seconds=0.5)
         assert bridge.metric("otel_bridge_logs_mode", mode="rest") == 1
         said = [r for r in bridge.log().splitlines() if '"logs_mode": "rest"' in r]
         assert said, bridge.log_tail()
@@ -181,14 +186,8 @@ def test_a_server_that_streams_its_logs_sends_them_by_the_websocket_each_once(
     copy_file = tmp_path / "received.jsonl"
     with backends.collector(collector_config(tmp_path / "collector.yaml"),
                             {"COPY_FILE": str(copy_file)}) as collector:
-        endpoint = f"http://127.0.0.1:{collector.ports['OTELCOL_OTLP_HTTP_PORT']}"
-        env = bridge_env(streaming_server, "http/protobuf", f"{endpoint}/v1/traces")
-        env["OTEL_EXPORTER_OTLP_LOGS_ENDPOINT"] = f"{endpoint}/v1/logs"
         # REST polled slowly: what comes at once comes by the socket.
-        bridge = Bridge(tmp_path, "bridge", env, ["--logs", "--logs-poll-seconds", "3",
-                                                  "--logs-lateness-seconds", "6"])
-        fleet.bridges.append(bridge)
-        bridge.start()
+        bridge = logs_bridge(streaming_server, collector, fleet, tmp_path, poll_seconds=3)
         # Nothing has come on the socket yet: rest, until it proves to deliver.
         assert bridge.metric("otel_bridge_logs_mode", mode="rest") == 1
         backends.wait_until(lambda: counter(bridge, "socket_connections") >= 1, 30,

@@ -14,7 +14,7 @@ serve` process (its own store) per configuration, following that server:
 
 CAPTURE (default: the real 500-task flow
 tests/fixtures/prefect-3.9.1-telemetry/map-500.jsonl) replicated N times
-(default 12: 18,000 events, 6,000 task runs, 12,000 log lines) by the shared
+(default 40: 60,200 events, 20,040 runs, 40,080 log lines) by the shared
 yardstick's replicator (`shared/perf/` beside the repo), pushed to `POST
 /v1/events` by its push load (4 clients, 500 a batch); spans go to its
 counting receiver over OTLP/gRPC, metrics and log records to a small
@@ -29,7 +29,10 @@ For each process:
   stopped: start-up included ("total"), and without what it had used when
   it was ready ("from ready");
 - wall: seconds from the first push until every span has been counted (and
-  every log record, with logs on).
+  every log record, with logs on); the push's own seconds, and the spans
+  counted when it ended, are printed beside it. With logs on, the wall time
+  includes the Prefect server answering the follower's pages, on the same
+  2 cores.
 
 Prints each configuration's medians and their ratio to "off" (goal of issue
 #14: CPU per event at most 1.2x). Asserts nothing but that every span and
@@ -39,6 +42,11 @@ Each log line is read twice by the follower, as in steady state (the fresh
 pass, then the late pass `logs_lateness_seconds` later for lines stored
 late): the lines' timestamps are older than the lateness, so both passes
 read them within the timed window; the second read finds them taken.
+
+With SIGNALS_PYSPY=/path/to/py-spy, the last round's processes are
+profiled from ready to stopped (collapsed stacks, native frames too, in
+$TMPDIR/signals-profiles/); the profiler's pauses then skew that round's
+figures.
 """
 
 from __future__ import annotations
@@ -232,7 +240,7 @@ def one_serve(flags: list[str], server: LocalPrefectServer, events: Path, spans:
         if profile:
             spy = subprocess.Popen([profile, "record", "-p", str(service.pid), "-o",
                                     str(workdir / f"profile-{'-'.join(flags) or 'off'}.txt"),
-                                    "-f", "raw", "-r", "50", "-n"],
+                                    "-f", "raw", "-r", "200", "-n"],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             time.sleep(1)
         started = time.perf_counter()
@@ -240,6 +248,8 @@ def one_serve(flags: list[str], server: LocalPrefectServer, events: Path, spans:
                                  f"http://127.0.0.1:{port}/v1/events", TOKEN, "500", "4"],
                                 check=True, stdout=subprocess.PIPE, text=True)
         acked = int(pushed.stdout.split()[0])
+        push = time.perf_counter() - started
+        spans_at_push = receiver.count() - spans_before
         wait_until(lambda: receiver.count() - spans_before >= spans, timeout=900, interval=0.1,
                    what="every span at the receiver")
         if log_records:
@@ -254,7 +264,8 @@ def one_serve(flags: list[str], server: LocalPrefectServer, events: Path, spans:
         service.terminate()
         service.wait(60)
     points_after, _, records_after = signals.counts()
-    return {"events": acked, "cpu": cpu, "cpu_ready": cpu - ready_cpu, "wall": wall,
+    return {"events": acked, "cpu": cpu, "cpu_ready": cpu - ready_cpu, "wall": wall, "push": push,
+            "spans_at_push": spans_at_push,
             "spans": receiver.count() - spans_before,
             "points": points_after - points_before, "records": records_after - records_before}
 
@@ -262,7 +273,7 @@ def one_serve(flags: list[str], server: LocalPrefectServer, events: Path, spans:
 # -- the whole ---------------------------------------------------------------------------
 
 def main(argv: list[str]) -> int:
-    copies = int(argv[0]) if argv else 12
+    copies = int(argv[0]) if argv else 40
     rounds = int(argv[1]) if len(argv) > 1 else 3
     capture = Path(argv[2]) if len(argv) > 2 else DEFAULT_CAPTURE
     # A py-spy executable: the last round's processes profiled, one file each.
@@ -296,7 +307,8 @@ def main(argv: list[str]) -> int:
                     assert result["events"] == len(lines), (result, len(lines))
                     results[name].append(result)
                     print(f"  round {round_ + 1} {name:13s} cpu {result['cpu']:6.2f} s "
-                          f"(from ready {result['cpu_ready']:6.2f})  wall {result['wall']:6.2f} s  "
+                          f"(from ready {result['cpu_ready']:6.2f})  wall {result['wall']:6.2f} s "
+                          f"(push {result['push']:5.2f}, {result['spans_at_push']} spans by then)  "
                           f"spans {result['spans']}  metric points {result['points']}  "
                           f"log records {result['records']}", flush=True)
             if profile:

@@ -38,7 +38,7 @@ from otel_bridge.service.run_metrics import RunCounter
 from otel_bridge.service.store import Store
 from otel_bridge.service.time_slices import TimeSlices
 from otel_bridge.translate.assembler import Assembler, AssemblerOptions
-from otel_bridge.translate.logs import checked_log, log_placement, log_record
+from otel_bridge.translate.logs import checked_log, log_placement, record_of_checked
 from otel_bridge.translate.reverse import iter_events_from_span
 
 __all__ = ["EVENT", "LOG", "MAX_EVENTS_PER_REQUEST", "MAX_EVENTS_PER_SPAN", "SPAN", "Intake", "Pipeline",
@@ -60,8 +60,9 @@ def decode(kind: str, body: bytes) -> Span | Event | LogRecord:
         return Event.model_validate_json(body)
     if kind == LOG:
         # Kept as the checked log line, not the record: translation is pure,
-        # so a record is the same whenever it is made.
-        record = log_record(pydantic_core.from_json(body))
+        # so a record is the same whenever it is made. Checked on the way in,
+        # not again on the way out.
+        record = record_of_checked(pydantic_core.from_json(body))
         if record is None:
             raise ValueError("a log line of no run in the outbox")
         return record

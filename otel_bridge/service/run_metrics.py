@@ -68,7 +68,7 @@ class RunCounter:
         # base of the rows a transaction writes.
         self.totals: dict[SeriesKey, SeriesTotal] = store.metric_totals()
         self._staged: dict[SeriesKey, SeriesTotal] = {}
-        self._pending: list[RunMeasurements] = []
+        self._pending: dict[int, RunMeasurements] = {}  # by span id, in the order counted
         self._open_runs: list[Measurement] = []
         if store.get_meta(STARTED_KEY) is None:
             with store.transaction():
@@ -82,8 +82,7 @@ class RunCounter:
         if not self.shard.mine(span.span_id):
             return
         found = run_measurements(span)
-        if found is None or found.span_id in self._counted or any(
-                p.span_id == found.span_id for p in self._pending):
+        if found is None or found.span_id in self._counted or found.span_id in self._pending:
             return
         changed = {}
         for m in found.measurements:
@@ -96,18 +95,18 @@ class RunCounter:
         self.store.count_run(found.span_id, changed)
         if not self._pending:
             self.store.on_commit(self._committed, self._rolled_back)
-        self._pending.append(found)
+        self._pending[found.span_id] = found
 
     def _committed(self) -> None:
         self.totals.update(self._staged)
-        for found in self._pending:
+        for found in self._pending.values():
             self._counted.first_time(found.span_id)
             self._record(found.measurements)
             self.runs_counted += 1
-        self._staged, self._pending = {}, []
+        self._staged, self._pending = {}, {}
 
     def _rolled_back(self) -> None:
-        self._staged, self._pending = {}, []
+        self._staged, self._pending = {}, {}
 
     # -- the open runs --------------------------------------------------------------------
 

@@ -228,6 +228,11 @@ class CountedRuns:
             self._seen.popitem(last=False)
         return True
 
+    def __contains__(self, span_id: object) -> bool:
+        # A lookup, not the scan `in` makes over `__iter__`: a sidecar asks
+        # for every run it emits, with up to `limit` remembered.
+        return span_id in self._seen
+
     def __len__(self) -> int:
         return len(self._seen)
 

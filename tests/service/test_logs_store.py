@@ -30,6 +30,23 @@ def test_log_lines_go_to_the_outbox_and_come_back_as_their_records(tmp_path):
     store.close()
 
 
+def test_a_line_in_any_accepted_form_comes_back_as_the_record_it_makes(tmp_path):
+    # Checked on the way in only: what the outbox keeps is the checked form,
+    # and the record made of it without a second check is the line's record.
+    lines = [prefect_log(id=prefect_log()["id"].upper(), timestamp="2026-03-01T11:00:01.25+01:00",
+                         created=None),
+             prefect_log(timestamp="2026-03-01T10:00:01", worker_id=prefect_log()["id"],
+                         level=25, message="ünïcode \u2028 line"),
+             prefect_log(task_run_id=None, name="prefect.flow_runs", level=0, message="")]
+    store = Store(tmp_path / "store.sqlite3")
+    with store.transaction():
+        intake, _ = Pipeline(store, Metrics()).take_logs(lines, "test")
+    assert intake.accepted == len(lines)
+    items = store.peek(LOG, 10, 1 << 20)
+    assert [decode(LOG, item.body) for item in items] == [log_record(line) for line in lines]
+    store.close()
+
+
 def test_ids_taken_are_remembered_until_forgotten_by_time(tmp_path):
     store = Store(tmp_path / "store.sqlite3")
     with store.transaction():

@@ -115,6 +115,16 @@ def test_a_run_seen_twice_in_any_order_counts_once():
     assert sum(v for (n, _, kind), v in once.items() if kind == "n") > 100
 
 
+def test_counted_runs_answers_membership_by_lookup_not_by_scanning(monkeypatch):
+    # `in` fell back to __iter__: a scan of up to 100,000 span ids for every
+    # run a sidecar emitted, which made --metrics cost 1.5x the spans alone.
+    counted = CountedRuns(counted=range(1, 1001))
+    monkeypatch.setattr(CountedRuns, "__iter__", lambda self: pytest.fail("scanned"))
+    assert 500 in counted and 1001 not in counted
+    counted.first_time(1001)
+    assert 1001 in counted
+
+
 def test_counted_runs_is_bounded_and_forgets_the_oldest_first():
     counted = CountedRuns(limit=2, counted=[1, 2])
     assert not counted.first_time(1)

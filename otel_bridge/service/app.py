@@ -201,8 +201,10 @@ class Service:
 
     def _start_run_metrics(self) -> None:
         """Run metrics through the SDK's `MeterProvider`, exported every
-        OTEL_METRIC_EXPORT_INTERVAL ms by its periodic reader, with what the
-        store counted before this process as the baseline."""
+        OTEL_METRIC_EXPORT_INTERVAL ms by its periodic reader: the totals the
+        store keeps (cumulative), or each export's runs (delta)."""
+        from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+
         from otel_bridge.service.run_metrics import RunCounter, Shard
         from otel_bridge.sinks.otlp_metrics import (
             BaselineExporter,
@@ -219,8 +221,7 @@ class Service:
         thresholds = StuckThresholds({"Late": s.metrics_stuck_late_seconds,
                                       "Pending": s.metrics_stuck_pending_seconds,
                                       "Running": s.metrics_stuck_running_seconds})
-        counter = RunCounter(self.store, lambda found: recorder.record_measurements(found),
-                             Shard.parse(s.metrics_shard), thresholds)
+
         def failed() -> None:  # on the reader's thread; the next export carries the same totals
             self.metrics.export_failures.labels("otlp-metrics").inc()
             if exporter.failed == 1 or exporter.failed % 10 == 0:
@@ -232,8 +233,17 @@ class Service:
             OtlpJsonMetricExporter(open(s.metrics_file, "a", encoding="utf-8"))
             if s.forward_to == "file" else metric_exporter_from_env(), failed)
         resource = resource_from_env()
-        reader = BaselineReader(
-            BaselineExporter(exporter, counter.totals, counter.started_unix_nano, resource))
+        counter = RunCounter(self.store, None, Shard.parse(s.metrics_shard), thresholds)
+        totals = BaselineExporter(exporter, lambda: counter.totals, counter.started_unix_nano,
+                                  resource)
+        if totals.cumulative():
+            # The store's totals are the series: exact, and continued across
+            # restarts; the SDK's reader and exporter send them.
+            reader = BaselineReader(totals)
+        else:
+            # Delta: the SDK aggregates each export's runs itself.
+            reader = PeriodicExportingMetricReader(exporter)
+            counter.record = lambda found: recorder.record_measurements(found)
         recorder = RunMetricsRecorder(reader, resource, open_runs=counter.open_run_measurements)
         counter.observe_open_runs(self.pipeline.assembler.open_run_states())
         self.pipeline.run_counter, self._run_metrics = counter, recorder

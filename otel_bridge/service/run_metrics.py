@@ -3,16 +3,17 @@ in the store, whatever restarts; the open runs observed at each export.
 
 A run is counted when its span is emitted, in the same transaction: its
 span id goes in `counted_runs`, and the totals of the series it adds to in
-`metric_totals`. The SDK records it once that transaction has committed, so
-the exporter never shows a count the disk does not have. At start, the
-store's totals become the exporter's baseline (`BaselineExporter`), and its
-counted span ids the runs not to count again: a run rebuilt after a crash,
-or whose events are read again, is found counted.
+`metric_totals` (written once per transaction, just before it commits).
+Memory follows only once the transaction has committed, so an export never
+shows a count the disk does not hold. The committed totals are the
+cumulative series the exporter sends (`BaselineExporter`): exact, and
+continued by the next process on the same store, which starts from them;
+the counted span ids are the runs not to count again (a run built again
+after the assembler forgot it, or read again after a crash).
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 import time
 from typing import Callable, Optional, Sequence
@@ -20,7 +21,7 @@ from typing import Callable, Optional, Sequence
 from otel_bridge.model.spans import Span
 from otel_bridge.service.store import Store
 from otel_bridge.translate.ids import span_id_for
-from otel_bridge.translate.metric_totals import SeriesKey, SeriesTotal, add_measurements
+from otel_bridge.translate.metric_totals import SeriesKey, SeriesTotal
 from otel_bridge.translate.open_run_metrics import OpenRun, StuckThresholds, active_runs, stuck_runs
 from otel_bridge.translate.run_metrics import CountedRuns, Measurement, RunMeasurements, run_measurements
 
@@ -57,15 +58,17 @@ class Shard:
 
 
 class RunCounter:
-    """Counts finished runs into the store and the recorder (anything with
-    `record_measurements`), once each; observes the open runs for it."""
+    """Counts finished runs into the store, once each, and keeps the
+    committed totals (`totals`, what a cumulative export reads); observes
+    the open runs. `record`, if given, also gets each run's measurements
+    once committed (for an SDK that aggregates them itself: delta)."""
 
-    def __init__(self, store: Store, record: Callable[[Sequence[Measurement]], None],
+    def __init__(self, store: Store, record: Optional[Callable[[Sequence[Measurement]], None]] = None,
                  shard: Shard = Shard(), thresholds: StuckThresholds = StuckThresholds()) -> None:
-        self.store, self._record, self.shard, self.thresholds = store, record, shard, thresholds
+        self.store, self.record, self.shard, self.thresholds = store, record, shard, thresholds
         self._counted = CountedRuns(store.remember_finished_runs, store.counted_runs())
-        # Committed totals: the baseline for an exporter made now, and the
-        # base of the rows a transaction writes.
+        # Committed totals, replaced whole at each commit (never changed in
+        # place): the exporter's thread reads them as they were at a commit.
         self.totals: dict[SeriesKey, SeriesTotal] = store.metric_totals()
         self._staged: dict[SeriesKey, SeriesTotal] = {}
         self._pending: dict[int, RunMeasurements] = {}  # by span id, in the order counted
@@ -78,31 +81,35 @@ class RunCounter:
 
     def span_emitted(self, span: Span) -> None:
         """Within the transaction that emits the span: count its run, unless
-        it is not this replica's, not finished, or counted already."""
+        it is not this replica's, not finished, or counted already. What a
+        transaction counts is written to the store once, just before it
+        commits (a few statements for hundreds of runs)."""
         if not self.shard.mine(span.span_id):
             return
         found = run_measurements(span)
         if found is None or found.span_id in self._counted or found.span_id in self._pending:
             return
-        changed = {}
         for m in found.measurements:
             key = (m.instrument.name, m.attributes)
-            if key not in self._staged:
+            total = self._staged.get(key)
+            if total is None:
                 base = self.totals.get(key)
-                self._staged[key] = copy.deepcopy(base) if base is not None else SeriesTotal()
-            changed[key] = self._staged[key]
-        add_measurements(self._staged, found.measurements)
-        self.store.count_run(found.span_id, changed)
+                total = self._staged[key] = base.copy() if base is not None else SeriesTotal()
+            total.add(m)
         if not self._pending:
-            self.store.on_commit(self._committed, self._rolled_back)
+            self.store.on_commit(self._committed, self._rolled_back, before=self._write)
         self._pending[found.span_id] = found
 
+    def _write(self) -> None:
+        self.store.count_runs(list(self._pending), self._staged)
+
     def _committed(self) -> None:
-        self.totals.update(self._staged)
+        self.totals = {**self.totals, **self._staged}
         for found in self._pending.values():
             self._counted.first_time(found.span_id)
-            self._record(found.measurements)
-            self.runs_counted += 1
+            if self.record is not None:
+                self.record(found.measurements)
+        self.runs_counted += len(self._pending)
         self._staged, self._pending = {}, {}
 
     def _rolled_back(self) -> None:

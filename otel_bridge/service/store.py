@@ -172,6 +172,7 @@ class Store:
         self._lock = _exclusive_lock(self.path.with_name(self.path.name + ".lock"))
         self._depth = 0
         self._on_commit: list[tuple[Callable[[], None], Optional[Callable[[], None]]]] = []
+        self._before_commit: list[Callable[[], None]] = []
         # Rows restore could not read (`open_events`, `finished_runs`):
         # passed over, counted, logged by the service.
         self.unreadable_rows = 0
@@ -200,16 +201,18 @@ class Store:
         self._depth -= 1
         if self._depth == 0:
             try:
+                for before in self._before_commit:
+                    before()
                 self._db.execute("COMMIT")
             except BaseException:
                 self._roll_back()
                 raise
-            callbacks, self._on_commit = self._on_commit, []
+            callbacks, self._on_commit, self._before_commit = self._on_commit, [], []
             for committed, _ in callbacks:
                 committed()
 
     def _roll_back(self) -> None:
-        callbacks, self._on_commit = self._on_commit, []
+        callbacks, self._on_commit, self._before_commit = self._on_commit, [], []
         if self._db.in_transaction:
             self._db.execute("ROLLBACK")
         self._reload_outbox_totals()
@@ -218,12 +221,16 @@ class Store:
                 rolled_back()
 
     def on_commit(self, committed: Callable[[], None],
-                  rolled_back: Optional[Callable[[], None]] = None) -> None:
+                  rolled_back: Optional[Callable[[], None]] = None,
+                  before: Optional[Callable[[], None]] = None) -> None:
         """Call `committed` once the current transaction has committed, or
         `rolled_back` if it rolls back: for memory that must not run ahead
-        of the disk."""
+        of the disk. `before` runs in the transaction, just before it
+        commits: for writes gathered over the transaction."""
         assert self._depth > 0, "on_commit outside a transaction"
         self._on_commit.append((committed, rolled_back))
+        if before is not None:
+            self._before_commit.append(before)
 
     # -- open and finished runs -------------------------------------------------
 
@@ -362,12 +369,15 @@ class Store:
                 self.unreadable_rows += 1
         return out
 
-    def count_run(self, span_id: int, changed: dict[SeriesKey, SeriesTotal]) -> None:
-        """A run counted: its span id, and the series totals it changed."""
-        cur = self._db.execute("INSERT OR IGNORE INTO counted_runs (span_id) VALUES (?)",
-                               (f"{span_id:016x}",))
+    def count_runs(self, span_ids: list[int], changed: dict[SeriesKey, SeriesTotal]) -> None:
+        """Runs counted: their span ids, and the series totals they changed."""
+        for start in range(0, len(span_ids), _ROWS_PER_STATEMENT):
+            rows = span_ids[start:start + _ROWS_PER_STATEMENT]
+            self._db.execute("INSERT OR IGNORE INTO counted_runs (span_id) VALUES "
+                             + ",".join(["(?)"] * len(rows)), [f"{i:016x}" for i in rows])
+        last = self._db.execute("SELECT MAX(seq) FROM counted_runs").fetchone()[0] or 0
         self._db.execute("DELETE FROM counted_runs WHERE seq <= ?",
-                         (cur.lastrowid - self.remember_finished_runs,))
+                         (last - self.remember_finished_runs,))
         self._db.executemany(
             "INSERT OR REPLACE INTO metric_totals VALUES (?, ?, ?)",
             [(name, json.dumps(attributes), total.to_json())

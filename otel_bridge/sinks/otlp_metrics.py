@@ -29,6 +29,9 @@ from dataclasses import replace
 from typing import IO, Callable, Mapping, Optional, Sequence
 
 from google.protobuf.json_format import MessageToDict
+from opentelemetry.exporter.otlp.proto.common._internal.metrics_encoder import (
+    OTLPMetricExporterMixin,
+)
 from opentelemetry.exporter.otlp.proto.common.metrics_encoder import encode_metrics
 from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.sdk.metrics import AlwaysOffExemplarFilter, MeterProvider
@@ -222,12 +225,15 @@ class CheckedExporter(MetricExporter):
         self._exporter.shutdown(timeout_millis=timeout_millis, **kwargs)
 
 
-class OtlpJsonMetricExporter(MetricExporter):
+class OtlpJsonMetricExporter(MetricExporter, OTLPMetricExporterMixin):
     """Each export as one OTLP/JSON `ExportMetricsServiceRequest` line, as
-    the Collector's file exporter writes it (`serve` with forward_to: file)."""
+    the Collector's file exporter writes it (`serve` with forward_to: file).
+    Its temporality and aggregation as the SDK's OTLP exporters take them
+    from the environment (`OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE`),
+    with their own code."""
 
     def __init__(self, stream: IO[str]) -> None:
-        super().__init__()
+        self._common_configuration()
         self._stream, self._lock = stream, threading.Lock()
 
     def export(self, metrics_data: MetricsData, timeout_millis: float = 10_000,
@@ -247,17 +253,25 @@ class OtlpJsonMetricExporter(MetricExporter):
 
 
 class BaselineExporter(MetricExporter):
-    """Another exporter, with the totals that earlier processes counted
-    added to each cumulative point (`with_baseline`): the SDK aggregates
-    only what this process records, and a series that started again from
-    zero at each restart would read as a reset, or as a drop in a sum."""
+    """Another exporter, with totals the SDK did not record added to each
+    cumulative point (`with_baseline`): those earlier processes counted (the
+    SDK aggregates only what its own process records, and a series that
+    started again from zero at each restart would read as a reset, or a
+    drop in a sum), or all of them, where the caller aggregates itself.
+    `baseline` is called at each export, on the reader's thread."""
 
-    def __init__(self, exporter: MetricExporter, baseline: Mapping[SeriesKey, SeriesTotal],
+    def __init__(self, exporter: MetricExporter,
+                 baseline: Callable[[], Mapping[SeriesKey, SeriesTotal]],
                  start_unix_nano: int, resource: Resource) -> None:
         super().__init__(preferred_temporality=exporter._preferred_temporality,
                          preferred_aggregation=exporter._preferred_aggregation)
-        self._exporter, self._baseline, self._start = exporter, dict(baseline), start_unix_nano
+        self._exporter, self._baseline, self._start = exporter, baseline, start_unix_nano
         self._resource = resource
+
+    def cumulative(self) -> bool:
+        """Whether the exporter wants histograms and counters cumulative (the
+        default; Prometheus takes nothing else)."""
+        return self._cumulative("histogram") and self._cumulative("counter")
 
     def _cumulative(self, kind: str) -> bool:
         instrument = SdkHistogram if kind == "histogram" else SdkCounter
@@ -266,7 +280,7 @@ class BaselineExporter(MetricExporter):
 
     def export(self, metrics_data: MetricsData, timeout_millis: float = 10_000,
                **kwargs) -> MetricExportResult:
-        data = with_baseline(metrics_data, self._baseline, self._start, self._resource,
+        data = with_baseline(metrics_data, self._baseline(), self._start, self._resource,
                              self._cumulative)
         if not data.resource_metrics:
             return MetricExportResult.SUCCESS

@@ -47,6 +47,10 @@ class SeriesTotal:
             # As the SDK: a value on a boundary goes in the bucket it closes.
             self.bucket_counts[bisect_left(self.bounds, value)] += 1
 
+    def copy(self) -> "SeriesTotal":
+        return SeriesTotal(self.count, self.sum, self.min, self.max,
+                           None if self.bucket_counts is None else list(self.bucket_counts))
+
     def to_json(self) -> str:
         return json.dumps({"count": self.count, "sum": self.sum,
                            "min": None if math.isinf(self.min) else self.min,

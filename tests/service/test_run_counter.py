@@ -8,7 +8,6 @@ from __future__ import annotations
 import sqlite3
 
 import pytest
-from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.resources import Resource
 from support.helpers import (
     FIXTURES,
@@ -23,7 +22,7 @@ from otel_bridge.service.metrics import Metrics
 from otel_bridge.service.pipeline import Pipeline
 from otel_bridge.service.run_metrics import RunCounter, Shard
 from otel_bridge.service.store import Store
-from otel_bridge.sinks.otlp_metrics import RunMetricsRecorder, with_baseline
+from otel_bridge.sinks.otlp_metrics import with_baseline
 from otel_bridge.translate.assembler import AssemblerOptions
 from otel_bridge.translate.metric_totals import add_measurements
 
@@ -53,10 +52,7 @@ class Process:
         self.pipeline = Pipeline(self.store, Metrics(), AssemblerOptions(
             linger_seconds=1, track_states=True, remember_finished_runs=remember_runs),
             clock=self.clock)
-        self.reader = InMemoryMetricReader()
-        self.counter = RunCounter(self.store, lambda m: self.recorder.record_measurements(m), shard)
-        self.baseline = dict(self.counter.totals)
-        self.recorder = RunMetricsRecorder(self.reader, RESOURCE)
+        self.counter = RunCounter(self.store, shard=shard)
         self.pipeline.run_counter = self.counter
 
     def take(self, evs):
@@ -65,10 +61,9 @@ class Process:
         self.pipeline.tick()
 
     def exported(self) -> dict:
-        """What the exporter would send now: this process's points plus the baseline."""
-        data = with_baseline(self.reader.get_metrics_data(), self.baseline,
-                             self.counter.started_unix_nano, RESOURCE)
-        return metric_points(data)
+        """What serve's exporter would send now: the committed totals as points."""
+        return metric_points(with_baseline(None, self.counter.totals,
+                                           self.counter.started_unix_nano, RESOURCE))
 
     def crash(self):
         self.store.close()

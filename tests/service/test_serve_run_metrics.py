@@ -86,3 +86,42 @@ def test_with_metrics_off_nothing_is_measured(tmp_path):
         wait_for(lambda: spans_in(spans), 30, "the spans")
         assert ("otel_bridge_runs_counted_total", frozenset()) not in svc.metrics()
     assert not any(line.get("message") == "run metrics on" for line in svc.logs())
+
+
+def test_with_delta_temporality_the_exports_add_up_to_the_totals(tmp_path):
+    spans, metrics = tmp_path / "spans.jsonl", tmp_path / "metrics.jsonl"
+    env = {"OTEL_METRIC_EXPORT_INTERVAL": "300",
+           "OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE": "delta"}
+    with serving(tmp_path, "--push-token", TOKEN, "--forward-to", "file", "--forward-file",
+                 str(spans), "--metrics", "--metrics-file", str(metrics), "--linger-seconds",
+                 "0.5", "--run-timeout-seconds", "3", env=env) as svc:
+        for name in CAPTURES:  # a push at a time: runs end up in several exports
+            svc.push_ok(lines(fixture(name)))
+            time.sleep(0.4)
+        wait_for(lambda: len(spans_in(spans)) >= len(convert(
+            [d for name in CAPTURES for d in fixture(name)])), 30, "the spans")
+    summed: dict = {}
+    for line in metrics.read_text().splitlines():
+        request = json.loads(line)
+        for rm in request["resourceMetrics"]:
+            for scope in rm["scopeMetrics"]:
+                for metric in scope["metrics"]:
+                    kind = next(k for k in ("histogram", "sum", "gauge") if k in metric)
+                    if kind == "gauge" or metric["name"].endswith(".active"):
+                        continue
+                    assert metric[kind]["aggregationTemporality"] == 1  # delta
+                    for p in metric[kind]["dataPoints"]:
+                        key = (metric["name"], tuple(sorted(
+                            (a["key"], a["value"]["stringValue"]) for a in p["attributes"])))
+                        if kind == "histogram":
+                            n, total, buckets = summed.get(key, (0, 0.0, None))
+                            counts = [int(b) for b in p["bucketCounts"]]
+                            summed[key] = (n + int(p["count"]), total + p["sum"],
+                                           counts if buckets is None
+                                           else [a + b for a, b in zip(buckets, counts)])
+                        else:
+                            summed[key] = summed.get(key, 0) + int(p["asInt"])
+    got = {k: (v[0], round(v[1], 6), tuple(v[2])) if isinstance(v, tuple) else v
+           for k, v in summed.items()}
+    assert got == _expected(CAPTURES)
+    assert len(metrics.read_text().splitlines()) > 1

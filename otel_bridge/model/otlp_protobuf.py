@@ -1,4 +1,4 @@
-"""Plain spans -> OTLP protobuf bytes, written directly.
+"""Plain spans and log records -> OTLP protobuf bytes, written directly.
 
 The official route (`ReadableSpan` -> `encode_spans` -> `SerializeToString`)
 builds a protobuf object per span, attribute and value, and a sink that cuts
@@ -10,7 +10,9 @@ The bytes are what the SDK's encoder gives for the same span through
 `otel_bridge.sinks.sdk.to_readable_span` (tests/sinks/test_otlp.py
 holds the two equal, parsed, for arbitrary spans): fields in field-number
 order, proto3 defaults left out, the SDK's span flags. What protobuf cannot
-carry raises `Unencodable` for that span alone.
+carry raises `Unencodable` for that span alone. Log records likewise
+(`encode_log_record`, `LogsRequest`): what the SDK's `encode_logs` gives for
+the records `sinks.otlp_logs.SdkLogRecords` makes (tests/sinks/test_otlp_logs.py).
 """
 
 from __future__ import annotations
@@ -20,9 +22,11 @@ from typing import Any, Iterable, Mapping
 
 from opentelemetry.trace import SpanKind, StatusCode
 
+from otel_bridge.model.logs import LogRecord
 from otel_bridge.model.spans import Span, SpanEvent, SpanLink
 
-__all__ = ["TraceRequest", "Unencodable", "encode_span", "length_delimited"]
+__all__ = ["LogsRequest", "TraceRequest", "Unencodable", "encode_log_record", "encode_span",
+           "length_delimited"]
 
 
 class Unencodable(ValueError):
@@ -230,3 +234,61 @@ class TraceRequest:
 def _field_size(size: int) -> int:
     return 1 + len(_SMALL[size] if size < 16384 else _varint(size)) + size
 
+
+
+# LogRecord: time 1 (fixed64), severity_number 2, severity_text 3, body 5,
+# attributes 6, flags 8 (fixed32), trace_id 9, span_id 10, observed time 11.
+_R_TIME, _R_SEVERITY, _R_SEVERITY_TEXT, _R_BODY, _R_ATTRIBUTE = (
+    b"\x09", b"\x10", b"\x1a", b"\x2a", b"\x32")
+_R_TRACE_ID, _R_SPAN_ID, _R_OBSERVED = b"\x4a", b"\x52", b"\x59"
+# The trace flags of the run's span context, which the SDK copies: sampled.
+_R_SAMPLED = b"\x45" + struct.pack("<I", 1)
+
+
+def encode_log_record(record: LogRecord) -> bytes:
+    """The bytes of the record's `LogRecord` message. Raises `Unencodable`."""
+    parts = [_time(_R_TIME, record.time_unix_nano)]
+    if record.severity_number:
+        parts.append(_R_SEVERITY + _varint(record.severity_number))
+    if record.severity_text:
+        parts.append(length_delimited(_R_SEVERITY_TEXT, _text(record.severity_text)))
+    parts.append(length_delimited(_R_BODY, _any_value(record.body)))
+    parts.extend(_attributes(_R_ATTRIBUTE, record.attributes))
+    if record.trace_id and record.span_id:
+        parts += (_R_SAMPLED, _R_TRACE_ID, b"\x10", _id(record.trace_id, 16),
+                  _R_SPAN_ID, b"\x08", _id(record.span_id, 8))
+    parts.append(_time(_R_OBSERVED, record.observed_time_unix_nano))
+    return b"".join(parts)
+
+
+# ExportLogsServiceRequest: resource_logs 1. ResourceLogs: resource 1,
+# scope_logs 2. ScopeLogs: scope 1, log_records 2. InstrumentationScope: name 1.
+_RESOURCE_LOGS, _SCOPE_LOGS, _LOG_RECORD, _SCOPE_NAME = b"\x0a", b"\x12", b"\x12", b"\x0a"
+
+
+class LogsRequest:
+    """`ExportLogsServiceRequest`s of one resource, put together from encoded
+    log records, each under the scope its logger names (in the order the
+    scopes first come, as the SDK's encoder groups them)."""
+
+    def __init__(self, resource: bytes):
+        self._resource = length_delimited(_RESOURCE, resource)
+        self._scopes: dict[str, bytes] = {}
+
+    def _scope(self, name: str) -> bytes:
+        scope = self._scopes.get(name)
+        if scope is None:
+            scope = length_delimited(_SCOPE, length_delimited(_SCOPE_NAME, _text(name))
+                                     if name else b"")
+            if len(self._scopes) < 4096:
+                self._scopes[name] = scope
+        return scope
+
+    def encode(self, records: Iterable[tuple[str, bytes]]) -> bytes:
+        """(logger name, encoded record) pairs -> the request's bytes."""
+        by_scope: dict[str, list[bytes]] = {}
+        for name, record in records:
+            by_scope.setdefault(name, []).append(length_delimited(_LOG_RECORD, record))
+        scope_logs = [length_delimited(_SCOPE_LOGS, self._scope(name) + b"".join(fields))
+                      for name, fields in by_scope.items()]
+        return length_delimited(_RESOURCE_LOGS, self._resource + b"".join(scope_logs))

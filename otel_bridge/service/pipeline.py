@@ -250,6 +250,8 @@ class Pipeline:
         no run passed over. Returns what became of them and how many were of
         no run."""
         intake, no_run = Intake(), 0
+        room = self.outbox_max_bytes - self.store.outbox_bytes(LOG)
+        fits = []
         for index, log in enumerate(logs):
             try:
                 checked = checked_log(log)
@@ -260,9 +262,17 @@ class Pipeline:
             if log_placement(checked.get("flow_run_id"), checked.get("task_run_id")) is None:
                 no_run += 1
                 continue
+            body = pydantic_core.to_json(checked)
             stamp = datetime.fromisoformat(checked["timestamp"]).timestamp()
-            self._put(LOG, pydantic_core.to_json(checked), stamp, {"log_id": checked.get("id")})
             intake.accepted += 1
+            if len(body) > room:  # dropped, counted and logged
+                self._put(LOG, body, stamp, {"log_id": checked.get("id")})
+                continue
+            room -= len(body)
+            fits.append((body, stamp))
+        if fits:  # one statement for the page, not one per line
+            self.store.put_many(LOG, fits)
+            self.on_output(LOG)
         return intake, no_run
 
     # -- reverse ---------------------------------------------------------------------

@@ -35,8 +35,8 @@ from otel_bridge.sinks import Sink
 from otel_bridge.sinks.sdk import to_readable_spans
 
 __all__ = ["EXPORTER_LOGGER", "ExportFailed", "MAX_REQUEST_BYTES", "OnUnencodable", "OtlpSink",
-           "PROTOCOLS", "exporter_from_env", "log_unencodable", "protocol_from_env", "requests_by_size",
-           "trace_request"]
+           "PROTOCOLS", "encoding_exporter", "exporter_complaints", "exporter_from_env",
+           "log_unencodable", "protocol_from_env", "requests_by_size", "trace_request"]
 
 logger = logging.getLogger(__name__)
 
@@ -75,15 +75,7 @@ def exporter_from_env(protocol: Optional[str] = None) -> SpanExporter:
     """The official exporter for the protocol, configured by the
     environment; one that also takes encoded requests where its version
     was tested."""
-    protocol = protocol or protocol_from_env()
-    tested = _tested(f"opentelemetry-exporter-otlp-proto-{protocol.split('/')[0]}")
-    if protocol == "grpc":
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-
-        return _grpc_exporter_class()() if tested else OTLPSpanExporter()
-    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as Http
-
-    return _http_exporter_class()() if tested else Http()
+    return encoding_exporter("traces", protocol or protocol_from_env())
 
 
 def _tested(distribution: str) -> bool:
@@ -93,8 +85,8 @@ def _tested(distribution: str) -> bool:
         return False
     if ".".join(version.split(".")[:2]) in TESTED_EXPORTER_VERSIONS:
         return True
-    logger.warning("%s %s is not a version otel-bridge was tested with (%s): spans go through "
-                   "its public API, several times slower", distribution, version,
+    logger.warning("%s %s is not a version otel-bridge was tested with (%s): spans and log "
+                   "records go through its public API, several times slower", distribution, version,
                    ", ".join(TESTED_EXPORTER_VERSIONS))
     return False
 
@@ -113,7 +105,7 @@ def trace_request(resource: Resource) -> TraceRequest:
 
 
 class _Encoded:
-    """An encoded `ExportTraceServiceRequest` and how many spans it holds."""
+    """An encoded export request and how many items (spans, log records) it holds."""
 
     __slots__ = ("request", "spans")
 
@@ -121,46 +113,84 @@ class _Encoded:
         self.request, self.spans = request, spans
 
 
-def _grpc_exporter_class() -> type:
-    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+def _official_exporter(signal: str, protocol: str) -> type:
+    """The official OTLP exporter class of a signal ("traces", "logs") and protocol."""
+    if signal == "logs":
+        if protocol == "grpc":
+            from opentelemetry.exporter.otlp.proto.grpc._log_exporter import OTLPLogExporter
+        else:
+            from opentelemetry.exporter.otlp.proto.http._log_exporter import OTLPLogExporter
+        return OTLPLogExporter
+    if protocol == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+    else:
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    return OTLPSpanExporter
 
-    class GrpcExporter(OTLPSpanExporter):
+
+def _results(signal: str) -> type:
+    if signal == "logs":
+        from opentelemetry.sdk._logs.export import LogRecordExportResult
+
+        return LogRecordExportResult
+    return SpanExportResult
+
+
+def _grpc_exporter_class(signal: str = "traces") -> type:
+    if signal == "logs":
+        from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import (
+            ExportLogsServiceRequest as request_type,
+        )
+    else:
+        request_type = ExportTraceServiceRequest
+
+    class GrpcExporter(_official_exporter(signal, "grpc")):
         """The official gRPC exporter, which also sends an encoded request
         (parsed back by protobuf's C parser, as the stub serialises messages)."""
 
         def _translate_data(self, data):
             if isinstance(data, _Encoded):
-                return ExportTraceServiceRequest.FromString(data.request)
+                return request_type.FromString(data.request)
             return super()._translate_data(data)
 
         def _count_data(self, data):
             return data.spans if isinstance(data, _Encoded) else super()._count_data(data)
 
-        def export_encoded(self, request: bytes, spans: int) -> SpanExportResult:
-            return self._export(_Encoded(request, spans))
+        def export_encoded(self, request: bytes, items: int):
+            return self._export(_Encoded(request, items))
 
     return GrpcExporter
 
 
-def _http_exporter_class() -> type:
-    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+def _http_exporter_class(signal: str = "traces") -> type:
+    result = _results(signal)
+    what = "log records" if signal == "logs" else "spans"
 
-    class HttpExporter(OTLPSpanExporter):
+    class HttpExporter(_official_exporter(signal, "http/protobuf")):
         """The official HTTP exporter, which also sends an encoded request
         through its client (retries, compression, headers)."""
 
-        def export_encoded(self, request: bytes, spans: int) -> SpanExportResult:
+        def export_encoded(self, request: bytes, items: int):
             if self._shutdown:
-                return SpanExportResult.FAILURE
-            result = self._client.export(request)
-            if not result.success:
+                return result.FAILURE
+            sent = self._client.export(request)
+            if not sent.success:
                 logging.getLogger(EXPORTER_LOGGER).warning(
-                    "OTLP/HTTP export of %d spans failed: %s", spans,
-                    result.error or result.reason or result.status_code)
-                return SpanExportResult.FAILURE
-            return SpanExportResult.SUCCESS
+                    "OTLP/HTTP export of %d %s failed: %s", items, what,
+                    sent.error or sent.reason or sent.status_code)
+                return result.FAILURE
+            return result.SUCCESS
 
     return HttpExporter
+
+
+def encoding_exporter(signal: str, protocol: str):
+    """The official exporter of a signal for the protocol, configured by the
+    environment, that also takes encoded requests (`export_encoded`) where
+    its version was tested; else the plain one."""
+    if not _tested(f"opentelemetry-exporter-otlp-proto-{protocol.split('/')[0]}"):
+        return _official_exporter(signal, protocol)()
+    return (_grpc_exporter_class if protocol == "grpc" else _http_exporter_class)(signal)()
 
 
 OnUnencodable = Callable[[Span, Unencodable], None]
@@ -184,8 +214,9 @@ class _ExporterComplaints(logging.Handler):
 
 
 EXPORTER_LOGGER = "opentelemetry.exporter.otlp"
-_complaints = _ExporterComplaints()
-logging.getLogger(EXPORTER_LOGGER).addHandler(_complaints)
+# What the official exporters last said (reset before each request).
+exporter_complaints = _ExporterComplaints()
+logging.getLogger(EXPORTER_LOGGER).addHandler(exporter_complaints)
 
 
 class OtlpSink(Sink[Span]):
@@ -220,7 +251,7 @@ class OtlpSink(Sink[Span]):
         as the service's outbox keeps them."""
         fields = [TraceRequest.span_field(span) for span in spans]
         for batch in requests_by_size(fields, self._request):
-            _complaints.last = ""  # (what the exporter says about this request, not an earlier one)
+            exporter_complaints.last = ""  # (what it says of this request, not an earlier one)
             if self._send_encoded is not None:
                 result = self._send_encoded(self._request.encode(batch), len(batch))
             else:
@@ -229,7 +260,7 @@ class OtlpSink(Sink[Span]):
                     self._resource))
             if result is not SpanExportResult.SUCCESS:
                 raise ExportFailed(f"the OTLP endpoint did not take {len(batch)} spans: "
-                                   f"{_complaints.last or 'the exporter said no more'}")
+                                   f"{exporter_complaints.last or 'the exporter said no more'}")
             self.spans_written += len(batch)
 
     def close(self) -> None:

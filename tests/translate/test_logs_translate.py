@@ -7,9 +7,12 @@ from __future__ import annotations
 import base64
 import io
 import json
+from datetime import datetime, timezone
 
 import pytest
 from google.protobuf import json_format
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from support.factories import LOG_FLOW_RUN, LOG_TASK_RUN, prefect_log, runs_of_span
 from support.helpers import FIXTURES, convert, load_jsonl
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
@@ -146,3 +149,38 @@ def test_requests_are_cut_by_size_and_a_huge_record_goes_alone():
     batches = list(batches_by_size([small, huge, huge, huge, huge, small], limit=2_000_000))
     assert [len(b) for b in batches] == [3, 3]  # two huge ones fit, a third does not
     assert list(batches_by_size([huge], limit=10)) == [[huge]]
+
+
+def test_a_line_whose_text_is_not_unicode_is_rejected_not_a_failed_export():
+    import uuid
+
+    from otel_bridge.model.events import EventRejected
+    from otel_bridge.translate.logs import checked_log
+
+    line = {"id": str(uuid.uuid4()), "name": "x", "level": 20, "message": "a\ud800",
+            "timestamp": "2026-01-01T00:00:00+00:00", "flow_run_id": str(uuid.uuid4())}
+    with pytest.raises(EventRejected, match="not Unicode"):
+        checked_log(line)
+    with pytest.raises(EventRejected, match="name is text"):
+        checked_log({**line, "message": "fine", "name": "\udfff"})
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.datetimes(min_value=datetime(1970, 1, 1), max_value=datetime(2553, 12, 31),
+                    timezones=st.just(timezone.utc)), st.sampled_from(["Z", "+00:00"]))
+def test_a_time_in_prefects_form_is_taken_as_parsing_it_would_give_it(moment, zone):
+    from otel_bridge.translate.logs import _time
+
+    text = moment.isoformat().replace("+00:00", zone)
+    assert _time(text, "timestamp") == datetime.fromisoformat(text).astimezone(
+        timezone.utc).isoformat()
+
+
+def test_a_uuid_in_any_form_comes_out_in_prefects():
+    import uuid
+
+    from otel_bridge.translate.logs import _uuid
+
+    value = uuid.uuid4()
+    for form in (str(value), str(value).upper(), value.hex, "{" + str(value) + "}"):
+        assert _uuid(form, "id") == str(value)

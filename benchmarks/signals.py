@@ -1,20 +1,22 @@
 """What run metrics and log lines add to the sidecar's cost per event, side
 by side with them off, in one run.
 
-    .venv/bin/python benchmarks/signals.py [N] [ROUNDS] [CAPTURE]
+    .venv/bin/python benchmarks/signals.py [N] [ROUNDS] [CAPTURE|-] [EXTRA_LINES]
 
 One real Prefect server (its own home, a free port) is the source of every
-configuration: before timing, 2 log lines per task run and per flow run of
-the replicated capture are put into it through its REST API (POST
-/api/logs/), timestamped as the runs' states were, moved to a few minutes
-ago. Then, ROUNDS times (default 3), alternating, one fresh `otel-bridge
+configuration: before timing, the log lines Prefect 3.9.1 writes for the
+replicated capture's runs with default settings (one per task run, two per
+flow run: what a real server stored for the real 500-task flow), and
+EXTRA_LINES more per task run (default 0: a task's own logging), are put
+into it through its REST API (POST /api/logs/), timestamped as the runs'
+states were, moved to a few minutes ago. Then, ROUNDS times (default 3), alternating, one fresh `otel-bridge
 serve` process (its own store) per configuration, following that server:
 
     off | --metrics | --logs | --metrics --logs
 
 CAPTURE (default: the real 500-task flow
 tests/fixtures/prefect-3.9.1-telemetry/map-500.jsonl) replicated N times
-(default 40: 60,200 events, 20,040 runs, 40,080 log lines) by the shared
+(default 40: 60,200 events, 20,040 runs, 20,080 log lines) by the shared
 yardstick's replicator (`shared/perf/` beside the repo), pushed to `POST
 /v1/events` by its push load (4 clients, 500 a batch); spans go to its
 counting receiver over OTLP/gRPC, metrics and log records to a small
@@ -151,10 +153,13 @@ def _when(stamp: str) -> datetime:
     return datetime.fromisoformat(stamp.replace("Z", "+00:00"))
 
 
-def log_lines(events: Path, end: datetime) -> list[dict]:
-    """Two lines per run of the events, as Prefect's run loggers write them:
-    one when it starts running, one at its final state; timestamped as those
-    states, all moved so that the last one is at `end`."""
+def log_lines(events: Path, end: datetime, extra_per_task_run: int = 0) -> list[dict]:
+    """The lines Prefect 3.9.1 writes for these runs with default settings
+    (as a real server stored them for the real 500-task flow: one per task
+    run, "Finished in state Completed()", and two per flow run, "Beginning
+    flow run ..." and its final state), plus `extra_per_task_run` lines of a
+    task's own logging each; timestamped as those states, all moved so that
+    the last one is at `end`."""
     runs: dict[str, dict] = {}
     for line in events.read_bytes().splitlines():
         event = json.loads(line)
@@ -183,16 +188,18 @@ def log_lines(events: Path, end: datetime) -> list[dict]:
         if "running" not in run or "final" not in run:
             continue
         final_at, final_name = run["final"]
+        said = [(final_at, f"Finished in state {final_name}()")]
         if run["kind"] == "task":
-            first = f"Processing input of {run['name']}"
+            said[:0] = [(run["running"], f"Processing input {n} of {run['name']}")
+                        for n in range(extra_per_task_run)]
             ids = {"flow_run_id": run.get("flow_run_id"), "task_run_id": run["id"]}
             name = "prefect.task_runs"
         else:
-            first = f"Beginning flow run {run['name']!r} for flow {run.get('flow', '')!r}"
+            said.insert(0, (run["running"], f"Beginning flow run {run['name']!r} for flow "
+                                            f"{run.get('flow', '')!r}"))
             ids = {"flow_run_id": run["id"], "task_run_id": None}
             name = "prefect.flow_runs"
-        for at, message in ((run["running"], first),
-                            (final_at, f"Finished in state {final_name}()")):
+        for at, message in said:
             lines.append({"name": name, "level": 20, "message": message,
                           "timestamp": (at + shift).isoformat(), **ids})
     return lines
@@ -275,7 +282,9 @@ def one_serve(flags: list[str], server: LocalPrefectServer, events: Path, spans:
 def main(argv: list[str]) -> int:
     copies = int(argv[0]) if argv else 40
     rounds = int(argv[1]) if len(argv) > 1 else 3
-    capture = Path(argv[2]) if len(argv) > 2 else DEFAULT_CAPTURE
+    capture = Path(argv[2]) if len(argv) > 2 and argv[2] != "-" else DEFAULT_CAPTURE
+    # Lines a task logs itself, beyond Prefect's own one per task run.
+    extra_lines = int(argv[3]) if len(argv) > 3 else 0
     # A py-spy executable: the last round's processes profiled, one file each.
     profile = os.environ.get("SIGNALS_PYSPY")
     if not (PERF / "push_load.py").exists():
@@ -290,7 +299,7 @@ def main(argv: list[str]) -> int:
                            stdout=out, check=True)
         lines = events.read_bytes().splitlines()
         spans = len(convert_spans(lines))
-        logs = log_lines(events, datetime.now(timezone.utc) - LOGS_AGE)
+        logs = log_lines(events, datetime.now(timezone.utc) - LOGS_AGE, extra_lines)
         posted = time.perf_counter()
         post_logs(server.api_url, logs)
         print(f"{len(lines)} events, {spans} runs: {capture.name} x {copies}; "

@@ -61,6 +61,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any, AsyncIterator, Callable, Optional
 
 import httpx
+import orjson
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
@@ -136,7 +137,10 @@ class PrefectLogReader:
                                              json=log_filter(after, until, offset, self.page_size))
             check_response(response)
             self.pages += 1
-            page = response.json()
+            try:
+                page = orjson.loads(response.content)  # (twice as fast as the json module)
+            except orjson.JSONDecodeError as exc:
+                raise httpx.DecodingError(f"/logs/filter answered what is not JSON: {exc}") from None
             if not isinstance(page, list):
                 raise httpx.DecodingError(f"/logs/filter answered {type(page).__name__}, not a list")
             yield page

@@ -202,7 +202,7 @@ class Assembler:
         run.event_ids += id_bytes
         if self.options.track_states and (
                 run.state is None or to_unix_nano(event.occurred) >= run.state.entered_unix_nano):
-            run.state = open_run_of(key.kind, event)
+            run.state = open_run_of(key.kind, event, run.state)
         if run.final_seen is None and is_final(event):
             run.final_seen = now
             run.final_occurred = event.occurred

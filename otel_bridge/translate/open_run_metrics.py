@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, Optional
 
 from otel_bridge.model.events import Event
 from otel_bridge.model.states import StateType
@@ -55,13 +55,15 @@ class OpenRun:
     entered_unix_nano: int  # when the run entered that state
 
 
-def open_run_of(kind: str, event: Event) -> OpenRun:
+def open_run_of(kind: str, event: Event, before: Optional[OpenRun] = None) -> OpenRun:
     """The open run as this state-change event leaves it: the state the
     event names, entered when the event occurred. Names as the run's span
-    will carry them (`UNKNOWN_NAME` where the event tells none)."""
-    return OpenRun(kind, pipeline_name(kind, event) or UNKNOWN_NAME,
-                   event.resource.get("prefect.state-name") or "", state_type(event),
-                   to_unix_nano(event.occurred))
+    will carry them (`UNKNOWN_NAME` where the event tells none); `before`,
+    the run as its last event left it, lends its name when it has one."""
+    name = before.name if before is not None and before.name != UNKNOWN_NAME else (
+        pipeline_name(kind, event) or UNKNOWN_NAME)
+    return OpenRun(kind, name, event.resource.get("prefect.state-name") or "",
+                   state_type(event), to_unix_nano(event.occurred))
 
 
 def _default_after() -> dict[str, float]:

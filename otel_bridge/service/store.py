@@ -352,7 +352,11 @@ class Store:
 
     def remember_logs(self, logs: list[tuple[str, float]]) -> None:
         """(log id, timestamp) of lines taken, in the transaction that takes them."""
-        self._db.executemany("INSERT OR IGNORE INTO seen_logs VALUES (?, ?)", logs)
+        for start in range(0, len(logs), _ROWS_PER_STATEMENT):  # (as `put_many`)
+            rows = logs[start:start + _ROWS_PER_STATEMENT]
+            self._db.execute("INSERT OR IGNORE INTO seen_logs VALUES "
+                             + ",".join(["(?, ?)"] * len(rows)),
+                             [value for row in rows for value in row])
 
     def forget_logs_before(self, stamp: float) -> None:
         self._db.execute("DELETE FROM seen_logs WHERE stamp < ?", (stamp,))

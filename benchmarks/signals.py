@@ -9,8 +9,10 @@ replicated capture's runs with default settings (one per task run, two per
 flow run: what a real server stored for the real 500-task flow), and
 EXTRA_LINES more per task run (default 0: a task's own logging), are put
 into it through its REST API (POST /api/logs/), timestamped as the runs'
-states were, moved to a few minutes ago. Then, ROUNDS times (default 3), alternating, one fresh `otel-bridge
-serve` process (its own store) per configuration, following that server:
+states were, moved to a few minutes ago. Then, ROUNDS times (default 4),
+alternating, one fresh `otel-bridge serve` process (its own store) per
+configuration, following that server, each round starting one
+configuration further along:
 
     off | --metrics | --logs | --metrics --logs
 
@@ -281,7 +283,7 @@ def one_serve(flags: list[str], server: LocalPrefectServer, events: Path, spans:
 
 def main(argv: list[str]) -> int:
     copies = int(argv[0]) if argv else 40
-    rounds = int(argv[1]) if len(argv) > 1 else 3
+    rounds = int(argv[1]) if len(argv) > 1 else 4
     capture = Path(argv[2]) if len(argv) > 2 and argv[2] != "-" else DEFAULT_CAPTURE
     # Lines a task logs itself, beyond Prefect's own one per task run.
     extra_lines = int(argv[3]) if len(argv) > 3 else 0
@@ -308,7 +310,11 @@ def main(argv: list[str]) -> int:
         results: dict[str, list[dict]] = {name: [] for name, _ in CONFIGURATIONS}
         try:
             for round_ in range(rounds):
-                for name, flags in CONFIGURATIONS:
+                # Each round starts one further along (ABCD, BCDA, ...): whatever the
+                # machine does after a configuration (the Prefect server's own
+                # work after the logs were read) falls on each one in turn.
+                shift = round_ % len(CONFIGURATIONS)
+                for name, flags in CONFIGURATIONS[shift:] + CONFIGURATIONS[:shift]:
                     result = one_serve(flags, server, events, spans,
                                        len(logs) if "--logs" in flags else 0,
                                        receiver, signals, workdir,

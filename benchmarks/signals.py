@@ -69,14 +69,9 @@ from concurrent import futures
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-PERF = ROOT.parent / "shared" / "perf"
-DEFAULT_CAPTURE = ROOT / "tests" / "fixtures" / "prefect-3.9.1-telemetry" / "map-500.jsonl"
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-sys.path.insert(0, str(ROOT / "tests"))
-
-from fast_path import Receiver, _ready, convert_spans  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+# (fast_path puts the repo and tests/ on the path too)
+from fast_path import DEFAULT_CAPTURE, PERF, Receiver, _ready, convert_spans  # noqa: E402
 
 from otel_bridge.demo.server import LocalPrefectServer  # noqa: E402
 

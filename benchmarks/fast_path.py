@@ -91,6 +91,15 @@ class Receiver:
         self.process.wait(10)
 
 
+def replicated(capture: Path, copies: int, workdir: Path) -> Path:
+    """The shared replicator's copies of a capture, as a JSON-lines file in `workdir`."""
+    events = workdir / "events.jsonl"
+    with open(events, "w") as out:
+        subprocess.run([sys.executable, str(PERF / "replicate.py"), str(capture), str(copies)],
+                       stdout=out, check=True)
+    return events
+
+
 def timed(command: list[str], env: dict[str, str]) -> float:
     started = time.perf_counter()
     subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL,
@@ -276,10 +285,7 @@ def main(argv: list[str]) -> int:
         return 2
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        events = workdir / "events.jsonl"
-        with open(events, "w") as out:
-            subprocess.run([sys.executable, str(PERF / "replicate.py"), str(capture), str(copies)],
-                           stdout=out, check=True)
+        events = replicated(capture, copies, workdir)
         lines = events.read_bytes().splitlines()
         spans = len(convert_spans(lines))  # every run's span, task and flow
         print(f"{len(lines)} events ({events.stat().st_size / 1e6:.0f} MB), {spans} runs: "

@@ -71,7 +71,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 # (fast_path puts the repo and tests/ on the path too)
-from fast_path import DEFAULT_CAPTURE, PERF, Receiver, _ready, convert_spans  # noqa: E402
+from fast_path import (  # noqa: E402
+    DEFAULT_CAPTURE,
+    PERF,
+    Receiver,
+    _ready,
+    convert_spans,
+    replicated,
+)
 
 from otel_bridge.demo.server import LocalPrefectServer  # noqa: E402
 
@@ -290,10 +297,7 @@ def main(argv: list[str]) -> int:
     begun = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp, LocalPrefectServer() as server:
         workdir = Path(tmp)
-        events = workdir / "events.jsonl"
-        with open(events, "w") as out:
-            subprocess.run([sys.executable, str(PERF / "replicate.py"), str(capture), str(copies)],
-                           stdout=out, check=True)
+        events = replicated(capture, copies, workdir)
         lines = events.read_bytes().splitlines()
         spans = len(convert_spans(lines))
         logs = log_lines(events, datetime.now(timezone.utc) - LOGS_AGE, extra_lines)

@@ -26,6 +26,7 @@ import json
 import os
 import re
 import signal
+import ssl
 import subprocess
 import sys
 import threading
@@ -89,7 +90,8 @@ class Served:
         self.ports = ports
         self.scheme = "https" if ca else "http"  # TLS: a certificate this CA file vouches for
         self.http = httpx.Client(base_url=f"{self.scheme}://127.0.0.1:{ports['http_port']}",
-                                 timeout=60, verify=str(ca) if ca else True)
+                                 timeout=60,
+                                 verify=ssl.create_default_context(cafile=str(ca)) if ca else True)
 
     @property
     def otlp_http_url(self) -> str:
@@ -914,7 +916,8 @@ def test_the_otlp_receiver_takes_spans_only_with_its_token_and_every_listener_sp
 
         body = encode_spans(spans).SerializeToString()
         for given in (None, "Bearer another-token", "Basic cmVjZWl2ZXI="):
-            response = httpx.post(svc.otlp_http_url, content=body, verify=str(cert),
+            response = httpx.post(svc.otlp_http_url, content=body,
+                                  verify=ssl.create_default_context(cafile=str(cert)),
                                   headers={"Content-Type": PROTOBUF,
                                            **({"Authorization": given} if given else {})})
             assert response.status_code == 401 and "WWW-Authenticate" in response.headers

@@ -16,9 +16,10 @@ Each run is recorded once, by its span id (`CountedRuns`). Data points carry
 the export's time, not the runs': the measurements are totals as of then.
 
 `serve` adds two things: the open runs, observed at each export (active and
-stuck runs), and `BaselineExporter`, which adds the totals its store kept
-from earlier processes to each cumulative point, so a restart continues the
-series instead of starting them again from zero.
+stuck runs), and `BaselineExporter`, which adds totals the SDK did not
+record to each cumulative point: `serve`'s store keeps the run totals
+(`service.run_metrics`), so a restart continues the series instead of
+starting them again from zero, and those totals are the points it exports.
 """
 
 from __future__ import annotations
@@ -152,10 +153,6 @@ class RunMetricsRecorder:
             return False
         self.record_measurements(found.measurements)
         return True
-
-    def force_flush(self) -> None:
-        """Export now (a reader that exports on its own)."""
-        self._provider.force_flush()
 
     def close(self, timeout_seconds: float = 30.0) -> None:
         """Export what was recorded (to the endpoint, or the file as one
